@@ -1,0 +1,1 @@
+"""Data sets, the synthetic generator, samplers and loaders."""
