@@ -1,0 +1,133 @@
+"""The ``hpc-reid`` command line: ``hpc-reid config|data ...``.
+
+Run as ``hpc-reid ...`` or ``python -m hpc_reid.cli ...`` (the form torchrun and srun launch).
+Errors in user input (config keys, data set folders) end with exit code 2 and one clear message,
+not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from hpc_reid.config import ConfigError, load_config
+from hpc_reid.data.datasets import DatasetError, available_datasets, build_dataset
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="experiment YAML under configs/")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set optimizer.lr=1e-3",
+    )
+
+
+def _parse_options(pairs: Sequence[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = load_config(args.file, args.overrides)
+    print(config.to_yaml(), end="")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from hpc_reid.data.synthetic import SynthSpec, generate
+
+    spec = SynthSpec(
+        ids=args.ids,
+        cams=args.cams,
+        images_per_id=args.images_per_id,
+        distractors=args.distractors,
+        junk=args.junk,
+        seed=args.seed,
+    )
+    summary = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
+    print(f"wrote synthetic Market-1501-format data set to {args.out}")
+    print(yaml.safe_dump(summary, sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    if args.config:
+        from hpc_reid.data.build import dataset_from_config
+
+        if args.dataset or args.root:
+            raise ConfigError("data stats: give either --config or --dataset/--root, not both")
+        dataset = dataset_from_config(load_config(args.config, args.overrides).data)
+    else:
+        if not (args.dataset and args.root):
+            raise ConfigError("data stats: give --dataset NAME --root DIR, or --config FILE")
+        dataset = build_dataset(args.dataset, args.root, **_parse_options(args.options))
+    print(dataset.statistics())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-reid", description="Distributed HPC training toolkit for person re-identification."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="inspect experiment configs")
+    config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_cmds.add_parser("show", help="print the resolved config")
+    show.add_argument("file", help="experiment YAML")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=cmd_config_show)
+
+    data = commands.add_parser("data", help="data sets: synthesise, inspect")
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = data_cmds.add_parser("synth", help="write a synthetic Market-1501-format data set")
+    synth.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    synth.add_argument("--ids", type=int, default=200, help="identities, half train, half test")
+    synth.add_argument("--cams", type=int, default=6, help="cameras, 2..6")
+    synth.add_argument("--images-per-id", type=int, default=16, help="mean images per identity")
+    synth.add_argument("--distractors", type=int, default=100, help="pid 0 gallery images")
+    synth.add_argument("--junk", type=int, default=30, help="pid -1 gallery images")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=1, help="processes (same bytes as 1)")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    synth.set_defaults(func=cmd_data_synth)
+
+    stats = data_cmds.add_parser("stats", help="parse a data set and print its statistics")
+    stats.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
+    stats.add_argument("--root", help="data set folder")
+    stats.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data set option, e.g. --option split_id=3",
+    )
+    _add_config_args(stats, required=False)
+    stats.set_defaults(func=cmd_data_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError) as exc:
+        print(f"hpc-reid: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

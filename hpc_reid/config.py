@@ -1,0 +1,414 @@
+"""Typed experiment configuration: one YAML file per experiment, validated, with CLI overrides.
+
+A config file is a YAML mapping with the sections below; any key left out takes the default shown
+in the schema. ``_base_: other.yaml`` (a path relative to the file) merges the file onto another
+one, so method and data set variants state only what differs. ``--set a.b=c`` overrides one key;
+the value is read as YAML (``--set optimizer.lr=1e-3``, ``--set schedule.milestones=[20,40]``) and
+then validated like the file. Every error names the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet50_ibn_a",
+    "mobilenet_v2",
+    "osnet_x1_0",
+    "osnet_x0_25",
+)
+SYNTHETIC = "synthetic"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names every bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """The built-in Market-format data set, generated on first use into ``cache_dir``."""
+
+    ids: int = Field(200, ge=4, description="identities, half train and half test")
+    cams: int = Field(6, ge=2, le=6)
+    images_per_id: int = Field(16, ge=2)
+    distractors: int = Field(100, ge=0)
+    junk: int = Field(30, ge=0)
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="default $HPC_REID_CACHE or ~/.cache/hpc_reid")
+
+
+class DataConfig(Section):
+    dataset: str = Field(SYNTHETIC, description="a registered data set name or 'synthetic'")
+    root: str | None = Field(None, description="data set folder; not used for 'synthetic'")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="data set specific options, e.g. split_id, variant"
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    height: int = Field(256, ge=32, description="input height in pixels")
+    width: int = Field(128, ge=16, description="input width in pixels")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from hpc_reid.data.datasets import available_datasets
+
+        allowed = [SYNTHETIC, *available_datasets()]
+        if name not in allowed:
+            raise ValueError(f"unknown data set {name!r}{did_you_mean(name, allowed)}")
+        return name
+
+
+class SamplerConfig(Section):
+    """Identity-balanced batches: P identities x K images per rank."""
+
+    num_identities: int = Field(16, ge=1, description="P, identities per rank batch")
+    num_instances: int = Field(4, ge=1, description="K, images per identity")
+    allow_replacement: bool = Field(
+        True, description="draw with replacement for identities with fewer than K images"
+    )
+
+
+class AugmentConfig(Section):
+    """Training augmentation (BoT defaults); both loaders implement the same semantics."""
+
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    pad: int = Field(10, ge=0)
+    random_erasing_prob: float = Field(0.5, ge=0.0, le=1.0)
+    erasing_area: tuple[float, float] = (0.02, 0.4)
+    erasing_aspect: float = Field(0.3, gt=0.0, le=1.0, description="min aspect; max is 1/min")
+    color_jitter: bool = False
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("erasing_area")
+    @classmethod
+    def _area_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"must satisfy 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+
+class LoaderConfig(Section):
+    backend: Literal["auto", "dali", "torch"] = "auto"
+    num_workers: int = Field(4, ge=0)
+    prefetch: int = Field(2, ge=1, description="batches prefetched per worker / pipeline depth")
+    pin_memory: bool = True
+    test_batch_size: int = Field(256, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet50"
+    last_stride: Literal[1, 2] = 1
+    pretrained: str | None = Field(None, description="path to a local ImageNet state dict")
+    pooling: Literal["avg", "gem"] = "avg"
+    gem_p: float = Field(3.0, gt=0.0)
+    neck: Literal["bnneck", "none"] = "bnneck"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, BACKBONES)}")
+        return name
+
+
+class CrossEntropyConfig(Section):
+    weight: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TripletConfig(Section):
+    weight: float = Field(1.0, ge=0.0)
+    margin: float | None = Field(0.3, gt=0.0, description="null for the soft-margin variant")
+    cross_rank: bool = Field(False, description="mine over features all-gathered from all ranks")
+
+
+class CenterConfig(Section):
+    weight: float = Field(0.0005, ge=0.0)
+    lr: float = Field(0.5, gt=0.0, description="its own SGD optimizer, as in BoT")
+
+
+class LossConfig(Section):
+    ce: CrossEntropyConfig = Field(default_factory=CrossEntropyConfig)
+    triplet: TripletConfig = Field(default_factory=TripletConfig)
+    center: CenterConfig = Field(default_factory=CenterConfig)
+
+
+class LRScalingConfig(Section):
+    """How the learning rate follows the global batch: lr * f(global_batch / base_batch_size)."""
+
+    rule: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = Field(64, ge=1)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(3.5e-4, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    weight_decay_bias: float = Field(5e-4, ge=0.0)
+    bias_lr_factor: float = Field(1.0, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool | None = Field(None, description="null: fused where torch supports it")
+    apex: bool = Field(False, description="use apex's fused optimizer if installed")
+    lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
+
+
+class ScheduleConfig(Section):
+    epochs: int = Field(120, ge=1)
+    kind: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [40, 70])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(10, ge=0)
+    warmup_factor: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(1e-7, ge=0.0, description="cosine floor")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScheduleConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs={self.warmup_epochs} must be smaller than "
+                f"schedule.epochs={self.epochs}"
+            )
+        if self.kind == "multistep":
+            ms = self.milestones
+            if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+                raise ValueError(f"schedule.milestones={ms} must be strictly increasing")
+            if ms and not (0 < ms[0] and ms[-1] <= self.epochs):
+                raise ValueError(
+                    f"schedule.milestones={ms} must lie in 1..schedule.epochs={self.epochs}"
+                )
+        return self
+
+
+class EngineConfig(Section):
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = Field(None, gt=0.0)
+    seed: int = 0
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON/YAML to merge")
+
+
+class RerankConfig(Section):
+    """k-reciprocal re-ranking (Zhong et al., CVPR 2017)."""
+
+    enabled: bool = False
+    k1: int = Field(20, ge=1)
+    k2: int = Field(6, ge=1)
+    lambda_value: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class EvaluationConfig(Section):
+    every_epochs: int = Field(0, ge=0, description="0: only after the last epoch")
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    flip_average: bool = False
+    max_rank: int = Field(50, ge=1)
+    backend: Literal["auto", "numpy", "cython", "cuda"] = "auto"
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+    plots: bool = True
+
+
+class LoggingConfig(Section):
+    output_dir: str = "runs"
+    run_name: str | None = Field(None, description="default: the experiment name")
+    log_every: int = Field(20, ge=1, description="steps between logged lines")
+    tensorboard: bool = True
+    progress_bar: bool = True
+    checkpoint_every: int = Field(10, ge=0, description="epochs; 0: only the last")
+    keep_last: int = Field(3, ge=1)
+    keep_best: bool = True
+
+
+class DistributedConfig(Section):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = Field(1800, ge=10)
+    find_unused_parameters: bool = False
+    sync_bn: bool = False
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    name: str = "experiment"
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        if self.data.dataset != SYNTHETIC and not self.data.root:
+            raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
+        if self.loss.triplet.weight > 0 and self.sampler.num_instances < 2:
+            raise ValueError(
+                f"sampler.num_instances={self.sampler.num_instances} leaves no positive pair for "
+                f"the triplet loss (loss.triplet.weight={self.loss.triplet.weight}); use K >= 2"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(choices)}"
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the key at ``loc[:-1]`` (None if not a fixed section)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if get_origin(ann) is not None:  # Optional[...] etc.: take the model member if any
+            ann = next((a for a in get_args(ann) if isinstance(a, type)), None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            section = _section_at(loc)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            allowed = [
+                f"{prefix}.{k}" if prefix else k for k in (section.model_fields if section else [])
+            ]
+            hint = did_you_mean(path, allowed) if allowed else ""
+            lines.append(f"  {path}: unknown key{hint}")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error":
+            lines.append(f"  {path}: {message} (got {err['input']!r})")
+        elif not loc or message.startswith(f"{path}."):  # a section's check names its own keys
+            lines.append(f"  {message}")
+        else:
+            lines.append(f"  {path}: {message}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, resolving ``_base_`` chains (relative to the including file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, _seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return _deep_merge(read_yaml(path.parent / base, (*_seen, path)), data)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r}: expected KEY.PATH=VALUE")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {assignment!r}: {where} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def build_config(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Load ``path`` (or the defaults when None), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    overrides = list(overrides)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    source = str(path or "<defaults>") + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return build_config(data, source)
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary sibling, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_resolved(config: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config beside a run's outputs as ``config.yaml``."""
+    return write_atomic(Path(run_dir) / "config.yaml", config.to_yaml())

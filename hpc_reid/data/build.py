@@ -1,0 +1,62 @@
+"""From the ``data`` section of a config to a parsed data set (generating the synthetic one)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from hpc_reid.config import SYNTHETIC, ConfigError, DataConfig, did_you_mean
+from hpc_reid.data.datasets import ReidDataset, build_dataset
+from hpc_reid.data.datasets.base import _REGISTRY
+
+
+def synth_spec(data: DataConfig):
+    """The generator spec of the config's synthetic data set."""
+    from hpc_reid.data.synthetic import SynthSpec
+
+    s = data.synthetic
+    return SynthSpec(
+        ids=s.ids,
+        cams=s.cams,
+        images_per_id=s.images_per_id,
+        distractors=s.distractors,
+        junk=s.junk,
+        seed=s.seed,
+    )
+
+
+def dataset_root(data: DataConfig, announce=print) -> tuple[str, Path]:
+    """(registered parser name, root folder) of the config's data set.
+
+    The synthetic set is generated on first use into its cache folder, which is announced so a
+    user knows where the images are.
+    """
+    if data.dataset != SYNTHETIC:
+        return data.dataset, Path(data.root).expanduser()
+    from hpc_reid.data.synthetic import ensure_synthetic
+
+    root = ensure_synthetic(synth_spec(data), data.synthetic.cache_dir)
+    announce(f"synthetic Market-format data set: {root}")
+    return "market1501", root
+
+
+def check_options(name: str, options: dict) -> None:
+    """Reject ``data.options`` keys the parser does not take, naming the key and the choices."""
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [p for p in params if p not in ("self", "root")]
+    for key in options:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed) if allowed else f"; {name} takes no options"
+            raise ConfigError(f"data.options.{key}: unknown option for data set {name!r}{hint}")
+
+
+def dataset_from_config(data: DataConfig, announce=print) -> ReidDataset:
+    name, root = dataset_root(data, announce)
+    options = {} if data.dataset == SYNTHETIC else dict(data.options)
+    if data.dataset == SYNTHETIC and data.options:
+        raise ConfigError("data.options: the synthetic data set takes no options")
+    check_options(name, options)
+    return build_dataset(name, root, **options)
