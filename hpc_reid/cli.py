@@ -79,7 +79,8 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hpc-reid", description="Distributed HPC training toolkit for person re-identification."
+        prog="hpc-reid",
+        description="Distributed HPC training toolkit for person re-identification.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -10,6 +10,7 @@ then validated like the file. Every error names the key path, the bad value and 
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -188,9 +189,9 @@ class ScheduleConfig(Section):
             )
         if self.kind == "multistep":
             ms = self.milestones
-            if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+            if any(b <= a for a, b in itertools.pairwise(ms)):
                 raise ValueError(f"schedule.milestones={ms} must be strictly increasing")
-            if ms and not (0 < ms[0] and ms[-1] <= self.epochs):
+            if ms and not (ms[0] > 0 and ms[-1] <= self.epochs):
                 raise ValueError(
                     f"schedule.milestones={ms} must lie in 1..schedule.epochs={self.epochs}"
                 )

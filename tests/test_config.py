@@ -117,10 +117,10 @@ def test_overrides_coerce_types():
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_config(None, ["optimizer.lr"])
     data = {"optimizer": {"lr": 1.0}}
-    with pytest.raises(ConfigError, match="optimizer.lr is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr is a value, not a section"):
         apply_override(data, "optimizer.lr.x=3")
 
 
