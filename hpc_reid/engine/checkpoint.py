@@ -1,0 +1,111 @@
+"""Atomic checkpoints: keep the last N and the best, find the newest for ``--resume auto``.
+
+A checkpoint is written to a temporary name in the same folder, flushed to disk and renamed, so a
+crash or preemption mid-write never leaves a half-written file under a checkpoint's name, and the
+previous good checkpoint is deleted only after the new one and the ``latest`` pointer are complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the run resuming from it."""
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to a temporary sibling, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :class:`CheckpointManager` (on CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} is not an hpc-reid checkpoint of format {FORMAT_VERSION}"
+        )
+    return state
+
+
+class CheckpointManager:
+    """Checkpoints of one run under ``run_dir/checkpoints``."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_best: bool = True):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+
+    def save(self, state: dict[str, Any], epoch: int, step: int) -> Path:
+        """Write one checkpoint, point ``latest`` at it, then prune the oldest beyond keep_last."""
+        path = save_atomic(
+            {**state, "format_version": FORMAT_VERSION},
+            self.folder / f"epoch_{epoch:04d}_step_{step:08d}.pt",
+        )
+        self._write_pointer("latest", path.name)
+        for old in self.checkpoints()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def mark_best(self, path: Path) -> Path:
+        """Make ``best.pt`` a hard link to ``path`` (atomic, no second copy on disk)."""
+        best = self.folder / "best.pt"
+        tmp = self.folder / ".best.pt.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, best)
+        return best
+
+    def checkpoints(self) -> list[Path]:
+        """This run's periodic checkpoints, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(p, _NAME.fullmatch(p.name)) for p in self.folder.iterdir()]
+        return [p for p, m in sorted(found, key=lambda t: _order(t[1])) if m]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (the ``latest`` pointer, else the newest by name)."""
+        pointer = self.folder / "latest"
+        if pointer.is_file():
+            path = self.folder / pointer.read_text().strip()
+            if path.is_file():
+                return path
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def _write_pointer(self, name: str, target: str) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(target + "\n")
+        os.replace(tmp, self.folder / name)
+
+
+def _order(match: re.Match[str] | None) -> tuple[int, int]:
+    return (int(match.group(1)), int(match.group(2))) if match else (-1, -1)

@@ -1,0 +1,1 @@
+"""Launching: distributed initialisation from SLURM / torchrun / Ray environments."""

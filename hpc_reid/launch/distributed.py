@@ -1,0 +1,135 @@
+"""Distributed initialisation from torchrun's, SLURM's or no launcher's environment.
+
+torchrun (and the DeepSpeed launcher) export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT. Under ``srun`` each task instead sees SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and
+the allocation's node list; the first node of the list is the rendezvous host, unless MASTER_ADDR
+is set (needed where node names do not resolve, e.g. several slurmd on one machine). Anything else
+is a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # "torchrun", "slurm" or "none"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand SLURM's compressed host list: ``"gpu[01-03,07],login1"`` -> gpu01..gpu03, gpu07,
+    login1. Zero padding of ranges is kept, as ``scontrol show hostnames`` does."""
+    hosts: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", hostlist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
+        if m is None:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise ValueError(f"cannot parse SLURM host list {hostlist!r} at {part!r}")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(n).zfill(len(lo))}{suffix}")
+    return hosts
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_env(env: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's environment (``os.environ`` by default)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    ntasks = _int(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
+    if "SLURM_PROCID" in env and ntasks > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        hosts = expand_hostlist(nodelist) if nodelist else []
+        addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + job % 20000
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=ntasks,
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=addr,
+            master_port=port,
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo for CPU, unless the config names one."""
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:
+    """Join the process group described by ``env`` (no-op for a single process)."""
+    if not env.distributed or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

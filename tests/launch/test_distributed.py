@@ -1,0 +1,62 @@
+"""Launcher environment detection and SLURM host lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_reid.launch.distributed import DistEnv, detect_env, expand_hostlist
+
+
+@pytest.mark.parametrize(
+    ("hostlist", "hosts"),
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+        ("a[8-11]", ["a8", "a9", "a10", "a11"]),
+        ("rack[1-2]-n", ["rack1-n", "rack2-n"]),
+        ("n1,n2", ["n1", "n2"]),
+    ],
+)
+def test_expand_hostlist_matches_scontrol(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+
+
+def test_expand_hostlist_rejects_garbage():
+    with pytest.raises(ValueError, match="cannot parse SLURM host list"):
+        expand_hostlist("gpu[a-b]")
+
+
+def test_torchrun_environment():
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
+    assert detect_env(env) == DistEnv(3, 8, 1, "h", 1, "torchrun")
+
+
+def test_slurm_environment_uses_first_node_and_job_port():
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[03-06]",
+        "SLURM_JOB_ID": "123456",
+    }
+    got = detect_env(env)
+    assert (got.rank, got.world_size, got.local_rank, got.launcher) == (5, 8, 1, "slurm")
+    assert got.master_addr == "gpu03"
+    assert got.master_port == 15000 + 123456 % 20000
+
+
+def test_slurm_master_addr_override_and_single_task():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert detect_env({**env, "MASTER_ADDR": "127.0.0.1"}).master_addr == "127.0.0.1"
+    assert detect_env({**env, "SLURM_NTASKS": "1"}) == DistEnv()  # one task: no process group
+
+
+def test_bad_integer_names_the_variable():
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        detect_env({"RANK": "x", "WORLD_SIZE": "2"})
