@@ -15,6 +15,7 @@ import yaml
 
 from hpc_reid.config import ConfigError, load_config
 from hpc_reid.data.datasets import DatasetError, available_datasets, build_dataset
+from hpc_reid.engine.errors import CheckpointError, TrainingError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -77,12 +78,43 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpc_reid.engine.trainer import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hpc_reid.engine.trainer import evaluate_checkpoint
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    if args.overrides and config is None:
+        raise ConfigError("eval: --set needs --config (the checkpoint's own config is used as is)")
+    evaluate_checkpoint(args.checkpoint, config, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-reid",
         description="Distributed HPC training toolkit for person re-identification.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train and evaluate a model")
+    _add_config_args(train)
+    train.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the run's newest or a given checkpoint"
+    )
+    train.add_argument("--max-steps", type=int, help="stop after this global step (checkpointed)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its test split")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    evaluate.add_argument("--out", help="folder for results.json and plots")
+    _add_config_args(evaluate, required=False)
+    evaluate.set_defaults(func=cmd_eval)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -125,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
         print(f"hpc-reid: error: {exc}", file=sys.stderr)
         return 2
 

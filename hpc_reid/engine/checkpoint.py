@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
+from hpc_reid.engine.errors import CheckpointError
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the run resuming from it."""
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:

@@ -1,0 +1,1 @@
+"""Training engine: the loop, strategies (DDP, DeepSpeed), checkpoints, logging hooks."""

@@ -1,0 +1,393 @@
+"""The training loop: the strong baseline and every method built on it, on 1..N processes.
+
+``train(config)`` reads top to bottom: join the process group, parse the data set, build the
+sampler, loader, model, losses, optimizer and schedule, wrap them in the strategy, resume if asked,
+then loop over epochs and batches; hooks log, checkpoint and evaluate. A SLURM pre-emption signal
+(USR1 or TERM) makes every rank stop at the same step boundary after one last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hpc_reid.data.loaders.torch_loader import build_train_loader
+from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.engine.optim import (
+    build_center_optimizer,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+)
+
+from hpc_reid.config import Config, save_resolved
+from hpc_reid.data.build import dataset_from_config
+from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.errors import CheckpointError, TrainingError
+from hpc_reid.engine.evaluate import evaluate_model
+from hpc_reid.engine.run_log import RunLog
+from hpc_reid.engine.strategy import DDPStrategy
+from hpc_reid.launch.distributed import (
+    barrier,
+    choose_backend,
+    cleanup,
+    detect_env,
+    init_distributed,
+)
+from hpc_reid.losses import ReidLoss
+from hpc_reid.models import build_model
+
+
+def select_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("engine.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def run_dir_of(config: Config) -> Path:
+    return Path(config.logging.output_dir) / (config.logging.run_name or config.name)
+
+
+def model_meta(config: Config, num_classes: int, feature_dim: int) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into this run's model."""
+    m = config.model
+    return {
+        "backbone": m.backbone,
+        "last_stride": m.last_stride,
+        "pooling": m.pooling,
+        "neck": m.neck,
+        "num_classes": num_classes,
+        "feature_dim": feature_dim,
+    }
+
+
+class _StopSignal:
+    """Records SIGUSR1/SIGTERM; every rank agrees on stopping through one all-reduce per step."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            # signal.signal raises ValueError outside the main thread (e.g. a Ray actor thread)
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self, device: torch.device) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_rng_states() -> list[dict[str, Any]]:
+    if not dist.is_initialized():
+        return [_rng_state()]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+def train(
+    config: Config, resume: str | None = None, max_steps: int | None = None
+) -> dict[str, Any]:
+    """Train (and evaluate) as ``config`` says; returns the final metrics summary.
+
+    ``resume``: ``"auto"`` (the run folder's newest checkpoint, if any) or a checkpoint path.
+    ``max_steps``: stop after this global step with a checkpoint (for tests and smoke runs).
+    """
+    env = detect_env()
+    device = select_device(config.engine.device, env.local_rank)
+    init_distributed(
+        env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
+    )
+    try:
+        return _train(config, env.rank, env.world_size, device, resume, max_steps)
+    finally:
+        cleanup()
+
+
+def _train(config, rank, world, device, resume, max_steps):
+    main = rank == 0
+    run_dir = run_dir_of(config)
+    checkpoints = CheckpointManager(run_dir, config.logging.keep_last, config.logging.keep_best)
+    resume_path = _resume_path(resume, checkpoints)
+    lg = config.logging
+    log = RunLog(run_dir, enabled=main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar)
+
+    # Data: rank 0 parses first (and generates the synthetic set) so the others find it ready.
+    if main:
+        dataset = dataset_from_config(config.data, announce=log.info)
+    barrier()
+    if not main:
+        dataset = dataset_from_config(config.data, announce=lambda _: None)
+    log.info(dataset.statistics())
+
+    s = config.sampler
+    sampler = IdentitySampler(
+        [r.pid for r in dataset.train],
+        [r.camid for r in dataset.train],
+        s.num_identities,
+        s.num_instances,
+        rank=rank,
+        world_size=world,
+        seed=config.engine.seed,
+        allow_replacement=s.allow_replacement,
+    )
+    loader = build_train_loader(
+        dataset.train,
+        sampler,
+        config.loader,
+        config.data.height,
+        config.data.width,
+        config.engine.seed,
+    )
+
+    # Model, losses, optimizers: the same initial weights on every rank.
+    torch.manual_seed(config.engine.seed)
+    num_classes = dataset.num_train_pids
+    model = build_model(config.model, num_classes).to(device)
+    if config.engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
+    global_batch = s.num_identities * s.num_instances * world
+    lr, lr_note = scaled_lr(config.optimizer, global_batch)
+    optimizer = build_optimizer(model, config.optimizer, lr)
+    scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
+    center = getattr(criterion, "center", None)
+    center_params = list(center.parameters()) if center is not None else []
+    strategy = DDPStrategy(
+        model,
+        optimizer,
+        scheduler,
+        device=device,
+        precision=config.engine.precision,
+        grad_clip=config.engine.grad_clip,
+        find_unused_parameters=config.distributed.find_unused_parameters,
+        extra_params=center_params,
+        extra_optimizer=build_center_optimizer(center, config.loss.center) if center else None,
+        extra_grad_scale=1.0 / config.loss.center.weight if center else 1.0,
+    )
+    forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
+    meta = model_meta(config, num_classes, model.feature_dim)
+
+    epoch, step, best = 0, 0, None
+    if resume_path is not None:
+        epoch, step, best = _restore(
+            resume_path, meta, strategy, criterion, sampler, rank, world, log
+        )
+    else:
+        sampler.set_epoch(0)
+    if main:
+        save_resolved(config, run_dir)
+    log.info(
+        f"run folder {run_dir.resolve()}; {world} process(es) on {device}; "
+        f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
+        f"x {world} ranks; {lr_note}; {sampler.batches_per_epoch} iterations per epoch"
+    )
+
+    stop = _StopSignal()
+    epochs = config.schedule.epochs
+    summary: dict[str, Any] = {}
+    last_saved_step = -1
+
+    def save(tag: str) -> Path | None:
+        nonlocal last_saved_step
+        state = {
+            "strategy": strategy.state_dict(),
+            "criterion": criterion.state_dict(),
+            "sampler": sampler.state_dict(batches_consumed=consumed),
+            "rng": _all_rng_states(),
+            "epoch": epoch,
+            "step": step,
+            "best": best,
+            "world_size": world,
+            "model_meta": meta,
+            "config": config.to_dict(),
+        }
+        last_saved_step = step
+        if not main:
+            return None
+        path = checkpoints.save(state, epoch=epoch, step=step)
+        log.info(f"checkpoint ({tag}): {path}")
+        return path
+
+    try:
+        while epoch < epochs:
+            consumed = sampler.batches_per_epoch - len(sampler)
+            model.train()
+            log.start_epoch(epoch, epochs, sampler.batches_per_epoch, consumed)
+            tic, seen = time.perf_counter(), 0
+            for batch in loader:
+                images = batch["images"].to(device, non_blocking=True)
+                if config.engine.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                pids = batch["pids"].to(device, non_blocking=True)
+                with strategy.autocast():
+                    outputs = forward(images)
+                outputs = {k: v.float() for k, v in outputs.items()}
+                total, parts = criterion(outputs, pids)
+                strategy.step(total)
+                step, consumed, seen = step + 1, consumed + 1, seen + len(images)
+                rate = seen * world / (time.perf_counter() - tic)
+                values = {k: float(v) for k, v in parts.items()}
+                values.update(loss=float(total), lr=optimizer.param_groups[0]["lr"])
+                log.advance({"loss": f"{float(total):.3f}", "img/s": f"{rate:.0f}"})
+                if step % config.logging.log_every == 0:
+                    log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
+                if stop.agreed(device) or (max_steps is not None and step >= max_steps):
+                    log.end_epoch()
+                    save("stop" if stop.received else "max steps")
+                    return {"stopped_at_step": step, "preempted": stop.received}
+            log.end_epoch()
+            epoch += 1
+            sampler.set_epoch(epoch)
+            consumed = 0
+            ev, ck = config.evaluation.every_epochs, config.logging.checkpoint_every
+            periodic_eval = ev and epoch % ev == 0 and epoch < epochs
+            if periodic_eval:
+                summary = evaluate_model(strategy.module, dataset, config, device)
+                log.info(f"epoch {epoch}: " + _fmt(summary))
+                log.scalars(step, summary, kind="eval")
+                improved = best is None or summary["mAP"] > best
+                best = summary["mAP"] if improved else best
+                path = save("periodic")
+                if improved and path is not None and config.logging.keep_best:
+                    checkpoints.mark_best(path)
+            elif (ck and epoch % ck == 0) or epoch == epochs:
+                save("periodic")
+        summary = evaluate_model(strategy.module, dataset, config, device, out_dir=run_dir)
+        log.scalars(step, summary, kind="eval")
+        log.info("final evaluation on the test split: " + _fmt(summary))
+        if main and (best is None or summary["mAP"] >= best) and config.logging.keep_best:
+            latest = checkpoints.latest()
+            if latest is not None and last_saved_step == step:
+                checkpoints.mark_best(latest)
+        log.info(
+            f"results: {run_dir / 'results.json'}; plots: {run_dir / 'cmc.png'}, "
+            f"{run_dir / 'ranked.png'}; checkpoints: {checkpoints.folder}; "
+            f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+        )
+        return summary
+    finally:
+        stop.restore()
+        log.close()
+
+
+def _fmt(summary: dict[str, Any]) -> str:
+    keys = [k for k in ("rank-1", "rank-5", "rank-10", "mAP", "mINP") if k in summary]
+    return ", ".join(f"{k} {100 * summary[k]:.2f}%" for k in keys)
+
+
+def _resume_path(resume: str | None, checkpoints: CheckpointManager) -> Path | None:
+    if resume == "auto":
+        return checkpoints.latest()
+    if resume is not None:
+        return Path(resume)
+    if checkpoints.latest() is not None:
+        raise TrainingError(
+            f"run folder {checkpoints.folder.parent} already holds checkpoints; pass "
+            "--resume auto to continue it, or choose another --set logging.run_name=..."
+        )
+    return None
+
+
+def _restore(path, meta, strategy, criterion, sampler, rank, world, log):
+    state = load_checkpoint(path)
+    if state["model_meta"] != meta:
+        diff = {
+            k: (state["model_meta"].get(k), meta.get(k))
+            for k in meta
+            if state["model_meta"].get(k) != meta.get(k)
+        }
+        details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {path} is from another model ({details})")
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot resume this run: {exc}") from None
+    strategy.load_state_dict(state["strategy"])
+    criterion.load_state_dict(state["criterion"])
+    if state["world_size"] == world:
+        _set_rng_state(state["rng"][rank])
+    log.info(
+        f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}, "
+        f"world size {state['world_size']} -> {world}"
+    )
+    return state["epoch"], state["step"], state["best"]
+
+
+def evaluate_checkpoint(
+    path: str | Path, config: Config | None = None, out_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Evaluate a saved model on its data set's test split (sharded over ranks if launched so).
+
+    ``config`` defaults to the resolved config stored in the checkpoint; results and plots go to
+    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder).
+    """
+    state = load_checkpoint(path)
+    config = config or Config.model_validate(state["config"])
+    env = detect_env()
+    device = select_device(config.engine.device, env.local_rank)
+    init_distributed(
+        env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
+    )
+    try:
+        if env.rank == 0:
+            dataset = dataset_from_config(config.data)
+        barrier()
+        if env.rank != 0:
+            dataset = dataset_from_config(config.data, announce=lambda _: None)
+        model = build_model(config.model, dataset.num_train_pids).to(device)
+        meta = model_meta(config, dataset.num_train_pids, model.feature_dim)
+        if state["model_meta"] != meta:
+            raise CheckpointError(
+                f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"
+            )
+        model.load_state_dict(state["strategy"]["model"])
+        out = Path(out_dir) if out_dir else Path(path).resolve().parent.parent / "eval"
+        summary = evaluate_model(model, dataset, config, device, out_dir=out)
+        if env.rank == 0:
+            print(f"{path}: " + _fmt(summary))
+            print(
+                f"results: {out / 'results.json'}; plots: {out / 'cmc.png'}, {out / 'ranked.png'}"
+            )
+        return summary
+    finally:
+        cleanup()
