@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from hpc_reid.data.loaders.torch_loader import build_test_loader
-from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 
 from hpc_reid.config import Config, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
+from hpc_reid.data.loaders.torch_loader import build_test_loader
 from hpc_reid.evaluation import evaluate_features, extract_features, pairwise_distance
+from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 
 
 def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
@@ -68,7 +68,15 @@ def evaluate_model(
     g_cams = np.array([r.camid for r in dataset.gallery])
     ev = config.evaluation
     result = evaluate_features(
-        qf, gf, q_pids, g_pids, q_cams, g_cams, metric=ev.metric, max_rank=ev.max_rank
+        qf,
+        gf,
+        q_pids,
+        g_pids,
+        q_cams,
+        g_cams,
+        metric=ev.metric,
+        max_rank=ev.max_rank,
+        backend=ev.backend,
     )
     summary = result.summary()
     main = not dist.is_initialized() or dist.get_rank() == 0

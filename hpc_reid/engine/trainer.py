@@ -18,22 +18,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hpc_reid.config import Config, save_resolved
+from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.loaders.torch_loader import build_train_loader
 from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.errors import CheckpointError, TrainingError
+from hpc_reid.engine.evaluate import evaluate_model
 from hpc_reid.engine.optim import (
     build_center_optimizer,
     build_optimizer,
     build_scheduler,
     scaled_lr,
 )
-
-from hpc_reid.config import Config, save_resolved
-from hpc_reid.data.build import dataset_from_config
-from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
-from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.evaluate import evaluate_model
 from hpc_reid.engine.run_log import RunLog
 from hpc_reid.engine.strategy import DDPStrategy
+from hpc_reid.evaluation.ranking import BACKENDS as RANKING_BACKENDS
 from hpc_reid.launch.distributed import (
     barrier,
     choose_backend,
@@ -145,6 +146,11 @@ def train(
 
 def _train(config, rank, world, device, resume, max_steps):
     main = rank == 0
+    if config.evaluation.backend not in ("auto", *RANKING_BACKENDS):
+        raise TrainingError(
+            f"evaluation.backend={config.evaluation.backend!r} is not available here; "
+            f"available: auto, {', '.join(RANKING_BACKENDS)}"
+        )
     run_dir = run_dir_of(config)
     checkpoints = CheckpointManager(run_dir, config.logging.keep_last, config.logging.keep_best)
     resume_path = _resume_path(resume, checkpoints)

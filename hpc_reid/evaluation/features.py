@@ -1,0 +1,72 @@
+"""Feature extraction for evaluation: one pass of a model over a test loader, in loader order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, Any, Any]:
+    if isinstance(batch, Mapping):
+        missing = [k for k in ("images", "pids", "camids") if k not in batch]
+        if missing:
+            raise KeyError(f"test batch lacks keys {missing}; it has {sorted(batch)}")
+        return batch["images"], batch["pids"], batch["camids"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        return batch[0], batch[1], batch[2]
+    raise TypeError(
+        "a test batch must be a dict with 'images', 'pids', 'camids' or a tuple "
+        f"(images, pids, camids, ...), got {type(batch).__name__}"
+    )
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    outputs = model(images)
+    if hasattr(model, "retrieval_feature"):
+        return model.retrieval_feature(outputs)
+    return outputs["bn"]
+
+
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str,
+    flip: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Features (N, D) float32 on the CPU, pids (N,) and camids (N,), in the loader's order.
+
+    The model runs in eval mode under ``torch.inference_mode`` (its previous mode is restored) and
+    returns a dict with "global" and "bn" features; the retrieval feature is
+    ``model.retrieval_feature(outputs)`` when the model defines it, else ``outputs["bn"]`` (the
+    BNNeck feature; Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person
+    Re-identification", CVPRW 2019). With ``flip`` the features of the horizontally flipped images
+    are added: the sum has the direction of the average, which is all a cosine distance sees.
+    """
+    was_training = model.training
+    model.eval()
+    feats: list[torch.Tensor] = []
+    pids: list[np.ndarray] = []
+    camids: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                images, batch_pids, batch_camids = _unpack(batch)
+                images = images.to(device, non_blocking=True)
+                f = _embed(model, images).float()
+                if flip:
+                    f = f + _embed(model, torch.flip(images, dims=[-1])).float()
+                feats.append(f.cpu())
+                pids.append(_as_numpy(batch_pids).reshape(-1))
+                camids.append(_as_numpy(batch_camids).reshape(-1))
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("the test loader yielded no batch; nothing to extract")
+    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)

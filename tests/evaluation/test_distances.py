@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from hpc_reid.evaluation import evaluate_features, pairwise_distance, rank_metrics
+from tests.evaluation.reference import make_case, reference_metrics
+
+
+def features(seed, n, dim=16):
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, dim)))
+
+
+@pytest.mark.parametrize("tile", [1, 7, 4096])
+def test_cosine_distance_is_one_minus_cosine_similarity(tile):
+    qf, gf = features(0, 13), features(1, 29)
+    expected = np.array(
+        [
+            [1 - q @ g / np.linalg.norm(q) / np.linalg.norm(g) for g in gf.numpy()]
+            for q in qf.numpy()
+        ]
+    )
+    dist = pairwise_distance(qf, gf, metric="cosine", tile=tile)
+    assert dist.dtype == torch.float32 and dist.shape == (13, 29)
+    np.testing.assert_allclose(dist.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 4096])
+def test_euclidean_distance_is_the_norm_of_the_difference(tile):
+    qf, gf = features(2, 13), features(3, 29)
+    expected = np.array([[np.linalg.norm(q - g) for g in gf.numpy()] for q in qf.numpy()])
+    dist = pairwise_distance(qf, gf, metric="euclidean", tile=tile)
+    assert dist.dtype == torch.float32
+    np.testing.assert_allclose(dist.numpy(), expected, atol=1e-5)
+    # Identical rows: the clamp keeps rounding from producing sqrt of a negative (NaN).
+    assert not torch.isnan(pairwise_distance(qf, qf, metric="euclidean")).any()
+
+
+def test_pairwise_distance_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="metric"):
+        pairwise_distance(features(0, 2), features(1, 2), metric="manhattan")
+    with pytest.raises(ValueError, match="features"):
+        pairwise_distance(features(0, 2), features(1, 2, dim=3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_tiled_evaluate_features_equals_rank_metrics_on_the_full_matrix(seed, metric):
+    _, q_pids, g_pids, q_cams, g_cams = make_case(seed, num_q=23, num_g=90)
+    qf, gf = features(seed, 23, dim=8), features(seed + 100, 90, dim=8)
+    # Coarse features (a few values per dimension) make many exactly tied distances.
+    if seed == 2:
+        qf, gf = qf.round(), gf.round()
+    ids = (q_pids, g_pids, q_cams, g_cams)
+    full = pairwise_distance(qf, gf, metric=metric).numpy()
+    tiled = evaluate_features(qf, gf, *ids, metric=metric, max_rank=30, query_tile=5)
+    whole = rank_metrics(full, *ids, max_rank=30)
+    for field in ("cmc", "ap", "inp", "valid"):
+        np.testing.assert_array_equal(getattr(tiled, field), getattr(whole, field))
+    cmc, mAP, mINP, *_ = reference_metrics(full, *ids, 30)
+    np.testing.assert_allclose(tiled.cmc, cmc, rtol=0, atol=1e-9)
+    assert tiled.mAP == pytest.approx(mAP, abs=1e-9) and tiled.mINP == pytest.approx(mINP, abs=1e-9)
+
+
+def test_tiled_evaluate_features_draws_the_same_cuhk03_galleries():
+    _, q_pids, g_pids, q_cams, g_cams = make_case(4, num_q=23, num_g=90)
+    qf, gf = features(4, 23), features(5, 90)
+    ids = (q_pids, g_pids, q_cams, g_cams)
+    kw = dict(cuhk03_old_protocol=True, repeats=4, seed=3, max_rank=20)
+    tiled = evaluate_features(qf, gf, *ids, query_tile=4, **kw)
+    whole = rank_metrics(pairwise_distance(qf, gf).numpy(), *ids, **kw)
+    np.testing.assert_array_equal(tiled.cmc, whole.cmc)
