@@ -1,0 +1,260 @@
+"""Optimizers and the per-iteration learning-rate schedule, as configured by ``optimizer.*`` and
+``schedule.*``.
+
+Parameter groups follow BoT (Luo et al., CVPRW 2019, ``solver/build.py``) and fast-reid: biases
+get ``lr * bias_lr_factor`` and ``weight_decay_bias``; normalisation layers' weights get
+``weight_decay_bias`` (fast-reid's separate norm decay); every other weight gets ``lr`` and
+``weight_decay``. The schedule is BoT's warm-up (linear from ``warmup_factor`` to 1) followed by
+step decay or cosine annealing (Loshchilov and Hutter, "SGDR", ICLR 2017, Eq. 5), evaluated every
+iteration rather than every epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from hpc_reid.config import CenterConfig, OptimizerConfig, ScheduleConfig
+from hpc_reid.losses.center import CenterLoss
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def _fmt(x: float) -> str:
+    mantissa, exponent = f"{x:.2e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    if mantissa.endswith("."):
+        mantissa += "0"
+    return f"{mantissa}e{int(exponent)}"
+
+
+def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> tuple[float, str]:
+    """The learning rate for ``global_batch`` images per step under ``optimizer.lr_scaling``, and a
+    one-line description for the run log.
+
+    linear: lr * global / base (Goyal et al., "Accurate, Large Minibatch SGD", 2017);
+    sqrt: lr * sqrt(global / base) (Krizhevsky, "One weird trick", 2014; usual for Adam).
+    """
+    if global_batch < 1:
+        raise ValueError(f"global batch size must be >= 1, got {global_batch}")
+    rule, base = cfg.lr_scaling.rule, cfg.lr_scaling.base_batch_size
+    if rule == "none":
+        return cfg.lr, f"lr {_fmt(cfg.lr)} (no scaling rule, global batch {global_batch})"
+    ratio = global_batch / base
+    if rule == "linear":
+        lr = cfg.lr * ratio
+        return lr, f"lr {_fmt(cfg.lr)} x {global_batch}/{base} (linear rule) = {_fmt(lr)}"
+    lr = cfg.lr * math.sqrt(ratio)
+    return lr, f"lr {_fmt(cfg.lr)} x sqrt({global_batch}/{base}) (sqrt rule) = {_fmt(lr)}"
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
+    """BoT's groups: weights (lr, weight_decay), norm-layer weights (lr, weight_decay_bias),
+    biases (lr * bias_lr_factor, weight_decay_bias). Frozen parameters are left out; a shared
+    parameter is counted once; empty groups are dropped."""
+    groups = {
+        "weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay},
+        "norm_weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay_bias},
+        "biases": {
+            "params": [],
+            "lr": lr * cfg.bias_lr_factor,
+            "weight_decay": cfg.weight_decay_bias,
+        },
+    }
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if name == "bias" or name.endswith("_bias"):
+                kind = "biases"
+            elif isinstance(module, NORM_LAYERS):
+                kind = "norm_weights"
+            else:
+                kind = "weights"
+            groups[kind]["params"].append(p)
+    out = [{"name": name, **g} for name, g in groups.items() if g["params"]]
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
+    return out
+
+
+@functools.cache
+def _fused_kernel_runs(cls: type[torch.optim.Optimizer], device: str, dtype: torch.dtype) -> bool:
+    # Asking torch is the only reliable test: support depends on the build, device and dtype, and
+    # the check happens at the first step, not at construction.
+    p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    try:
+        cls([p], lr=0.0, fused=True).step()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def fused_supported(cls: type[torch.optim.Optimizer], params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused ``cls`` kernel for every device and dtype among ``params``."""
+    kinds = {(str(p.device), p.dtype) for p in params}
+    return all(_fused_kernel_runs(cls, device, dtype) for device, dtype in kinds)
+
+
+def _apex_optimizer(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.fused is True:
+        raise ValueError(
+            "optimizer.apex=true and optimizer.fused=true are alternatives; set one of them"
+        )
+    try:
+        from apex import optimizers as apex_optimizers
+    except ImportError:
+        raise ValueError(
+            "optimizer.apex=true but apex is not installed; torch's fused optimizers are the "
+            "default (optimizer.fused=null uses them where supported), so set optimizer.apex=false"
+        ) from None
+    if cfg.name == "sgd":
+        return apex_optimizers.FusedSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
+    return apex_optimizers.FusedAdam(
+        groups, lr=lr, betas=tuple(cfg.betas), adam_w_mode=cfg.name == "adamw"
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum, no Nesterov) over :func:`param_groups` at base ``lr`` (the
+    scaled one, see :func:`scaled_lr`).
+
+    ``optimizer.fused``: null uses torch's fused kernel where it exists for the parameters' device
+    and dtype (Adam, AdamW and SGD on CPU and CUDA in torch 2.14), else the default (foreach) one;
+    true where it does not exist is an error. ``optimizer.apex`` uses apex's FusedAdam / FusedSGD.
+    """
+    groups = param_groups(model, cfg, lr)
+    if cfg.apex:
+        return _apex_optimizer(groups, cfg, lr)
+    cls = OPTIMIZERS[cfg.name]
+    params = [p for g in groups for p in g["params"]]
+    supported = fused_supported(cls, params)
+    if cfg.fused and not supported:
+        kinds = sorted({f"{p.dtype} on {p.device}" for p in params})
+        raise ValueError(
+            f"optimizer.fused=true but torch has no fused {cls.__name__} for parameters of "
+            f"{', '.join(kinds)}; set optimizer.fused=null or false"
+        )
+    fused = supported if cfg.fused is None else cfg.fused
+    if cfg.name == "sgd":
+        extra: dict[str, Any] = {"momentum": cfg.momentum, "nesterov": False}
+    else:
+        extra = {"betas": tuple(cfg.betas)}
+    return cls(groups, lr=lr, weight_decay=cfg.weight_decay, fused=fused, **extra)
+
+
+def build_center_optimizer(center_loss: CenterLoss, cfg: CenterConfig) -> torch.optim.SGD:
+    """Plain SGD on the centers at ``loss.center.lr``, as in BoT."""
+    return torch.optim.SGD(center_loss.parameters(), lr=cfg.lr)
+
+
+def rescale_center_grad(center_loss: CenterLoss, weight: float) -> None:
+    """Divide the centers' gradients by the center-loss weight before their optimizer steps.
+
+    The total loss holds ``weight * L_C``, so the centers' gradient is ``weight * dL_C/dc``; BoT
+    undoes the factor so the center update is ``center.lr * dL_C/dc`` whatever the weight.
+    """
+    if weight <= 0:
+        raise ValueError(f"loss.center.weight must be > 0 to rescale its gradient, got {weight}")
+    for p in center_loss.parameters():
+        if p.grad is not None:
+            p.grad.div_(weight)
+
+
+class WarmupScheduler(LRScheduler):
+    """Per-iteration LR: ``group base lr * factor(iteration)`` for every parameter group, so the
+    groups keep their ratios (bias_lr_factor) throughout.
+
+    With W = warmup_epochs * iters_per_epoch and T = epochs * iters_per_epoch:
+    - warm-up, it < W: warmup_factor + (1 - warmup_factor) * it / W (BoT's linear warm-up);
+    - multistep: times gamma ** (number of milestones m with it >= m * iters_per_epoch), applied
+      during warm-up too, as BoT's WarmupMultiStepLR does;
+    - cosine, it >= W: r + (1 - r) * (1 + cos(pi * (it - W) / (T - W))) / 2, where
+      r = min_lr / base_lr, base_lr being the optimizer's default lr (the weights' group): that
+      group anneals to ``min_lr``, the others to the same fraction of their own base.
+
+    ``state_dict`` holds the position (iteration, base lrs); the schedule itself comes from the
+    config, so a resumed run continues exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: ScheduleConfig,
+        iters_per_epoch: int,
+        base_lr: float | None = None,
+    ):
+        if iters_per_epoch < 1:
+            raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
+        base_lr = optimizer.defaults["lr"] if base_lr is None else base_lr
+        if cfg.kind == "cosine" and cfg.min_lr > base_lr:
+            raise ValueError(
+                f"schedule.min_lr={cfg.min_lr} is above the base learning rate {base_lr}"
+            )
+        self.kind = cfg.kind
+        self.warmup_iters = cfg.warmup_epochs * iters_per_epoch
+        self.total_iters = cfg.epochs * iters_per_epoch
+        self.warmup_factor = cfg.warmup_factor
+        self.milestone_iters = [m * iters_per_epoch for m in cfg.milestones]
+        self.gamma = cfg.gamma
+        self.min_ratio = cfg.min_lr / base_lr
+        super().__init__(optimizer)
+
+    def factor(self, it: int) -> float:
+        """The multiplier of every group's base lr at iteration ``it`` (0-based)."""
+        warm = it < self.warmup_iters
+        alpha = it / self.warmup_iters if warm else 1.0
+        warmup = self.warmup_factor + (1.0 - self.warmup_factor) * alpha
+        if self.kind == "multistep":
+            return warmup * self.gamma ** bisect.bisect_right(self.milestone_iters, it)
+        if warm:
+            return warmup
+        t = min(1.0, (it - self.warmup_iters) / (self.total_iters - self.warmup_iters))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+    _POSITION = ("last_epoch", "_step_count", "base_lrs", "_last_lr")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: self.__dict__[key] for key in self._POSITION}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = [key for key in self._POSITION if key not in state_dict]
+        if missing:
+            raise KeyError(f"scheduler state lacks {missing}; got keys {sorted(state_dict)}")
+        self.__dict__.update({key: state_dict[key] for key in self._POSITION})
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, iters_per_epoch: int
+) -> WarmupScheduler:
+    """The per-iteration schedule of ``schedule.*``; call ``step()`` after every optimizer step."""
+    return WarmupScheduler(optimizer, cfg, iters_per_epoch)

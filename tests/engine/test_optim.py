@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+import io
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from hpc_reid.config import OptimizerConfig, ScheduleConfig
+from hpc_reid.engine.optim import build_optimizer, build_scheduler, scaled_lr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _opt_cfg(**kw) -> OptimizerConfig:
+    return OptimizerConfig.model_validate(kw)
+
+
+# ----------------------------------------------------------------------------- LR scaling
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected", "note"),
+    [
+        ("none", 3.5e-4, "lr 3.5e-4 (no scaling rule, global batch 128)"),
+        ("linear", 7.0e-4, "lr 3.5e-4 x 128/64 (linear rule) = 7.0e-4"),
+        ("sqrt", 3.5e-4 * 2**0.5, "lr 3.5e-4 x sqrt(128/64) (sqrt rule) = 4.95e-4"),
+    ],
+)
+def test_scaled_lr_applies_the_rule_and_describes_it(rule, expected, note):
+    cfg = _opt_cfg(lr=3.5e-4, lr_scaling={"rule": rule, "base_batch_size": 64})
+    lr, text = scaled_lr(cfg, 128)
+    assert lr == pytest.approx(expected, rel=1e-12)
+    assert text == note
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3, bias=False)
+        self.fc_again = self.fc  # shared: one entry in the optimizer
+        self.head = nn.Linear(3, 2)
+        self.head.requires_grad_(False)  # frozen: left out
+        self.scale = nn.Parameter(torch.ones(3))
+
+
+# By hand: which group every trainable parameter belongs to.
+EXPECTED_GROUP = {
+    "conv.weight": "weights",
+    "fc.weight": "weights",
+    "scale": "weights",
+    "bn.weight": "norm_weights",
+    "inorm.weight": "norm_weights",
+    "gn.weight": "norm_weights",
+    "ln.weight": "norm_weights",
+    "conv.bias": "biases",
+    "bn.bias": "biases",
+    "inorm.bias": "biases",
+    "gn.bias": "biases",
+    "ln.bias": "biases",
+}
+
+
+def test_param_groups_follow_bot_bias_and_norm_rules_and_skip_frozen():
+    model = _Net()
+    cfg = _opt_cfg(
+        name="sgd", weight_decay=5e-4, weight_decay_bias=1e-5, bias_lr_factor=2.0, momentum=0.8
+    )
+    opt = build_optimizer(model, cfg, lr=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: g["name"] for g in opt.param_groups for p in g["params"]}
+    count = sum(len(g["params"]) for g in opt.param_groups)
+    assert got == EXPECTED_GROUP
+    assert count == len(EXPECTED_GROUP)
+    hyper = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert hyper == {
+        "weights": (0.01, 5e-4),
+        "norm_weights": (0.01, 1e-5),
+        "biases": (0.02, 1e-5),
+    }
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g["momentum"] == 0.8 and g["nesterov"] is False for g in opt.param_groups)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
+)
+def test_fused_defaults_to_torch_fused_kernel_on_cpu_for_every_optimizer(name, cls):
+    model = nn.Linear(4, 2)
+    opt = build_optimizer(model, _opt_cfg(name=name, betas=(0.8, 0.99)), lr=1e-3)
+    assert type(opt) is cls
+    assert all(g["fused"] is True for g in opt.param_groups)
+    if name != "sgd":
+        assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()  # the fused kernel really runs
+
+
+class _ComplexNet(nn.Module):
+    """Complex parameters have no fused kernel in torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_falls_back_where_unsupported_and_explicit_true_is_an_error(name):
+    model = _ComplexNet()
+    opt = build_optimizer(model, _opt_cfg(name=name), lr=1e-3)
+    assert all(not g["fused"] for g in opt.param_groups)
+    model.w.grad = torch.ones_like(model.w)
+    opt.step()
+    with pytest.raises(ValueError, match=r"optimizer\.fused=true"):
+        build_optimizer(model, _opt_cfg(name=name, fused=True), lr=1e-3)
+
+
+def test_apex_missing_is_an_error_pointing_to_torch_fused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", None)  # makes `import apex` fail
+    with pytest.raises(ValueError, match=r"apex is not installed.*torch's fused optimizers"):
+        build_optimizer(nn.Linear(2, 2), _opt_cfg(apex=True), lr=1e-3)
+
+
+def test_apex_present_builds_fused_adam_over_the_same_groups(monkeypatch):
+    class FusedAdam(torch.optim.Adam):
+        def __init__(self, params, lr, betas, adam_w_mode):
+            self.adam_w_mode = adam_w_mode
+            super().__init__(params, lr=lr, betas=betas)
+
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.ModuleType("apex.optimizers")
+    apex.optimizers.FusedAdam = FusedAdam
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    opt = build_optimizer(_Net(), _opt_cfg(name="adamw", apex=True, bias_lr_factor=2.0), lr=1e-3)
+    assert isinstance(opt, FusedAdam) and opt.adam_w_mode is True
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["biases"] == pytest.approx(2e-3)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+IPE = 3  # iterations per epoch
+BASE_LR, BIAS_FACTOR = 1e-3, 2.0
+
+
+def _expected_weight_lr(it: int, cfg: ScheduleConfig) -> float:
+    """The weights group's LR at iteration ``it``, written from the schedule's definition."""
+    warm_iters = cfg.warmup_epochs * IPE
+    warm = 1.0
+    if it < warm_iters:
+        warm = cfg.warmup_factor + (1 - cfg.warmup_factor) * it / warm_iters
+    if cfg.kind == "multistep":
+        epoch = it // IPE
+        passed = len([m for m in cfg.milestones if epoch >= m])
+        return BASE_LR * warm * cfg.gamma**passed
+    if it < warm_iters:
+        return BASE_LR * warm
+    progress = (it - warm_iters) / (cfg.epochs * IPE - warm_iters)
+    return cfg.min_lr + (BASE_LR - cfg.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+SCHEDULES = {
+    "multistep": ScheduleConfig(
+        epochs=10,
+        kind="multistep",
+        milestones=[4, 7],
+        gamma=0.1,
+        warmup_epochs=2,
+        warmup_factor=0.01,
+    ),
+    "multistep_no_warmup": ScheduleConfig(
+        epochs=6, kind="multistep", milestones=[1, 5], gamma=0.5, warmup_epochs=0
+    ),
+    "cosine": ScheduleConfig(
+        epochs=10, kind="cosine", warmup_epochs=3, warmup_factor=0.1, min_lr=1e-6
+    ),
+}
+
+
+def _setup(cfg: ScheduleConfig):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    opt = build_optimizer(model, _opt_cfg(name="adam", bias_lr_factor=BIAS_FACTOR), lr=BASE_LR)
+    return model, opt, build_scheduler(opt, cfg, IPE)
+
+
+def _train(model, opt, sched, iters: int, seed: int) -> list[dict[str, float]]:
+    g = torch.Generator().manual_seed(seed)
+    lrs = []
+    for _ in range(iters):
+        lrs.append({grp["name"]: grp["lr"] for grp in opt.param_groups})
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_lr_at_every_iteration_equals_closed_form_and_groups_keep_their_ratio(kind):
+    cfg = SCHEDULES[kind]
+    model, opt, sched = _setup(cfg)
+    lrs = _train(model, opt, sched, cfg.epochs * IPE, seed=0)
+    for it, lr in enumerate(lrs):
+        expected = _expected_weight_lr(it, cfg)
+        assert lr["weights"] == pytest.approx(expected, rel=1e-12), it
+        assert lr["norm_weights"] == pytest.approx(expected, rel=1e-12), it
+        assert lr["biases"] == pytest.approx(BIAS_FACTOR * expected, rel=1e-12), it
+
+
+@pytest.mark.parametrize("kind", ["multistep", "cosine"])
+def test_resume_from_state_dicts_continues_the_schedule_and_training_exactly(kind):
+    cfg, total, cut = SCHEDULES[kind], SCHEDULES[kind].epochs * IPE, 13
+    straight_model, opt, sched = _setup(cfg)
+    straight = _train(straight_model, opt, sched, total, seed=1)
+
+    model, opt, sched = _setup(cfg)
+    first = _train(model, opt, sched, cut, seed=1)
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict(), "s": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    model2, opt2, sched2 = _setup(cfg)
+    model2.load_state_dict(state["m"])
+    opt2.load_state_dict(state["o"])
+    sched2.load_state_dict(state["s"])
+    # Continue with the same data stream as the uninterrupted run.
+    g = torch.Generator().manual_seed(1)
+    for _ in range(cut):
+        torch.randn(8, 4, generator=g)
+    rest = []
+    for _ in range(total - cut):
+        rest.append({grp["name"]: grp["lr"] for grp in opt2.param_groups})
+        opt2.zero_grad()
+        model2(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+        opt2.step()
+        sched2.step()
+    assert first + rest == straight
+    for a, b in zip(model2.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cosine_floor_above_base_lr_is_an_error():
+    cfg = ScheduleConfig(epochs=4, kind="cosine", warmup_epochs=0, min_lr=1.0)
+    opt = build_optimizer(nn.Linear(2, 2), _opt_cfg(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"schedule\.min_lr"):
+        build_scheduler(opt, cfg, IPE)

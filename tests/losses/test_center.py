@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_reid.config import CenterConfig
+from hpc_reid.engine.optim import build_center_optimizer, rescale_center_grad
+from hpc_reid.losses import CenterLoss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference(x: torch.Tensor, pids: list[int], centers: torch.Tensor) -> torch.Tensor:
+    """BoT Eq. 6: (1/B) sum_i |x_i - c_{y_i}|^2, one sample at a time."""
+    total = sum(((x[i] - centers[y]) ** 2).sum() for i, y in enumerate(pids))
+    return total / len(pids)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_center_loss_equals_per_sample_squared_distance_mean(seed):
+    torch.manual_seed(seed)
+    loss = CenterLoss(num_classes=6, feat_dim=4).double()
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    pids = torch.randint(0, 6, (10,))
+    ours = loss(x, pids)
+    ref = _reference(x, pids.tolist(), loss.centers)
+    g_ours = torch.autograd.grad(ours, [x, loss.centers])
+    g_ref = torch.autograd.grad(ref, [x, loss.centers])
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_center_loss_is_zero_on_its_centers_and_rejects_wrong_width():
+    loss = CenterLoss(num_classes=3, feat_dim=2)
+    pids = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        assert float(loss(loss.centers[pids], pids)) == pytest.approx(1e-12)
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        loss(torch.zeros(3, 5), pids)
+
+
+@pytest.mark.parametrize("weight", [0.0005, 0.01, 1.0])
+def test_center_update_after_rescaling_does_not_depend_on_the_loss_weight(weight):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    pids = torch.randint(0, 5, (8,))
+    cfg = CenterConfig(weight=weight, lr=0.5)
+    torch.manual_seed(1)
+    loss = CenterLoss(5, 4)
+    start = loss.centers.detach().clone()
+    opt = build_center_optimizer(loss, cfg)
+    (weight * loss(x, pids)).backward()
+    rescale_center_grad(loss, weight)
+    opt.step()
+    # Unweighted SGD step by hand: c <- c - lr * dL_C/dc, dL_C/dc_j = (2/B) sum_{y_i=j} (c_j - x_i)
+    expected = start.clone()
+    for j in range(5):
+        members = x[pids == j]
+        expected[j] -= 0.5 * 2.0 / 8 * (start[j] - members).sum(0)
+    torch.testing.assert_close(loss.centers.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_rescale_center_grad_rejects_zero_weight():
+    with pytest.raises(ValueError, match=r"loss\.center\.weight"):
+        rescale_center_grad(CenterLoss(2, 2), 0.0)

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_reid.config import LossConfig
+from hpc_reid.losses import (
+    ReidLoss,
+    batch_hard_triplet_loss,
+    label_smoothing_cross_entropy,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pids = torch.arange(4).repeat_interleave(4)
+    outputs = {
+        "global": torch.randn(16, 8, generator=g),
+        "logits": torch.randn(16, 4, generator=g),
+    }
+    return outputs, pids
+
+
+def test_reid_loss_is_the_weighted_sum_of_independently_computed_parts():
+    cfg = LossConfig.model_validate(
+        {
+            "ce": {"weight": 0.7, "label_smoothing": 0.2},
+            "triplet": {"weight": 1.3, "margin": None},
+            "center": {"weight": 0.01},
+        }
+    )
+    torch.manual_seed(5)
+    loss = ReidLoss(cfg, num_classes=4, feat_dim=8)
+    outputs, pids = _batch()
+    total, parts = loss(outputs, pids)
+    ce = label_smoothing_cross_entropy(outputs["logits"], pids, 0.2)
+    tri = batch_hard_triplet_loss(outputs["global"], pids, None)
+    centers = loss.center.centers.detach()
+    center = ((outputs["global"] - centers[pids]) ** 2).sum(1).mean()
+    assert set(parts) == {"ce", "triplet", "center"}
+    assert all(not v.requires_grad for v in parts.values())
+    torch.testing.assert_close(parts["ce"], ce)
+    torch.testing.assert_close(parts["triplet"], tri)
+    torch.testing.assert_close(parts["center"], center)
+    torch.testing.assert_close(total, 0.7 * ce + 1.3 * tri + 0.01 * center)
+    assert total.requires_grad
+
+
+def test_zero_weight_losses_are_not_built_nor_computed():
+    cfg = LossConfig.model_validate({"ce": {"weight": 0}, "center": {"weight": 0}})
+    loss = ReidLoss(cfg, num_classes=4, feat_dim=8)
+    outputs, pids = _batch()
+    del outputs["logits"]  # not needed when the CE weight is 0
+    total, parts = loss(outputs, pids)
+    assert loss.center is None and list(loss.parameters()) == []
+    assert set(parts) == {"triplet"}
+    torch.testing.assert_close(total, batch_hard_triplet_loss(outputs["global"], pids, 0.3))
+
+
+def test_reid_loss_names_a_missing_model_output_and_refuses_all_zero_weights():
+    loss = ReidLoss(LossConfig(), num_classes=4, feat_dim=8)
+    outputs, pids = _batch()
+    with pytest.raises(KeyError, match="logits"):
+        loss({"global": outputs["global"]}, pids)
+    zero = {"ce": {"weight": 0}, "triplet": {"weight": 0}, "center": {"weight": 0}}
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        ReidLoss(LossConfig.model_validate(zero), num_classes=4, feat_dim=8)
+
+
+def test_cross_rank_flag_without_torch_distributed_is_the_local_triplet():
+    cfg = LossConfig.model_validate({"triplet": {"cross_rank": True}, "center": {"weight": 0}})
+    outputs, pids = _batch(1)
+    _, parts = ReidLoss(cfg, 4, 8)(outputs, pids)
+    torch.testing.assert_close(
+        parts["triplet"], batch_hard_triplet_loss(outputs["global"], pids, 0.3)
+    )
