@@ -1,0 +1,59 @@
+"""Training and test loaders: the torch (PIL) backend, and the choice of backend.
+
+Both backends implement the augmentation of :mod:`hpc_reid.data.transforms` with the same random
+decisions per sample; DALI decodes and augments on the GPU, the torch backend on CPU workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from hpc_reid.config import ConfigError
+
+from .torch_loader import (
+    CorruptImageError,
+    ReidImageSet,
+    TaggedBatchSampler,
+    build_test_loader,
+    build_train_loader,
+    collate_reid,
+    load_rgb,
+)
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+def resolve_backend(name: str) -> str:
+    """The loader backend to use for ``loader.backend = name``: "dali" or "torch".
+
+    "auto" picks DALI when ``nvidia.dali`` imports, else torch; "dali" without DALI installed is
+    an error rather than a silent fallback.
+    """
+    if name not in BACKENDS:
+        raise ConfigError(f"loader.backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    if name == "torch":
+        return "torch"
+    try:
+        importlib.import_module("nvidia.dali")
+    except ImportError as e:
+        if name == "dali":
+            raise ConfigError(
+                f"loader.backend: 'dali' needs NVIDIA DALI, which does not import ({e}); install "
+                "it with `pip install hpc-reid[dali]` (nvidia-dali-cuda130; nvidia-dali-cuda120 "
+                "on CUDA 12), or set loader.backend to 'torch' or 'auto'"
+            ) from e
+        return "torch"
+    return "dali"
+
+
+__all__ = [
+    "BACKENDS",
+    "CorruptImageError",
+    "ReidImageSet",
+    "TaggedBatchSampler",
+    "build_test_loader",
+    "build_train_loader",
+    "collate_reid",
+    "load_rgb",
+    "resolve_backend",
+]
