@@ -273,8 +273,9 @@ def _train(config, rank, world, device, resume, max_steps):
                 step, consumed, seen = step + 1, consumed + 1, seen + len(images)
                 rate = seen * world / (time.perf_counter() - tic)
                 values = {k: float(v) for k, v in parts.items()}
-                values.update(loss=float(total), lr=optimizer.param_groups[0]["lr"])
-                log.advance({"loss": f"{float(total):.3f}", "img/s": f"{rate:.0f}"})
+                loss_value = float(total.detach())
+                values.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+                log.advance({"loss": f"{loss_value:.3f}", "img/s": f"{rate:.0f}"})
                 if step % config.logging.log_every == 0:
                     log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
                 if stop.agreed(device) or (max_steps is not None and step >= max_steps):
