@@ -25,18 +25,23 @@ __all__ = [
 
 
 class ReidModel(nn.Module):
-    """Backbone + pooling + neck. ``forward`` returns a dict: ``"global"`` (the pooled feature,
-    input of the triplet and center losses), ``"bn"`` (the BNNeck feature, used for retrieval;
-    the pooled feature itself without a neck) and, in training mode, ``"logits"``."""
+    """Backbone + global pooling + neck (the BoT baseline, Luo et al., CVPRW 2019).
+
+    ``forward(x)`` returns a dict: ``"global"``, the pooled feature (input of the triplet and
+    center losses); ``"bn"``, the BNNeck feature (the pooled feature itself when ``neck="none"``);
+    and, in training mode only, ``"logits"``, the ID classifier applied to ``"bn"``.
+    """
 
     def __init__(self, backbone: nn.Module, pool: nn.Module, num_classes: int, neck: str):
         super().__init__()
+        if neck not in ("bnneck", "none"):
+            raise ValueError(f"neck must be 'bnneck' or 'none', got {neck!r}")
         self.backbone = backbone
         self.pool = pool
-        self.feature_dim = backbone.out_channels
+        self.feature_dim: int = backbone.out_channels
         if neck == "bnneck":
-            self.neck = BNNeck(self.feature_dim, num_classes)
-        else:
+            self.neck: BNNeck | None = BNNeck(self.feature_dim, num_classes)
+        else:  # BoT's no-neck baseline: a plain linear classifier on the pooled feature
             self.neck = None
             self.classifier = nn.Linear(self.feature_dim, num_classes)
             nn.init.normal_(self.classifier.weight, std=0.001)
@@ -44,20 +49,20 @@ class ReidModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.pool(self.backbone(x))
-        if self.neck is not None:
-            bn, logits = self.neck(feat)
-        else:
-            bn, logits = feat, self.classifier(feat)
+        bn = feat if self.neck is None else self.neck(feat)
         out = {"global": feat, "bn": bn}
         if self.training:
-            out["logits"] = logits
+            classifier = self.classifier if self.neck is None else self.neck.classifier
+            out["logits"] = classifier(bn)
         return out
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The feature to rank with: the BN feature (BoT), or the pooled one without a neck."""
         return outputs["bn"]
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:
+    """The model ``cfg`` describes, with a ``num_classes``-way ID classifier."""
     backbone = build_backbone(cfg.backbone, cfg.last_stride, cfg.pretrained)
     pool = GeM(cfg.gem_p) if cfg.pooling == "gem" else AvgPool()
     return ReidModel(backbone, pool, num_classes, cfg.neck)

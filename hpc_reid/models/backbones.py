@@ -1,30 +1,37 @@
-"""Backbones by name: a registry of feature extractors ending in a feature map (N, C, h, w).
+"""Backbones by name: a registry of trunks whose forward returns the last feature map (N, C, h, w)
+and which carry ``out_channels`` (C). Pooling and the neck live in :mod:`hpc_reid.models.heads`.
 
-No weights are ever downloaded: ImageNet weights come from a local file (``model.pretrained``).
+No weights are ever downloaded: ImageNet weights come from a local file (``model.pretrained``),
+loaded strictly by :func:`load_pretrained`.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
 
 from hpc_reid.config import ConfigError
-from hpc_reid.models.ibn import resnet50_ibn_a
 from hpc_reid.models.osnet import OSNet
+from hpc_reid.models.resnet import ResNetTrunk, resnet50_ibn_a
 
 BackboneFactory = Callable[[int], nn.Module]
 _BACKBONES: dict[str, BackboneFactory] = {}
 
 
-def register_backbone(name: str):
-    """Register ``factory(last_stride) -> nn.Module`` (with ``out_channels``) under ``name``."""
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register ``factory(last_stride) -> nn.Module`` under ``name``; the module's forward returns
+    the last feature map and it has ``out_channels``. A name can be registered once."""
 
     def add(factory: BackboneFactory) -> BackboneFactory:
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered ({_BACKBONES[name]!r})")
         _BACKBONES[name] = factory
         return factory
 
@@ -35,43 +42,16 @@ def available_backbones() -> list[str]:
     return sorted(_BACKBONES)
 
 
-class ResNetTrunk(nn.Module):
-    """A torchvision ResNet without its pooling and classifier; ``last_stride`` sets layer4's
-    stride (1 in ReID: Sun et al., PCB, ECCV 2018; Luo et al., BoT, CVPRW 2019)."""
+def _resnet(depth: int) -> BackboneFactory:
+    def factory(last_stride: int) -> nn.Module:
+        return ResNetTrunk(getattr(torchvision.models, f"resnet{depth}")(weights=None), last_stride)
 
-    def __init__(self, resnet: torchvision.models.ResNet, last_stride: int):
-        super().__init__()
-        block = resnet.layer4[0]
-        (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (last_stride,) * 2
-        if block.downsample is not None:
-            block.downsample[0].stride = (last_stride,) * 2
-        self.conv1, self.bn1, self.relu, self.maxpool = (
-            resnet.conv1,
-            resnet.bn1,
-            resnet.relu,
-            resnet.maxpool,
-        )
-        self.layer1, self.layer2, self.layer3, self.layer4 = (
-            resnet.layer1,
-            resnet.layer2,
-            resnet.layer3,
-            resnet.layer4,
-        )
-        self.out_channels = resnet.fc.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    factory.__name__ = f"resnet{depth}"
+    return factory
 
 
 for _depth in (18, 34, 50, 101):
-
-    def _resnet(last_stride: int, _depth: int = _depth) -> nn.Module:
-        return ResNetTrunk(
-            getattr(torchvision.models, f"resnet{_depth}")(weights=None), last_stride
-        )
-
-    register_backbone(f"resnet{_depth}")(_resnet)
+    register_backbone(f"resnet{_depth}")(_resnet(_depth))
 
 
 @register_backbone("resnet50_ibn_a")
@@ -79,29 +59,43 @@ def _resnet50_ibn_a(last_stride: int) -> nn.Module:
     return ResNetTrunk(resnet50_ibn_a(), last_stride)
 
 
+@register_backbone("mobilenet_v2")
 class MobileNetV2Trunk(nn.Module):
-    """torchvision's MobileNetV2 ``features`` (out 1280 channels). ``last_stride=1`` removes the
-    stride of the last stride-2 block (the 160-channel stage), doubling the final map as ReID does
-    for ResNets. Keys are ``features.*``, as in torchvision's ImageNet checkpoints."""
+    """MobileNetV2 (Sandler et al., CVPR 2018): torchvision's ``features``, 1280 channels out.
+
+    ``last_stride=1`` removes the stride of the last stride-2 block (the first 160-channel one),
+    so the output stride is 16 instead of 32, the same ReID practice as a ResNet's last stride.
+    The trunk keeps the ``features.`` prefix, so its keys are those of torchvision's ImageNet
+    checkpoint as they are (the checkpoint's ``classifier.*`` is ignored on loading).
+    """
 
     def __init__(self, last_stride: int):
         super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         self.features = torchvision.models.mobilenet_v2(weights=None).features
         if last_stride == 1:
-            self.features[14].conv[1][0].stride = (1, 1)  # the first 160-channel block
+            last = [m for m in self.features if isinstance(m, InvertedResidual) and m.stride == 2]
+            depthwise = [m for m in last[-1].modules() if getattr(m, "stride", None) == (2, 2)]
+            (conv,) = depthwise  # one strided conv per block: the depthwise 3x3
+            conv.stride = (1, 1)
+            last[-1].stride = 1  # its residual test is fixed at build time (96 -> 160: none)
         self.out_channels = 1280
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
 
-register_backbone("mobilenet_v2")(MobileNetV2Trunk)
-register_backbone("osnet_x1_0")(lambda last_stride: OSNet(1.0))
-register_backbone("osnet_x0_25")(lambda last_stride: OSNet(0.25))
+# OSNet's last stage has no stride (output stride 16 by design), so ``last_stride`` is moot.
+register_backbone("osnet_x1_0")(lambda last_stride: OSNet(width=1.0))
+register_backbone("osnet_x0_25")(lambda last_stride: OSNet(width=0.25))
 
 
-def build_backbone(name: str, last_stride: int = 1, pretrained: str | None = None) -> nn.Module:
-    """The backbone ``name``; OSNet has no last stride to change (its last stage has none)."""
+def build_backbone(
+    name: str, last_stride: int = 1, pretrained: str | Path | None = None
+) -> nn.Module:
+    """The backbone ``name`` with ``last_stride`` (1 or 2; ResNets and MobileNetV2 follow it,
+    OSNet has no last stride), loaded from the local state dict ``pretrained`` when given."""
     if name not in _BACKBONES:
         close = difflib.get_close_matches(name, _BACKBONES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -109,46 +103,83 @@ def build_backbone(name: str, last_stride: int = 1, pretrained: str | None = Non
             f"unknown backbone {name!r}{hint}; available: {', '.join(available_backbones())}"
         )
     backbone = _BACKBONES[name](last_stride)
+    if not isinstance(getattr(backbone, "out_channels", None), int):
+        raise TypeError(f"backbone {name!r} was built without an integer `out_channels`")
     if pretrained:
-        load_pretrained(backbone, pretrained)
+        load_pretrained(backbone, pretrained, what=f"backbone {name!r}")
     return backbone
 
 
-_DROPPED = ("fc.", "classifier.", "last_linear.")
+# The classifier of an ImageNet checkpoint: torchvision's ResNet and IBN-Net (``fc``), MobileNetV2
+# (``classifier``), torchreid's OSNet (``fc``: embedding, ``classifier``), Cadene (``last_linear``).
+_HEAD_PREFIXES = ("fc.", "classifier.", "last_linear.")
+_LISTED = 10
 
 
-def load_pretrained(module: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights from a local file into ``module``; the classifier's keys are ignored.
+def _state_dict_in(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded file: the file itself, or a checkpoint's "state_dict"/"model"."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        kind = type(obj).__name__
+        raise ConfigError(f"model.pretrained: {path} holds a {kind}, not a state dict")
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ConfigError(
+            f"model.pretrained: {path} is not a state dict: {len(not_tensors)} entries are not "
+            f"tensors ({', '.join(not_tensors[:_LISTED])})"
+        )
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}  # (Distributed)DataParallel
 
-    Anything else that does not fit is an error listing the missing, unexpected and
-    mismatched-shape keys, so a checkpoint of another architecture is never half-loaded.
+
+def _listing(title: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    more = f", ... (+{len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+    return f"\n  {title} ({len(items)}): {', '.join(items[:_LISTED])}{more}"
+
+
+def load_pretrained(module: nn.Module, path: str | Path, what: str | None = None) -> None:
+    """Load the local state dict at ``path`` into ``module``, all or nothing.
+
+    Accepted: a state dict, or a checkpoint dict holding one under "state_dict" or "model"; a
+    ``module.`` prefix is removed. The checkpoint's classifier (``fc.*``, ``classifier.*``,
+    ``last_linear.*``, when ``module`` has no such keys) is ignored, and so are BatchNorm
+    ``num_batches_tracked`` counters absent from checkpoints older than PyTorch 0.4.1. Any other
+    missing, unexpected or mismatched-shape key is a ConfigError (a ValueError) naming the file
+    and listing them, so weights of another architecture are never half-loaded.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.pretrained: weights file {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(_DROPPED)}
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.pretrained: cannot read {path} as a state dict of tensors "
+            f"(torch.load(weights_only=True): {first_line})"
+        ) from exc
+    state = _state_dict_in(loaded, path)
     own = module.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEAD_PREFIXES)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
         for k in own
         if k in state and state[k].shape != own[k].shape
-    )
-    if missing or unexpected or shapes:
-
-        def listing(title: str, keys: list[str]) -> str:
-            more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
-            return f"\n  {title} ({len(keys)}): {', '.join(keys[:10])}{more}" if keys else ""
-
+    ]
+    if missing or unexpected or mismatched:
         raise ConfigError(
-            f"model.pretrained: {path} does not fit {type(module).__name__}:"
-            + listing("missing keys", missing)
-            + listing("unexpected keys", unexpected)
-            + listing("shape mismatches", shapes)
+            f"model.pretrained: {path} does not fit {what or type(module).__name__}:"
+            + _listing("missing keys", missing)
+            + _listing("unexpected keys", unexpected)
+            + _listing("shape mismatches", mismatched)
         )
+    for key in own.keys() - state.keys():  # only num_batches_tracked: keep the module's own
+        state[key] = own[key]
     module.load_state_dict(state)

@@ -1,87 +1,116 @@
-"""OSNet (Zhou et al., "Omni-Scale Feature Learning for Person Re-Identification", ICCV 2019)."""
+"""OSNet (Zhou, Yang, Cavallaro, Xiang, "Omni-Scale Feature Learning for Person
+Re-Identification", ICCV 2019).
+
+Written from the paper (Sec. 3, Table 1). Module names follow the authors' public release
+(torchreid's ``osnet_x1_0_imagenet.pth``: ``conv2.0.conv2b.1.conv1.weight``, ``conv2.2.0.conv.*``
+for the transition, ...), so its ImageNet weights load with :func:`load_pretrained`; its ``fc.*``
+(512-d embedding) and ``classifier.*`` keys are the head, which we do not build.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
-class ConvBN(nn.Sequential):
-    """Convolution + BatchNorm + ReLU (the paper's standard layer)."""
+class ConvLayer(nn.Module):
+    """Convolution + BatchNorm (+ ReLU): the paper's standard layer."""
 
-    def __init__(self, cin, cout, k, stride=1, padding=0, groups=1, relu=True):
-        layers = [
-            nn.Conv2d(cin, cout, k, stride, padding, bias=False, groups=groups),
-            nn.BatchNorm2d(cout),
-        ]
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, relu: bool = True
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
 
 
-class LiteConv3x3(nn.Sequential):
-    """Lite 3x3: pointwise 1x1 then depthwise 3x3 (Sec. 3.1), BN + ReLU after."""
+class LiteConv3x3(nn.Module):
+    """Lite 3x3 (Sec. 3.1, Fig. 3): a linear pointwise 1x1 then a depthwise 3x3, followed by BN and
+    ReLU; the factorisation cuts a 3x3 layer's cost from 9·c·c' to (c + 9)·c'."""
 
-    def __init__(self, cin, cout):
-        super().__init__(
-            nn.Conv2d(cin, cout, 1, bias=False),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False, groups=cout),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, groups=cout, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv2(self.conv1(x))))
 
 
 class AggregationGate(nn.Module):
-    """Unified aggregation gate (Sec. 3.2): channel weights from a shared mini-network."""
+    """Unified aggregation gate (Sec. 3.2, Eq. 3): channel weights in (0, 1) from global average
+    pooling -> FC -> ReLU -> FC -> sigmoid, the FCs as 1x1 convolutions with reduction 16. One gate
+    is shared by all streams of a block, so the fusion is input-dependent but scale-agnostic."""
 
-    def __init__(self, channels, reduction=16):
+    def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, max(channels // reduction, 1), 1)
-        self.fc2 = nn.Conv2d(max(channels // reduction, 1), channels, 1)
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"gate over {channels} channels with reduction {reduction} is empty")
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
 
-    def forward(self, x):
-        return x * self.fc2(self.relu(self.fc1(self.pool(x)))).sigmoid()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.fc2(self.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True))))
+        return x * weights.sigmoid()
 
 
 class OSBlock(nn.Module):
-    """Omni-scale residual bottleneck: T=4 streams of 1..4 lite 3x3 layers, one shared gate."""
+    """Omni-scale residual bottleneck (Sec. 3.2, Fig. 4): 1x1 reduction to ``cout // 4``, T = 4
+    streams of 1, 2, 3 and 4 lite 3x3 layers (receptive fields 3, 5, 7, 9), the shared gate on
+    each stream, their sum, then a linear 1x1 expansion added to the (projected) input."""
 
-    def __init__(self, cin, cout, bottleneck_reduction=4, streams=4):
+    def __init__(self, cin: int, cout: int, bottleneck_reduction: int = 4):
         super().__init__()
         mid = cout // bottleneck_reduction
-        self.conv1 = ConvBN(cin, mid, 1)
-        self.streams = nn.ModuleList(
-            nn.Sequential(*[LiteConv3x3(mid, mid) for _ in range(t)]) for t in range(1, streams + 1)
-        )
+        self.conv1 = ConvLayer(cin, mid, 1)
+        self.conv2a = LiteConv3x3(mid, mid)
+        self.conv2b = nn.Sequential(*(LiteConv3x3(mid, mid) for _ in range(2)))
+        self.conv2c = nn.Sequential(*(LiteConv3x3(mid, mid) for _ in range(3)))
+        self.conv2d = nn.Sequential(*(LiteConv3x3(mid, mid) for _ in range(4)))
         self.gate = AggregationGate(mid)
-        self.conv3 = ConvBN(mid, cout, 1, relu=False)
-        self.downsample = ConvBN(cin, cout, 1, relu=False) if cin != cout else None
+        self.conv3 = ConvLayer(mid, cout, 1, relu=False)
+        self.downsample = ConvLayer(cin, cout, 1, relu=False) if cin != cout else None
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(x)
-        y = sum(self.gate(stream(y)) for stream in self.streams)
-        y = self.conv3(y)
+        streams = (self.conv2a, self.conv2b, self.conv2c, self.conv2d)
+        fused = sum(self.gate(stream(y)) for stream in streams)
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(y + identity)
+        return self.relu(self.conv3(fused) + identity)
+
+
+def _stage(cin: int, cout: int, blocks: int, transition: bool) -> nn.Sequential:
+    """``blocks`` OS blocks; with ``transition``, then a 1x1 conv and 2x2 average pooling."""
+    layers: list[nn.Module] = [OSBlock(cin if i == 0 else cout, cout) for i in range(blocks)]
+    if transition:
+        layers.append(nn.Sequential(ConvLayer(cout, cout, 1), nn.AvgPool2d(2, stride=2)))
+    return nn.Sequential(*layers)
 
 
 class OSNet(nn.Module):
-    """OSNet backbone: conv1 7x7/2 + max pool, three stages of 2 OS blocks with 1x1 conv + 2x2
-    average-pool transitions after stages 2 and 3, and conv5 1x1 (Table 1)."""
+    """OSNet trunk (Table 1): conv1 7x7/2 + 3x3/2 max pool, stages conv2..conv4 of 2 OS blocks with
+    transitions after conv2 and conv3, conv5 1x1. Channels are [64, 256, 384, 512] x ``width``
+    (x0.25: [16, 64, 96, 128]); the output stride is 16 and ``out_channels = 512 * width``. The
+    paper's global pooling and 512-d FC embedding are left to the ReID head."""
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, blocks: tuple[int, int, int] = (2, 2, 2)):
         super().__init__()
-        c = [int(64 * width), int(256 * width), int(384 * width), int(512 * width)]
-        self.conv1 = ConvBN(3, c[0], 7, stride=2, padding=3)
+        c = [int(base * width) for base in (64, 256, 384, 512)]
+        self.conv1 = ConvLayer(3, c[0], 7, stride=2, padding=3)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.conv2 = nn.Sequential(OSBlock(c[0], c[1]), OSBlock(c[1], c[1]))
-        self.pool2 = nn.Sequential(ConvBN(c[1], c[1], 1), nn.AvgPool2d(2, stride=2))
-        self.conv3 = nn.Sequential(OSBlock(c[1], c[2]), OSBlock(c[2], c[2]))
-        self.pool3 = nn.Sequential(ConvBN(c[2], c[2], 1), nn.AvgPool2d(2, stride=2))
-        self.conv4 = nn.Sequential(OSBlock(c[2], c[3]), OSBlock(c[3], c[3]))
-        self.conv5 = ConvBN(c[3], c[3], 1)
+        self.conv2 = _stage(c[0], c[1], blocks[0], transition=True)
+        self.conv3 = _stage(c[1], c[2], blocks[1], transition=True)
+        self.conv4 = _stage(c[2], c[3], blocks[2], transition=False)
+        self.conv5 = ConvLayer(c[3], c[3], 1)
         self.out_channels = c[3]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -92,8 +121,6 @@ class OSNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.conv1(x))
-        x = self.pool2(self.conv2(x))
-        x = self.pool3(self.conv3(x))
-        return self.conv5(self.conv4(x))
+        return self.conv5(self.conv4(self.conv3(self.conv2(x))))
