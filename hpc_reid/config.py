@@ -220,6 +220,9 @@ class RerankConfig(Section):
 
 class EvaluationConfig(Section):
     every_epochs: int = Field(0, ge=0, description="0: only after the last epoch")
+    at_start: bool = Field(
+        False, description="also evaluate the initial model before training (a fresh run only)"
+    )
     metric: Literal["cosine", "euclidean"] = "cosine"
     flip_average: bool = False
     max_rank: int = Field(50, ge=1)

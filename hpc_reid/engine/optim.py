@@ -144,9 +144,11 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
     """Adam, AdamW or SGD (momentum, no Nesterov) over :func:`param_groups` at base ``lr`` (the
     scaled one, see :func:`scaled_lr`).
 
-    ``optimizer.fused``: null uses torch's fused kernel where it exists for the parameters' device
-    and dtype (Adam, AdamW and SGD on CPU and CUDA in torch 2.14), else the default (foreach) one;
-    true where it does not exist is an error. ``optimizer.apex`` uses apex's FusedAdam / FusedSGD.
+    ``optimizer.fused``: null uses torch's fused kernel for parameters on a GPU where it exists for
+    their dtype, else the default (foreach) one. On the CPU torch 2.14 has fused kernels too, but
+    they are slower than foreach (Adam over OSNet x0.25's 148k parameters on 2 cores: 165 ms against
+    20 ms a step), so null does not pick them there; true asks for them anyway, and is an error
+    where they do not exist. ``optimizer.apex`` uses apex's FusedAdam / FusedSGD.
     """
     groups = param_groups(model, cfg, lr)
     if cfg.apex:
@@ -160,7 +162,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
             f"optimizer.fused=true but torch has no fused {cls.__name__} for parameters of "
             f"{', '.join(kinds)}; set optimizer.fused=null or false"
         )
-    fused = supported if cfg.fused is None else cfg.fused
+    on_gpu = all(p.device.type == "cuda" for p in params)
+    fused = (supported and on_gpu) if cfg.fused is None else cfg.fused
     if cfg.name == "sgd":
         extra: dict[str, Any] = {"momentum": cfg.momentum, "nesterov": False}
     else:

@@ -9,6 +9,7 @@ then loop over epochs and batches; hooks log, checkpoint and evaluate. A SLURM p
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.config import Config, save_resolved
+from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.loaders.torch_loader import build_train_loader
 from hpc_reid.data.samplers import IdentitySampler
@@ -227,6 +228,13 @@ def _train(config, rank, world, device, resume, max_steps):
         f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
         f"x {world} ranks; {lr_note}; {sampler.batches_per_epoch} iterations per epoch"
     )
+
+    if resume_path is None and config.evaluation.at_start:
+        start = evaluate_model(strategy.module, dataset, config, device)
+        log.info("before training (initial weights): " + _fmt(start))
+        log.scalars(0, start, kind="eval")
+        if main:
+            write_atomic(run_dir / "results_start.json", json.dumps(start, indent=2) + "\n")
 
     stop = _StopSignal()
     epochs = config.schedule.epochs

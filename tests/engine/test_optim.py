@@ -104,15 +104,28 @@ def test_param_groups_follow_bot_bias_and_norm_rules_and_skip_frozen():
     ("name", "cls"),
     [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)],
 )
-def test_fused_defaults_to_torch_fused_kernel_on_cpu_for_every_optimizer(name, cls):
+def test_fused_true_runs_torch_fused_kernel_on_cpu_for_every_optimizer(name, cls):
     model = nn.Linear(4, 2)
-    opt = build_optimizer(model, _opt_cfg(name=name, betas=(0.8, 0.99)), lr=1e-3)
+    opt = build_optimizer(model, _opt_cfg(name=name, betas=(0.8, 0.99), fused=True), lr=1e-3)
     assert type(opt) is cls
     assert all(g["fused"] is True for g in opt.param_groups)
     if name != "sgd":
         assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
     model(torch.randn(3, 4)).sum().backward()
     opt.step()  # the fused kernel really runs
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_default_is_off_on_cpu_where_foreach_is_faster(name):
+    opt = build_optimizer(nn.Linear(4, 2), _opt_cfg(name=name), lr=1e-3)
+    assert all(not g["fused"] for g in opt.param_groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_default_is_on_for_cuda_parameters():
+    opt = build_optimizer(nn.Linear(4, 2).cuda(), _opt_cfg(name="adam"), lr=1e-3)
+    assert all(g["fused"] is True for g in opt.param_groups)
 
 
 class _ComplexNet(nn.Module):

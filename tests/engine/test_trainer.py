@@ -67,6 +67,8 @@ def test_main_job_trains_evaluates_and_writes_every_output(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["mAP"] == pytest.approx(summary["mAP"])
     assert len(results["cmc"]) == config.evaluation.max_rank
+    start = json.loads((run / "results_start.json").read_text())  # evaluation.at_start
+    assert set(start) >= {"rank-1", "rank-5", "mAP", "mINP"}
     for name in ("cmc.png", "ranked.png", "config.yaml", "metrics.jsonl"):
         assert (run / name).stat().st_size > 0, name
     assert list((run / "tensorboard").iterdir())
