@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The built-in backbones; one registered with hpc_reid.models.register_backbone is accepted too.
 BACKBONES = (
     "resnet18",
     "resnet34",
@@ -124,8 +125,13 @@ class ModelConfig(Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, BACKBONES)}")
+        if name in BACKBONES:
+            return name
+        from hpc_reid.models.backbones import available_backbones  # imports torch: only here
+
+        known = available_backbones()
+        if name not in known:
+            raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, known)}")
         return name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -10,6 +12,8 @@ from torch import nn
 from hpc_reid.config import BACKBONES
 from hpc_reid.models import available_backbones, build_backbone, register_backbone
 from hpc_reid.models.resnet import IBN
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The strided layers of each trunk as (kernel, stride, padding); "last" stands for last_stride.
 # Read off the papers' architecture tables, not off our modules.
@@ -96,6 +100,23 @@ def test_unknown_backbone_names_the_closest_and_lists_all():
     assert all(name in message for name in BACKBONES)
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'; available: "):
         build_backbone("vgg16")
+
+
+def test_a_user_registered_backbone_passes_config_validation_and_builds():
+    from hpc_reid.config import ConfigError, load_config
+    from hpc_reid.models import build_model
+
+    def tiny(last_stride):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
+        net.out_channels = 8
+        return net
+
+    with pytest.raises(ConfigError, match="unknown backbone 'my_tiny_net'"):
+        load_config(REPO / "configs/synthetic/bot.yaml", ["model.backbone=my_tiny_net"])
+    register_backbone("my_tiny_net")(tiny)
+    config = load_config(REPO / "configs/synthetic/bot.yaml", ["model.backbone=my_tiny_net"])
+    model = build_model(config.model, num_classes=5)
+    assert model.feature_dim == 8
 
 
 def test_a_name_cannot_be_registered_twice():
