@@ -88,10 +88,61 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hpc_reid.engine.trainer import evaluate_checkpoint
 
+    if args.query_features or args.gallery_features:
+        return _eval_feature_files(args)
+    if not args.checkpoint:
+        raise ConfigError("eval: give --checkpoint, or --query-features and --gallery-features")
     config = load_config(args.config, args.overrides) if args.config else None
     if args.overrides and config is None:
         raise ConfigError("eval: --set needs --config (the checkpoint's own config is used as is)")
     evaluate_checkpoint(args.checkpoint, config, args.out)
+    return 0
+
+
+def _eval_feature_files(args: argparse.Namespace) -> int:
+    """``eval --query-features q.h5 --gallery-features g.h5``: streamed, bounded memory."""
+    import json
+    from pathlib import Path
+
+    from hpc_reid.config import write_atomic
+    from hpc_reid.evaluation.feature_files import FeatureFileError, evaluate_feature_files
+
+    if not (args.query_features and args.gallery_features) or args.checkpoint or args.config:
+        raise ConfigError(
+            "eval: --query-features and --gallery-features go together, without --checkpoint "
+            "or --config"
+        )
+    try:
+        result = evaluate_feature_files(
+            args.query_features,
+            args.gallery_features,
+            metric=args.metric,
+            max_rank=args.max_rank,
+            query_tile=args.query_tile,
+            gallery_chunk=args.gallery_chunk,
+        )
+    except FeatureFileError as exc:
+        print(f"hpc-reid: error: {exc}", file=sys.stderr)
+        return 2
+    summary = result.summary()
+    print(", ".join(f"{k} {100 * v:.2f}%" for k, v in summary.items()))
+    print(f"{result.num_valid} valid queries of {result.valid.size}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**summary, "cmc": [float(c) for c in result.cmc]}, indent=2) + "\n"
+        write_atomic(out / "results.json", text)
+        print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from hpc_reid.engine.extract import extract_checkpoint
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    if args.overrides and config is None:
+        raise ConfigError("extract: --set needs --config")
+    extract_checkpoint(args.checkpoint, args.out_dir, config)
     return 0
 
 
@@ -110,11 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="stop after this global step (checkpointed)")
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its test split")
-    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
-    evaluate.add_argument("--out", help="folder for results.json and plots")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint on its test split, or HDF5 feature files"
+    )
+    evaluate.add_argument("--checkpoint", help="a checkpoint written by train")
+    evaluate.add_argument("--out", help="folder for results.json (and plots, for a checkpoint)")
     _add_config_args(evaluate, required=False)
+    evaluate.add_argument("--query-features", help="query.h5 written by extract")
+    evaluate.add_argument("--gallery-features", help="gallery.h5 written by extract")
+    evaluate.add_argument(
+        "--metric", choices=["cosine", "euclidean"], help="default: the files' metric attribute"
+    )
+    evaluate.add_argument("--max-rank", type=int, default=50, help="CMC length")
+    evaluate.add_argument("--query-tile", type=int, default=1024, help="queries per tile")
+    evaluate.add_argument(
+        "--gallery-chunk", type=int, default=65536, help="gallery rows read at a time"
+    )
     evaluate.set_defaults(func=cmd_eval)
+
+    extract = commands.add_parser(
+        "extract", help="write a checkpoint's query and gallery features to HDF5"
+    )
+    extract.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    extract.add_argument("--out-dir", required=True, help="folder for query.h5 and gallery.h5")
+    _add_config_args(extract, required=False)
+    extract.set_defaults(func=cmd_extract)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

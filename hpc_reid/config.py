@@ -223,6 +223,15 @@ class RerankConfig(Section):
     k2: int = Field(6, ge=1)
     lambda_value: float = Field(0.3, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _k2_within_k1(self) -> RerankConfig:
+        if self.k2 > self.k1:
+            raise ValueError(
+                f"evaluation.rerank.k2={self.k2} must not exceed evaluation.rerank.k1={self.k1} "
+                "(query expansion averages over the k2 nearest of the k1 neighbourhood)"
+            )
+        return self
+
 
 class EvaluationConfig(Section):
     every_epochs: int = Field(0, ge=0, description="0: only after the last epoch")

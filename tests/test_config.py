@@ -77,6 +77,10 @@ def test_wrong_type_names_key_and_value():
         ("sampler.num_instances=0", r"sampler\.num_instances"),
         ("schedule.milestones=[70,40]", r"schedule\.milestones=\[70, 40\] must be strictly"),
         ("schedule.milestones=[40,500]", r"must lie in 1\.\.schedule\.epochs=120"),
+        (
+            "evaluation.rerank.k2=30",
+            r"evaluation\.rerank\.k2=30 must not exceed evaluation\.rerank\.k1=20",
+        ),
         ("schedule.warmup_epochs=200", r"schedule\.warmup_epochs=200 must be smaller"),
         ("loader.augment.erasing_area=[0.5,0.1]", r"erasing_area: must satisfy"),
         ("model.backbone=resnet5", r"model\.backbone: unknown backbone 'resnet5' \(did you mean"),

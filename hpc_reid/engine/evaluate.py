@@ -1,8 +1,16 @@
 """Evaluation of a model during and after training: features, exact metrics, results and plots.
 
-Each rank extracts features for its shard of the query and gallery images. The shards are then
-all-gathered and ranked by the reference path in :mod:`hpc_reid.evaluation`; the sharded ranking
-(no rank ever holding Q x G) plugs in here behind the same call.
+Each rank extracts features for its contiguous shard of the query and gallery images and keeps
+them: on several ranks the metrics come from :func:`~hpc_reid.evaluation.sharded.evaluate_sharded`
+(no rank ever holds Q x G nor the whole gallery; exact, as on one process), and the ranked-list
+plot from the few gallery columns :func:`~hpc_reid.evaluation.sharded.ranked_candidates` finds.
+One process ranks with ``evaluate_features`` and its configured backend.
+
+With ``evaluation.rerank.enabled`` the metrics are those of k-reciprocal re-ranking
+(:func:`~hpc_reid.evaluation.rerank.rerank_blocks`: sparse, O(N k) memory, ranked block by block so
+Q x G is never held). Re-ranking needs every query's and gallery item's neighbours, so there each
+rank gathers all features (N x D, not N x N) and computes the same result; the metrics without
+re-ranking are reported beside it as ``without_rerank/mAP`` etc.
 """
 
 from __future__ import annotations
@@ -18,35 +26,74 @@ import torch.distributed as dist
 from hpc_reid.config import Config, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
 from hpc_reid.data.loaders.torch_loader import build_test_loader
-from hpc_reid.evaluation import evaluate_features, extract_features, pairwise_distance
+from hpc_reid.evaluation import evaluate_features, extract_features
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
+from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
+from hpc_reid.evaluation.rerank import rerank_blocks
+from hpc_reid.evaluation.sharded import evaluate_sharded, ranked_candidates, shard_range
 
 
-def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Undo the ``records[rank::world]`` sharding: all-gather and interleave rows."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    world = dist.get_world_size()
-    rows = -(-total // world)
-    padded = local.new_zeros((rows, *local.shape[1:]))
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = local.new_empty((total, *local.shape[1:]))
-    for r, part in enumerate(parts):
-        n = len(range(r, total, world))
-        out[r::world] = part[:n]
-    return out
-
-
-def _features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
+def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
+    """Features (n, D) float32 on the CPU of this rank's contiguous shard of ``records``
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`); (0, 0) for an empty shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    part = shard_range(len(records), rank, world)
+    if not part:
+        return torch.empty(0, 0)
     loader = build_test_loader(
-        records[rank::world], config.loader, config.data.height, config.data.width
+        records[part.start : part.stop], config.loader, config.data.height, config.data.width
     )
     feats, _, _ = extract_features(model, loader, device, flip=config.evaluation.flip_average)
-    return _gather_rows(feats.to(device).float(), len(records)).cpu()
+    return feats.float().cpu()
+
+
+def _all_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's contiguous shard concatenated in rank order (N, D), on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    world = dist.get_world_size()
+    dim = torch.tensor([local.shape[1] if local.numel() else 0])
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    rows = max(len(shard_range(total, r, world)) for r in range(world))
+    padded = torch.zeros(rows, int(dim))
+    if local.numel():
+        padded[: len(local)] = local
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    padded = padded.to(device) if device is not None else padded
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    sizes = [len(shard_range(total, r, world)) for r in range(world)]
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes, strict=True)])
+
+
+def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:
+    ev = config.evaluation
+    parts = []
+    blocks = rerank_blocks(
+        qf.to(device),
+        gf.to(device),
+        ev.rerank.k1,
+        ev.rerank.k2,
+        ev.rerank.lambda_value,
+        metric=ev.metric,
+    )
+    for start, block in blocks:
+        stop = start + len(block)
+        parts.append(
+            query_ranks(
+                block.cpu().numpy(),
+                q_pids[start:stop],
+                g_pids,
+                q_cams[start:stop],
+                g_cams,
+                backend=ev.backend,
+                query_start=start,
+            )
+        )
+    return combine(parts, ev.max_rank)
 
 
 def evaluate_model(
@@ -60,44 +107,60 @@ def evaluate_model(
 
     With ``out_dir`` the main process writes ``results.json``, ``cmc.png`` and ``ranked.png``.
     """
-    qf = _features(model, dataset.query, config, device)
-    gf = _features(model, dataset.gallery, config, device)
+    qf = shard_features(model, dataset.query, config, device)
+    gf = shard_features(model, dataset.gallery, config, device)
     q_pids = np.array([r.pid for r in dataset.query])
     g_pids = np.array([r.pid for r in dataset.gallery])
     q_cams = np.array([r.camid for r in dataset.query])
     g_cams = np.array([r.camid for r in dataset.gallery])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    qs = shard_range(len(q_pids), rank, world)
+    gs = shard_range(len(g_pids), rank, world)
+    local = (qf, gf, q_pids[qs.start : qs.stop], g_pids[gs.start : gs.stop])
+    local += (q_cams[qs.start : qs.stop], g_cams[gs.start : gs.stop])
     ev = config.evaluation
-    result = evaluate_features(
-        qf,
-        gf,
-        q_pids,
-        g_pids,
-        q_cams,
-        g_cams,
-        metric=ev.metric,
-        max_rank=ev.max_rank,
-        backend=ev.backend,
-    )
+    if world == 1:
+        result = evaluate_features(
+            *local, metric=ev.metric, max_rank=ev.max_rank, backend=ev.backend
+        )
+    else:
+        result = evaluate_sharded(*local, metric=ev.metric, max_rank=ev.max_rank)
     summary = result.summary()
-    main = not dist.is_initialized() or dist.get_rank() == 0
+    if ev.rerank.enabled:
+        plain = summary
+        result = _reranked(
+            _all_rows(qf, len(q_pids)),
+            _all_rows(gf, len(g_pids)),
+            q_pids,
+            g_pids,
+            q_cams,
+            g_cams,
+            config,
+            device,
+        )
+        summary = {**result.summary(), **{f"without_rerank/{k}": v for k, v in plain.items()}}
+    main = rank == 0
+    plot_ranked = out_dir is not None and ev.plots
+    if plot_ranked:  # collective: every rank takes part before the main process plots
+        n = min(8, len(dataset.query))
+        columns, distmat = ranked_candidates(*local, num_queries=n, topk=10, metric=ev.metric)
     if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(
             out_dir / "results.json",
             json.dumps({**summary, "cmc": [float(c) for c in result.cmc]}, indent=2) + "\n",
         )
-        if ev.plots:
+        if plot_ranked:
             plot_cmc(result.cmc, out_dir / "cmc.png", label=config.name)
-            n = min(8, len(dataset.query))
-            distmat = pairwise_distance(qf[:n], gf, metric=ev.metric).numpy()
             plot_ranked_lists(
                 distmat,
                 [r.path for r in dataset.query[:n]],
-                [r.path for r in dataset.gallery],
+                [dataset.gallery[c].path for c in columns],
                 q_pids[:n],
-                g_pids,
+                g_pids[columns],
                 q_cams[:n],
-                g_cams,
+                g_cams[columns],
                 out_dir / "ranked.png",
                 num_queries=n,
                 topk=10,
