@@ -241,7 +241,7 @@ class EvaluationConfig(Section):
     metric: Literal["cosine", "euclidean"] = "cosine"
     flip_average: bool = False
     max_rank: int = Field(50, ge=1)
-    backend: Literal["auto", "numpy", "cython", "cuda"] = "auto"
+    backend: Literal["auto", "numpy", "torch", "cython", "cuda"] = "auto"
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     plots: bool = True
 

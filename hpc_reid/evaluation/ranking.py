@@ -28,8 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+import torch
+
+try:  # compiled from kernels/rank_cy.pyx by `pip install -e .`; absent from an unbuilt checkout
+    from hpc_reid.evaluation import _rank_cy
+except ImportError:
+    _rank_cy = None
 
 __all__ = [
     "BACKENDS",
@@ -158,8 +165,53 @@ def _ranks_numpy(
     return QueryRanks(first_rank=first, ap=ap, inp=inp, valid=first[:, 0] > 0)
 
 
-# Name -> backend. The Cython and CUDA kernels register here as "cython" and "cuda".
-BACKENDS: dict[str, RankingBackend] = {"numpy": _ranks_numpy}
+def _ranks_cython(
+    distmat: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+) -> QueryRanks:
+    """The Cython kernel (kernels/rank_cy.pyx): the same counting, queries in OpenMP threads."""
+    first, ap, inp = _rank_cy.rank_block(distmat, q_pids, g_pids, q_camids, g_camids)
+    return QueryRanks(first_rank=first[:, None], ap=ap, inp=inp, valid=first > 0)
+
+
+def _ranks_torch(
+    distmat: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    device: str = "cpu",
+) -> QueryRanks:
+    """The torch ranker (ranking_torch.py) on ``device``, fed 4096 query rows at a time."""
+    from hpc_reid.evaluation.ranking_torch import query_ranks_torch  # it imports this module
+
+    if not distmat.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        distmat = distmat.copy()
+    rows = range(0, max(distmat.shape[0], 1), 4096)  # one (empty) part for an empty block
+    return QueryRanks.concatenate(
+        [
+            query_ranks_torch(
+                torch.from_numpy(distmat[s : s + 4096]).to(device),
+                q_pids[s : s + 4096],
+                g_pids,
+                q_camids[s : s + 4096],
+                g_camids,
+            )
+            for s in rows
+        ]
+    )
+
+
+# Name -> backend: "numpy" (reference), "torch" (CPU tensors), "cython" when the kernel is built,
+# "cuda" (the torch ranker on the GPU) when a GPU is visible. All agree bit for bit.
+BACKENDS: dict[str, RankingBackend] = {"numpy": _ranks_numpy, "torch": _ranks_torch}
+if _rank_cy is not None:
+    BACKENDS["cython"] = _ranks_cython
+if torch.cuda.is_available():
+    BACKENDS["cuda"] = partial(_ranks_torch, device="cuda")
 _AUTO_ORDER = ("cuda", "cython", "numpy")
 
 
@@ -246,7 +298,7 @@ def query_ranks(
             raise ValueError(
                 f"{name} has shape {arr.shape}, expected ({n},) for a {num_q} x {num_g} distmat"
             )
-    if np.isnan(distmat).any():
+    if distmat.size and np.isnan(distmat.min()):  # min propagates NaN; no (B, G) mask
         raise ValueError("distmat contains NaN; ranks are undefined")
     result = _resolve_backend(backend)(distmat, q_pids, g_pids, q_camids, g_camids)
     if not cuhk03_old_protocol:
@@ -300,7 +352,8 @@ def rank_metrics(
 ) -> RankResult:
     """CMC, mAP and mINP of a (Q, G) distance matrix under the Market-1501 protocol.
 
-    ``backend``: "auto" (the fastest available) or a name in :data:`BACKENDS` (now "numpy").
+    ``backend``: "auto" (the fastest available: cuda > cython > numpy) or a name in
+    :data:`BACKENDS` ("numpy", "torch", and "cython" / "cuda" where built / visible).
 
     ``cuhk03_old_protocol``: the CUHK03 single-shot protocol (Li et al., "DeepReID", CVPR 2014), as
     torchreid's ``eval_cuhk03``: for each query, after the same junk removal, ``repeats`` galleries

@@ -95,13 +95,14 @@ def test_summary_reports_ranks_within_max_rank_only():
     assert all(isinstance(v, float) for v in summary.values())
 
 
-def test_auto_backend_is_numpy_and_unknown_backend_names_the_choices():
+def test_auto_backend_is_the_fastest_registered_and_unknown_backend_names_the_choices():
     case = make_case(1, ties=True)
     auto, numpy_ = rank_metrics(*case, backend="auto"), rank_metrics(*case, backend="numpy")
     np.testing.assert_array_equal(auto.cmc, numpy_.cmc)
-    assert set(BACKENDS) == {"numpy"}
-    with pytest.raises(ValueError, match=r"'cython'.*available: auto, numpy"):
-        rank_metrics(*case, backend="cython")
+    np.testing.assert_array_equal(auto.ap, numpy_.ap)
+    assert {"numpy", "torch"} <= set(BACKENDS) <= {"numpy", "torch", "cython", "cuda"}
+    with pytest.raises(ValueError, match=r"'fortran'.*available: auto, numpy, torch"):
+        rank_metrics(*case, backend="fortran")
 
 
 def test_bad_inputs_raise_specific_errors():
