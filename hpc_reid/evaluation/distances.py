@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -21,33 +22,60 @@ def _check_features(qf: torch.Tensor, gf: torch.Tensor) -> None:
         )
 
 
+def _column_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) gallery ranges of about ``chunk`` rows; a short last range joins the one
+    before it, so no matrix product is thin (BLAS may round thin products differently)."""
+    bounds = [*range(0, n, chunk), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 64:
+        del bounds[-2]
+    return list(itertools.pairwise(bounds))
+
+
 def pairwise_distance(
-    qf: torch.Tensor, gf: torch.Tensor, metric: Metric = "cosine", tile: int = 4096
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    metric: Metric = "cosine",
+    tile: int = 4096,
+    gallery_chunk: int = 16384,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(Q, G) float32 distances on the features' device, computed ``tile`` query rows at a time.
+    """(Q, G) float32 distances on the features' device, computed ``tile`` query rows and
+    ``gallery_chunk`` gallery rows at a time.
 
     cosine: 1 - cos(q, g) of L2-normalised features, in [0, 2]. euclidean: ||q - g||, from the
     expansion ||q||^2 + ||g||^2 - 2 q.g clamped at 0 against rounding (one matrix product per
-    tile instead of a (tile, G, D) difference tensor). Computed in float32 whatever the input.
+    block instead of a (tile, G, D) difference tensor). Computed in float32 whatever the input.
+    The gallery is normalised chunk by chunk, so beside the output only one chunk's copy is held
+    (no normalised copy of the whole gallery). ``out``: a (Q, G) float32 tensor to write into.
     """
     _check_features(qf, gf)
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
-    if tile < 1:
-        raise ValueError(f"tile must be >= 1, got {tile}")
-    qf, gf = qf.float(), gf.float()
-    if metric == "cosine":
-        qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-    else:
-        g_sq = gf.pow(2).sum(dim=1)
-    out = torch.empty(qf.shape[0], gf.shape[0], dtype=torch.float32, device=qf.device)
-    for start in range(0, qf.shape[0], tile):
-        q = qf[start : start + tile]
+    if tile < 1 or gallery_chunk < 1:
+        raise ValueError(f"tile and gallery_chunk must be >= 1, got {tile} and {gallery_chunk}")
+    shape = (qf.shape[0], gf.shape[0])
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=qf.device)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32:
+        raise ValueError(
+            f"out must be a {shape} float32 tensor, got {tuple(out.shape)} {out.dtype}"
+        )
+    qf = qf.float()
+    qf = F.normalize(qf, dim=1) if metric == "cosine" else qf
+    q_sq = qf.pow(2).sum(dim=1, keepdim=True) if metric == "euclidean" else None
+    for g0, g1 in _column_chunks(gf.shape[0], gallery_chunk):
+        g = gf[g0:g1].float()
         if metric == "cosine":
-            torch.mm(q, gf.t(), out=out[start : start + tile]).neg_().add_(1.0)
+            g = F.normalize(g, dim=1)
         else:
-            sq = q.pow(2).sum(dim=1, keepdim=True) + g_sq - 2.0 * (q @ gf.t())
-            out[start : start + tile] = sq.clamp_(min=0).sqrt_()
+            g_sq = g.pow(2).sum(dim=1)
+        for start in range(0, qf.shape[0], tile):
+            q, block = qf[start : start + tile], out[start : start + tile, g0:g1]
+            if metric == "cosine":
+                block.copy_(torch.mm(q, g.t()).neg_().add_(1.0))
+            else:
+                sq = q_sq[start : start + tile] + g_sq - 2.0 * (q @ g.t())
+                block.copy_(sq.clamp_(min=0).sqrt_())
     return out
 
 
@@ -68,7 +96,8 @@ def evaluate_features(
 ) -> RankResult:
     """Rank features directly: distances of ``query_tile`` queries at a time, ranked per tile.
 
-    Peak memory is one (query_tile, G) tile; the result is identical to
+    Peak memory beside the features is one (query_tile, G) tile, reused, and one gallery chunk
+    (:func:`pairwise_distance`); the result is identical to
     ``rank_metrics(pairwise_distance(qf, gf, metric).numpy(), ...)`` on the full matrix.
     """
     _check_features(qf, gf)
@@ -81,9 +110,11 @@ def evaluate_features(
             "per query feature"
         )
     parts: list[QueryRanks] = []
+    buffer = torch.empty(min(query_tile, qf.shape[0]), gf.shape[0], device=qf.device)
     for start in range(0, qf.shape[0], query_tile):
         stop = start + query_tile
-        dist = pairwise_distance(qf[start:stop], gf, metric=metric, tile=query_tile)
+        q = qf[start:stop]
+        dist = pairwise_distance(q, gf, metric=metric, tile=query_tile, out=buffer[: len(q)])
         parts.append(
             query_ranks(
                 dist.cpu().numpy(),

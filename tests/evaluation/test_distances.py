@@ -10,8 +10,8 @@ def features(seed, n, dim=16):
     return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, dim)))
 
 
-@pytest.mark.parametrize("tile", [1, 7, 4096])
-def test_cosine_distance_is_one_minus_cosine_similarity(tile):
+@pytest.mark.parametrize(("tile", "chunk"), [(1, 16384), (7, 5), (4096, 1), (4096, 16384)])
+def test_cosine_distance_is_one_minus_cosine_similarity(tile, chunk):
     qf, gf = features(0, 13), features(1, 29)
     expected = np.array(
         [
@@ -19,20 +19,38 @@ def test_cosine_distance_is_one_minus_cosine_similarity(tile):
             for q in qf.numpy()
         ]
     )
-    dist = pairwise_distance(qf, gf, metric="cosine", tile=tile)
+    dist = pairwise_distance(qf, gf, metric="cosine", tile=tile, gallery_chunk=chunk)
     assert dist.dtype == torch.float32 and dist.shape == (13, 29)
     np.testing.assert_allclose(dist.numpy(), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("tile", [1, 7, 4096])
-def test_euclidean_distance_is_the_norm_of_the_difference(tile):
+@pytest.mark.parametrize(("tile", "chunk"), [(1, 16384), (7, 5), (4096, 1), (4096, 16384)])
+def test_euclidean_distance_is_the_norm_of_the_difference(tile, chunk):
     qf, gf = features(2, 13), features(3, 29)
     expected = np.array([[np.linalg.norm(q - g) for g in gf.numpy()] for q in qf.numpy()])
-    dist = pairwise_distance(qf, gf, metric="euclidean", tile=tile)
+    dist = pairwise_distance(qf, gf, metric="euclidean", tile=tile, gallery_chunk=chunk)
     assert dist.dtype == torch.float32
     np.testing.assert_allclose(dist.numpy(), expected, atol=1e-5)
     # Identical rows: the clamp keeps rounding from producing sqrt of a negative (NaN).
     assert not torch.isnan(pairwise_distance(qf, qf, metric="euclidean")).any()
+
+
+def test_gallery_chunks_cover_every_row_once_and_none_is_thin():
+    from hpc_reid.evaluation.distances import _column_chunks
+
+    for n, chunk in [(0, 8), (5, 8), (100, 8), (16384 * 5 + 10, 16384), (16384 * 2 + 64, 16384)]:
+        ranges = _column_chunks(n, chunk)
+        assert [i for a, b in ranges for i in range(a, b)] == list(range(n))
+        assert all(b - a >= min(64, n, chunk) for a, b in ranges)
+
+
+def test_pairwise_distance_writes_into_out_and_checks_it():
+    qf, gf = features(4, 5), features(5, 9)
+    out = torch.full((5, 9), -1.0)
+    assert pairwise_distance(qf, gf, out=out) is out
+    assert torch.equal(out, pairwise_distance(qf, gf))
+    with pytest.raises(ValueError, match=r"out must be a \(5, 9\) float32 tensor"):
+        pairwise_distance(qf, gf, out=torch.empty(5, 8))
 
 
 def test_pairwise_distance_rejects_bad_arguments():
