@@ -26,6 +26,7 @@ The computation is split in two so that kernels and sharding can plug in behind 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -215,9 +216,22 @@ if torch.cuda.is_available():
 _AUTO_ORDER = ("cuda", "cython", "numpy")
 
 
+_warned_no_kernel = False
+
+
 def _resolve_backend(backend: str) -> RankingBackend:
+    global _warned_no_kernel
     if backend == "auto":
         backend = next(name for name in _AUTO_ORDER if name in BACKENDS)
+        if backend == "numpy" and not _warned_no_kernel:
+            _warned_no_kernel = True
+            warnings.warn(
+                "the Cython ranking kernel (hpc_reid.evaluation._rank_cy) is not built, so "
+                "evaluation uses the slower numpy backend; reinstall with `pip install -e .` "
+                "(needs a C compiler) to build it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if backend not in BACKENDS:
         available = ", ".join(["auto", *BACKENDS])
         raise ValueError(f"unknown ranking backend {backend!r}; available: {available}")

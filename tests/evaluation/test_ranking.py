@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -103,6 +105,20 @@ def test_auto_backend_is_the_fastest_registered_and_unknown_backend_names_the_ch
     assert {"numpy", "torch"} <= set(BACKENDS) <= {"numpy", "torch", "cython", "cuda"}
     with pytest.raises(ValueError, match=r"'fortran'.*available: auto, numpy, torch"):
         rank_metrics(*case, backend="fortran")
+
+
+def test_auto_without_the_built_kernel_warns_once_and_uses_numpy(monkeypatch):
+    from hpc_reid.evaluation import ranking
+
+    monkeypatch.setattr(ranking, "_warned_no_kernel", False)
+    monkeypatch.setattr(ranking, "BACKENDS", {"numpy": BACKENDS["numpy"]})
+    case = make_case(3)
+    with pytest.warns(RuntimeWarning, match="Cython ranking kernel .* is not built"):
+        result = rank_metrics(*case, backend="auto")
+    np.testing.assert_array_equal(result.ap, rank_metrics(*case, backend="numpy").ap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rank_metrics(*case, backend="auto")  # only once per process
 
 
 def test_bad_inputs_raise_specific_errors():
