@@ -63,18 +63,72 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_stats(args: argparse.Namespace) -> int:
+def _dataset_from_args(args: argparse.Namespace, command: str):
+    """(data set, the options it was built with) from --config, or --dataset/--root/--option."""
     if args.config:
+        from hpc_reid.config import SYNTHETIC
         from hpc_reid.data.build import dataset_from_config
 
         if args.dataset or args.root:
-            raise ConfigError("data stats: give either --config or --dataset/--root, not both")
-        dataset = dataset_from_config(load_config(args.config, args.overrides).data)
-    else:
-        if not (args.dataset and args.root):
-            raise ConfigError("data stats: give --dataset NAME --root DIR, or --config FILE")
-        dataset = build_dataset(args.dataset, args.root, **_parse_options(args.options))
+            raise ConfigError(f"{command}: give either --config or --dataset/--root, not both")
+        data = load_config(args.config, args.overrides).data
+        options = {} if data.dataset == SYNTHETIC else dict(data.options)
+        return dataset_from_config(data), options
+    if not (args.dataset and args.root):
+        raise ConfigError(f"{command}: give --dataset NAME --root DIR, or --config FILE")
+    options = _parse_options(args.options)
+    return build_dataset(args.dataset, args.root, **options), options
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    dataset, _ = _dataset_from_args(args, "data stats")
     print(dataset.statistics())
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from hpc_reid.data.pack import pack_dataset
+
+    dataset, options = _dataset_from_args(args, "data pack")
+    summary = pack_dataset(
+        dataset,
+        args.out,
+        shards=args.shards,
+        skip_corrupt=args.skip_corrupt,
+        progress=sys.stderr.isatty(),
+        options=options,
+        overwrite=args.overwrite,
+    )
+    mib = summary.image_bytes / 2**20
+    print(
+        f"packed {summary.images} images ({mib:.1f} MiB) of {dataset.name} in {summary.seconds} s:"
+    )
+    for file in summary.files:
+        print(f"  {file}")
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} corrupt image(s):")
+        for path, reason in summary.skipped:
+            print(f"  {path}: {reason}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from hpc_reid.data.pack import pack_info
+
+    print(pack_info(args.file))
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from hpc_reid.data.pack import verify_pack
+
+    checked, bad = verify_pack(args.file, progress=sys.stderr.isatty())
+    for image in bad:
+        print(f"bad image: {image}")
+    if bad:
+        print(f"{len(bad)} of {checked} images fail their checksum", file=sys.stderr)
+        return 1
+    print(f"{checked} images: all checksums match")
     return 0
 
 
@@ -194,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(func=cmd_config_show)
 
-    data = commands.add_parser("data", help="data sets: synthesise, inspect")
+    data = commands.add_parser("data", help="data sets: synthesise, inspect, pack")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synth = data_cmds.add_parser("synth", help="write a synthetic Market-1501-format data set")
     synth.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -221,6 +275,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(stats, required=False)
     stats.set_defaults(func=cmd_data_stats)
+
+    pack = data_cmds.add_parser(
+        "pack", help="write a data set's records and images to an HDF5 pack (or N shards)"
+    )
+    pack.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
+    pack.add_argument("--root", help="data set folder")
+    pack.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data set option, e.g. --option split_id=3",
+    )
+    _add_config_args(pack, required=False)
+    pack.add_argument("--out", required=True, help="output FILE.h5 (shards: FILE-0000k-of-N.h5)")
+    pack.add_argument("--shards", type=int, default=1, help="files, images split round-robin")
+    pack.add_argument(
+        "--skip-corrupt", action="store_true", help="leave out (and list) undecodable images"
+    )
+    pack.add_argument("--overwrite", action="store_true", help="replace existing pack files")
+    pack.set_defaults(func=cmd_data_pack)
+
+    info = data_cmds.add_parser("info", help="print what an HDF5 pack holds")
+    info.add_argument("file", help="a pack FILE.h5, one of its shards, or the name given to pack")
+    info.set_defaults(func=cmd_data_info)
+
+    verify = data_cmds.add_parser("verify", help="re-check every image checksum of an HDF5 pack")
+    verify.add_argument("file", help="a pack FILE.h5, one of its shards, or the name given to pack")
+    verify.set_defaults(func=cmd_data_verify)
     return parser
 
 

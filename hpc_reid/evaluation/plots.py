@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from hpc_reid.data.pack import image_file
+
 CELL_HEIGHT, CELL_WIDTH = 128, 64  # the usual person crop aspect ratio (2:1)
 BORDER = 4
 GAP = 12  # between the query and its ranked list
@@ -58,7 +60,7 @@ def plot_cmc(cmc: np.ndarray, path: str | Path, label: str = "CMC") -> Path:
 
 
 def _cell(image_path: str | Path, colour: tuple[int, int, int]) -> Image.Image:
-    with Image.open(image_path) as im:
+    with Image.open(image_file(image_path)) as im:
         im = im.convert("RGB").resize((CELL_WIDTH - 2 * BORDER, CELL_HEIGHT - 2 * BORDER))
     return ImageOps.expand(im, border=BORDER, fill=colour)
 

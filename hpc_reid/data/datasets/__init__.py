@@ -1,4 +1,10 @@
-"""Data set parsers, registered by name (see :func:`register_dataset`)."""
+"""Data set parsers, registered by name (see :func:`register_dataset`).
+
+HDF5 packs of any of them are read by :class:`hpc_reid.data.pack.PackedDataset`, registered as
+"pack".
+"""
+
+from hpc_reid.data import pack
 
 from . import cuhk01, cuhk03, ilids, market1501, msmt17, partitions, prid2011, viper
 from .base import (
@@ -21,6 +27,7 @@ __all__ = [
     "ilids",
     "market1501",
     "msmt17",
+    "pack",
     "partitions",
     "prid2011",
     "register_dataset",

@@ -156,7 +156,11 @@ def available_datasets() -> list[str]:
 
 
 def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
-    """Parse the data set registered as ``name`` under ``root``."""
+    """Parse the data set registered as ``name`` under ``root``.
+
+    A ``root`` ending in ``.h5`` is an HDF5 pack of the set (see :mod:`hpc_reid.data.pack`): it is
+    opened instead of parsed, after checking that it holds ``name`` built with ``options``.
+    """
     try:
         factory = _REGISTRY[name]
     except KeyError:
@@ -165,4 +169,8 @@ def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
         raise DatasetError(
             f"unknown data set {name!r}{hint}; available: {', '.join(available_datasets())}"
         ) from None
+    if Path(root).suffix.lower() in (".h5", ".hdf5"):
+        from hpc_reid.data.pack import open_pack  # imported here: pack imports this module
+
+        return open_pack(root, name, options)
     return factory(root, **options)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from hpc_reid.config import LoaderConfig
 from hpc_reid.data.datasets.base import DatasetError, ImageRecord
+from hpc_reid.data.pack import image_file
 from hpc_reid.data.transforms import TestTransform, TrainTransform, sample_rng
 
 #: A transform: PIL image and the sample's generator (None at test time) to a (C, H, W) tensor.
@@ -43,9 +44,13 @@ class CorruptImageError(DatasetError):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB image, or raise :class:`CorruptImageError` naming it."""
+    """Decode ``path`` fully into an RGB image, or raise :class:`CorruptImageError` naming it.
+
+    ``path`` is an image file or a record path into an HDF5 pack (``PACK.h5::INDEX/RELPATH``,
+    read through a handle opened in this process on first use; see :mod:`hpc_reid.data.pack`).
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(image_file(path)) as img:
             img.load()  # decode now: a truncated file fails here, not lazily later
             return img.convert("RGB")
     except FileNotFoundError:

@@ -1,0 +1,601 @@
+"""HDF5 packs: a parsed data set and its encoded images in one file, or in N shard files.
+
+A pack replaces tens of thousands of small files on a parallel file system by one (or a few) large
+ones, and records the parse: opening it gives exactly the records of the parser that wrote it.
+
+Layout of each file (format version :data:`FORMAT_VERSION`), one row per image:
+
+- ``images`` vlen uint8: the image file's bytes, unchanged (JPEG or PNG as on disk);
+- ``pids``, ``camids``, ``frames`` int64: the :class:`ImageRecord` fields (frame -1 for None);
+  train pids are the parser's relabelled ids, query and gallery pids the original ones;
+- ``splits`` uint8: index into the attribute ``split_names`` (train, query, gallery);
+- ``order`` int64: the image's position in the whole set (train, then query, then gallery, each in
+  the parser's order), so shards can be put back together in order;
+- ``relpaths`` UTF-8: the file's path relative to the data set root;
+- ``checksums`` uint32: ``zlib.crc32`` of ``images[i]``, checked on every read and by
+  :func:`verify_pack`. CRC-32 detects every burst error of up to 32 bits (any flipped byte) and
+  random corruption with probability 1 - 2^-32; it does not defend against deliberate tampering;
+- ``skipped_corrupt`` UTF-8: ``relpath: reason`` of each file left out by ``skip_corrupt``.
+
+Attributes: ``format_version``, ``dataset`` (registered name), ``protocol`` (parser class and
+title), ``options`` (JSON, the parser's defaults filled in), ``statistics`` (JSON), ``root``,
+``tool``, ``checksum``, ``split_names``, ``shard``, ``num_shards``, ``num_images`` (whole set),
+``pack_name`` and ``fingerprint`` (a hash of the whole set's rows, equal in all its shards).
+
+Shards (``NAME-00000-of-00004.h5`` ...) take images round-robin, so every shard holds a part of
+every split. Each file is written under a temporary name in the output folder and renamed when the
+whole pack is complete: an interrupted pack leaves nothing at the final names.
+
+A record of a :class:`PackedDataset` points into its file with the path ``FILE.h5::INDEX/RELPATH``
+(:func:`pack_path`); :func:`image_file` turns any record path into what ``PIL.Image.open`` takes.
+Files are opened read-only on first use in each process: handles never cross a fork, so the pack
+can be read from ``DataLoader`` workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image, ImageFile
+
+from hpc_reid import __version__
+from hpc_reid.data.datasets.base import (
+    _REGISTRY,
+    DatasetError,
+    ImageRecord,
+    ReidDataset,
+    register_dataset,
+    subset_counts,
+)
+
+__all__ = [
+    "CHECKSUM",
+    "FORMAT_VERSION",
+    "BadImage",
+    "PackError",
+    "PackSummary",
+    "PackedDataset",
+    "image_file",
+    "open_pack",
+    "pack_dataset",
+    "pack_files",
+    "pack_info",
+    "pack_path",
+    "parse_pack_path",
+    "read_image_bytes",
+    "verify_pack",
+]
+
+FORMAT_VERSION = 1
+CHECKSUM = "crc32"
+SPLITS = ("train", "query", "gallery")
+_BATCH = 256  # rows buffered per shard before a write
+_PACK_PATH = re.compile(r"(?P<file>.+?\.(?:h5|hdf5))::(?P<index>\d+)(?:/(?P<rel>.*))?", re.DOTALL)
+
+
+class PackError(DatasetError):
+    """A pack file that is missing, not a pack, incomplete, or whose bytes fail their checksum."""
+
+
+# ---------------------------------------------------------------------------- record paths
+
+
+def pack_path(file: str | Path, index: int, relpath: str) -> str:
+    """The record path of row ``index`` of pack ``file``: ``FILE::INDEX/RELPATH``."""
+    return f"{file}::{index}/{relpath}"
+
+
+def parse_pack_path(path: str | Path) -> tuple[str, int] | None:
+    """(pack file, row) of a record path made by :func:`pack_path`; None for a plain file."""
+    m = _PACK_PATH.fullmatch(str(path))
+    return (m.group("file"), int(m.group("index"))) if m else None
+
+
+def _open_read(file: str | Path) -> h5py.File:
+    # HDF5's default file locking is kept: a process that opens one file twice with different
+    # locking flags gets "file locking flag values don't match". On a file system without flock
+    # (some Lustre and NFS mounts) set HDF5_USE_FILE_LOCKING=FALSE, which applies to every open.
+    return h5py.File(file, "r")
+
+
+class _Reader:
+    """One pack file opened read-only, with its checksums in memory."""
+
+    def __init__(self, file: str) -> None:
+        try:
+            self.h5 = _open_read(file)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pack file {file} not found") from None
+        except OSError as e:
+            raise PackError(f"cannot open pack file {file}: {e}") from e
+        self.file, self.images = file, self.h5["images"]
+        self.checksums = self.h5["checksums"][:]
+
+    def read(self, index: int) -> bytes:
+        if not 0 <= index < len(self.checksums):
+            raise PackError(f"{self.file} has {len(self.checksums)} images; no image {index}")
+        data = self.images[index].tobytes()
+        if zlib.crc32(data) != self.checksums[index]:
+            raise PackError(
+                f"image {index} of {self.file} fails its crc32 checksum (the file is corrupt; "
+                f"run hpc-reid data verify {self.file})"
+            )
+        return data
+
+
+_readers: dict[str, _Reader] = {}
+_readers_pid = os.getpid()
+
+
+def _reader(file: str) -> _Reader:
+    global _readers, _readers_pid
+    if _readers_pid != os.getpid():
+        # A forked worker inherits its parent's handles: never read through them, open its own.
+        _readers, _readers_pid = {}, os.getpid()
+    if file not in _readers:
+        _readers[file] = _Reader(file)
+    return _readers[file]
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The encoded bytes of a record's image: from its pack (checksum checked) or its file."""
+    where = parse_pack_path(path)
+    if where is None:
+        return Path(path).read_bytes()
+    return _reader(where[0]).read(where[1])
+
+
+def image_file(path: str | Path) -> str | Path | io.BytesIO:
+    """What ``PIL.Image.open`` takes for a record path: the path itself, or its packed bytes."""
+    if parse_pack_path(path) is None:
+        return path
+    return io.BytesIO(read_image_bytes(path))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass
+class PackSummary:
+    """What :func:`pack_dataset` wrote: the files, the image count and what it skipped."""
+
+    files: list[Path]
+    images: int
+    image_bytes: int
+    seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def shard_file(out: Path, shard: int, num_shards: int) -> Path:
+    """``out`` itself for one shard, else ``STEM-00000-of-0000N.SUFFIX`` beside it."""
+    if num_shards == 1:
+        return out
+    return out.with_name(f"{out.stem}-{shard:05d}-of-{num_shards:05d}{out.suffix}")
+
+
+def resolved_options(factory: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with the parser's defaults filled in, as JSON values: the protocol a pack
+    records, and against which a request to open it is checked."""
+    out: dict[str, Any] = {}
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    for p in params:
+        if p.name not in ("self", "root") and p.default is not p.empty:
+            out[p.name] = p.default
+    out.update(options or {})
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _protocol(dataset: ReidDataset) -> str:
+    cls = type(dataset)
+    title = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+    return f"{cls.__module__}.{cls.__qualname__}: {title}".rstrip(": ")
+
+
+def _relpath(path: str, root: str) -> str:
+    m = _PACK_PATH.fullmatch(path)
+    if m is not None:  # re-packing a pack: keep the original relative path
+        return m.group("rel") or ""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _decode_error(data: bytes) -> str | None:
+    """None if ``data`` is an image PIL verifies and decodes fully, else the reason."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # structure and (for PNG) chunk checksums
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # full decode: a truncated JPEG fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class _ShardWriter:
+    """Rows of one shard, buffered and appended to resizable datasets."""
+
+    COLUMNS = (
+        ("pids", np.int64),
+        ("camids", np.int64),
+        ("frames", np.int64),
+        ("splits", np.uint8),
+        ("order", np.int64),
+        ("checksums", np.uint32),
+    )
+
+    def __init__(self, h5: h5py.File, expected: int) -> None:
+        self.h5, self.rows, self.size = h5, [], 0
+        chunk = (max(1, min(expected, 4096)),)  # small sets: no mostly empty chunks
+        h5.create_dataset("images", (0,), h5py.vlen_dtype(np.uint8), maxshape=(None,), chunks=chunk)
+        h5.create_dataset(
+            "relpaths", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=chunk
+        )
+        for name, dtype in self.COLUMNS:
+            h5.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=chunk)
+
+    def add(self, data: bytes, relpath: str, *values: int) -> None:
+        self.rows.append((data, relpath, *values))
+        if len(self.rows) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        start, n = self.size, len(self.rows)
+        self.size += n
+        images = np.empty(n, dtype=object)
+        for i, row in enumerate(self.rows):  # one by one: equal lengths would make a 2-D array
+            images[i] = np.frombuffer(row[0], dtype=np.uint8)
+        columns = list(zip(*self.rows, strict=True))
+        for name in ("images", "relpaths", *(c for c, _ in self.COLUMNS)):
+            self.h5[name].resize((self.size,))
+        self.h5["images"][start:] = images
+        self.h5["relpaths"][start:] = np.array(columns[1], dtype=object)
+        for (name, dtype), values in zip(self.COLUMNS, columns[2:], strict=True):
+            self.h5[name][start:] = np.asarray(values, dtype=dtype)
+        self.rows = []
+
+
+def pack_dataset(
+    dataset: ReidDataset,
+    out: str | Path,
+    shards: int = 1,
+    skip_corrupt: bool = False,
+    progress: bool = False,
+    *,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> PackSummary:
+    """Write ``dataset``'s records and image bytes to the pack ``out`` (or ``shards`` files).
+
+    Every image is read and fully decoded first: a missing, truncated or corrupt one stops the
+    pack with a :class:`PackError` naming the file, unless ``skip_corrupt``, which leaves it out,
+    prints it and returns it in :attr:`PackSummary.skipped`. ``options`` are those the data set
+    was built with (recorded, with the parser's defaults, as its protocol). Files are written
+    under temporary names and renamed only when all are complete.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass")
+    out = Path(out).expanduser()
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise PackError(f"pack output {out} must end in .h5 (the suffix marks a pack as a root)")
+    rows = [(s, r) for s, split in enumerate(SPLITS) for r in getattr(dataset, split)]
+    if not 1 <= shards <= max(1, len(rows)):
+        raise PackError(f"pack {out}: shards={shards} must be in 1..{len(rows)} (the image count)")
+    finals = [shard_file(out, k, shards) for k in range(shards)]
+    for final in finals:
+        if final.is_dir() or (final.exists() and not overwrite):
+            raise PackError(f"pack output {final} exists; pass overwrite=True (--overwrite)")
+    if isinstance(dataset, PackedDataset):
+        name, protocol, root = dataset.name, dataset.protocol, dataset.source_root
+        options = dataset.options if options is None else options
+        reasons = list(dataset.skipped_corrupt)  # what the source pack left out
+    else:
+        name, protocol, root = dataset.name, _protocol(dataset), str(Path(dataset.root).resolve())
+        reasons = []
+    options = resolved_options(_REGISTRY.get(name, type(dataset)), options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start, tmps, files = time.perf_counter(), [], []
+    try:
+        for final in finals:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=out.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a pack is meant to be shared
+            tmps.append(Path(tmp))
+            files.append(h5py.File(tmp, "w"))
+        writers = [_ShardWriter(f, -(-len(rows) // shards)) for f in files]
+        fingerprint, skipped, kept = hashlib.sha256(), [], {s: [] for s in SPLITS}
+        image_bytes = total = 0
+        for i, (split, record) in enumerate(rows):
+            relpath = _relpath(record.path, root)
+            try:
+                data = read_image_bytes(record.path)
+                reason = _decode_error(data)
+            except (OSError, DatasetError) as e:
+                reason = f"cannot read: {type(e).__name__}: {e}"
+            if reason is not None:
+                if not skip_corrupt:
+                    raise PackError(
+                        f"pack {out}: image {record.path} is corrupt ({reason}); fix or remove "
+                        "it, or pass skip_corrupt=True (--skip-corrupt) to pack the rest"
+                    )
+                skipped.append((record.path, reason))
+                reasons.append(f"{relpath}: {reason}")
+                print(f"skipped corrupt image {record.path}: {reason}", file=sys.stderr)
+                continue
+            frame = -1 if record.frame is None else record.frame
+            crc = zlib.crc32(data)
+            row = (record.pid, record.camid, frame, split, total, crc)
+            writers[total % shards].add(data, relpath, *row)
+            total += 1
+            fingerprint.update(f"{crc},{record.pid},{record.camid},{frame},{split},".encode())
+            fingerprint.update(relpath.encode() + b"\0")
+            kept[SPLITS[split]].append(record)
+            image_bytes += len(data)
+            if progress and (i + 1 == len(rows) or (i + 1) % _BATCH == 0):
+                print(f"\rpack {out.name}: {i + 1}/{len(rows)} images", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+        for split, records in kept.items():
+            if not records:
+                raise PackError(f"pack {out}: no image of the {split} split is left to pack")
+        stats: dict[str, Any] = {
+            split: dict(zip(("ids", "images", "cameras"), subset_counts(kept[split]), strict=True))
+            for split in SPLITS
+        }
+        stats["skipped_by_protocol"] = dict(dataset.skipped)
+        stats["skipped_corrupt"] = len(reasons)
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "dataset": name,
+            "protocol": protocol,
+            "options": json.dumps(options, sort_keys=True),
+            "statistics": json.dumps(stats, sort_keys=True),
+            "root": root,
+            "tool": f"hpc-reid {__version__}",
+            "checksum": CHECKSUM,
+            "split_names": list(SPLITS),
+            "num_shards": shards,
+            "num_images": total,
+            "pack_name": out.name,
+            "fingerprint": fingerprint.hexdigest()[:32],
+        }
+        for k, (f, w) in enumerate(zip(files, writers, strict=True)):
+            w.flush()
+            f.attrs.update({**attrs, "shard": k})
+            f.create_dataset("skipped_corrupt", data=reasons, dtype=h5py.string_dtype("utf-8"))
+            f.close()
+        for tmp, final in zip(tmps, finals, strict=True):
+            os.replace(tmp, final)
+    except BaseException:
+        for f in files:
+            f.close()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - start
+    return PackSummary(finals, total, image_bytes, round(seconds, 3), skipped)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _attrs(file: Path) -> dict[str, Any]:
+    try:
+        with _open_read(file) as f:
+            attrs = dict(f.attrs)
+    except FileNotFoundError:
+        raise PackError(f"pack file {file} not found") from None
+    except OSError as e:
+        raise PackError(f"{file} is not an HDF5 file ({e})") from e
+    if "format_version" not in attrs or "fingerprint" not in attrs:
+        raise PackError(f"{file} is an HDF5 file but not a pack written by hpc-reid data pack")
+    if int(attrs["format_version"]) != FORMAT_VERSION:
+        raise PackError(
+            f"{file} has pack format version {attrs['format_version']}; this hpc-reid "
+            f"({__version__}) reads version {FORMAT_VERSION}"
+        )
+    return attrs
+
+
+def pack_files(root: str | Path) -> list[Path]:
+    """The files of the pack ``root``, in shard order.
+
+    ``root`` is a pack file; one shard of a pack (its other shards are found beside it); the name
+    given to ``pack_dataset`` (``NAME.h5`` for ``NAME-*-of-*.h5``); or a glob of the shards.
+    Every shard must be present and from the same pack.
+    """
+    root = Path(root).expanduser()
+    if any(c in root.name for c in "*?["):
+        files = sorted(root.parent.glob(root.name))
+    elif root.is_file():
+        files = [root]
+    else:
+        pattern = f"{root.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{root.suffix}"
+        files = sorted(root.parent.glob(pattern))
+        if len({f.name[-len(root.suffix) - 5 :] for f in files}) > 1:
+            raise PackError(
+                f"{root}: shards of packs of different sizes: {[f.name for f in files]}"
+            )
+    if not files:
+        raise PackError(f"pack {root} not found (no file, and no shards {root.stem}-*-of-*)")
+    num = int(_attrs(files[0])["num_shards"])
+    if num > 1 and len(files) == 1:  # one shard named: take its siblings
+        out = files[0].with_name(str(_attrs(files[0])["pack_name"]))
+        files = [shard_file(out, k, num) for k in range(num)]
+    attrs = [_attrs(f) for f in files]
+    first = attrs[0]
+    for f, a in zip(files, attrs, strict=True):
+        if a["fingerprint"] != first["fingerprint"] or int(a["num_shards"]) != num:
+            raise PackError(f"{f} is not a shard of the same pack as {files[0]}")
+    if sorted(int(a["shard"]) for a in attrs) != list(range(num)):
+        have = sorted(int(a["shard"]) for a in attrs)
+        raise PackError(f"pack {root}: shards {have} found, {num} expected (0..{num - 1})")
+    return [f for _, f in sorted(zip((int(a["shard"]) for a in attrs), files, strict=True))]
+
+
+@register_dataset("pack")
+class PackedDataset(ReidDataset):
+    """A data set read from an HDF5 pack written by :func:`pack_dataset` (``hpc-reid data pack``).
+
+    The records are those of the parser that wrote the pack, in the same order, with paths
+    ``FILE.h5::INDEX/RELPATH`` into the pack. ``name``, ``options`` and ``protocol`` are the
+    packed set's. Build it as ``build_dataset("pack", FILE)``, or give a pack as the root of the
+    data set it holds: ``build_dataset("market1501", FILE)`` checks the name and options.
+    """
+
+    name = "pack"
+    layout = (
+        "  ROOT.h5 written by `hpc-reid data pack`, or its shards ROOT-00000-of-0000N.h5 ...\n"
+        "(ROOT may also be one shard, or a glob of the shards)"
+    )
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.files = pack_files(self.root)
+        columns: dict[str, list[np.ndarray]] = {}
+        paths: list[str] = []
+        for file in self.files:
+            absolute = str(file.resolve())
+            with _open_read(file) as f:
+                if file == self.files[0]:
+                    attrs = dict(f.attrs)
+                for name in ("pids", "camids", "frames", "splits", "order"):
+                    columns.setdefault(name, []).append(f[name][:])
+                rel = f["relpaths"].asstr()[:]
+                paths += [pack_path(absolute, i, r) for i, r in enumerate(rel)]
+                self.skipped_corrupt = list(f["skipped_corrupt"].asstr()[:])
+        col = {k: np.concatenate(v) for k, v in columns.items()}
+        order = np.argsort(col["order"], kind="stable")
+        if not np.array_equal(col["order"][order], np.arange(int(attrs["num_images"]))):
+            raise PackError(f"pack {root}: its rows do not cover 0..{attrs['num_images']} once")
+        self.name = str(attrs["dataset"])
+        self.options = json.loads(attrs["options"])
+        self.protocol = str(attrs["protocol"])
+        self.source_root = str(attrs["root"])
+        self.attrs = attrs
+        splits: dict[int, list[ImageRecord]] = {s: [] for s in range(len(SPLITS))}
+        for i in order.tolist():
+            frame = int(col["frames"][i])
+            record = ImageRecord(
+                paths[i], int(col["pids"][i]), int(col["camids"][i]), None if frame < 0 else frame
+            )
+            splits[int(col["splits"][i])].append(record)
+        stats = json.loads(attrs["statistics"])
+        # _finish relabels train pids: the identity unless skip_corrupt emptied an identity.
+        self._finish(splits[0], splits[1], splits[2], stats["skipped_by_protocol"])
+
+    def statistics(self) -> str:
+        lines = [super().statistics()]
+        if self.skipped_corrupt:
+            lines.append(f"  skipped as corrupt when packed: {len(self.skipped_corrupt)} images")
+        return "\n".join(lines)
+
+
+def open_pack(root: str | Path, name: str, options: Mapping[str, Any]) -> PackedDataset:
+    """The pack ``root`` as the data set ``name`` built with ``options``, or a clear error.
+
+    ``name`` "pack" opens any pack; another name must be the packed set's, and ``options`` (with
+    the parser's defaults) those it was packed with.
+    """
+    if name == "pack":
+        if options:
+            raise DatasetError(f"data set 'pack' takes no options, got {sorted(options)}")
+        return PackedDataset(root)
+    dataset = PackedDataset(root)
+    if dataset.name != name:
+        raise DatasetError(
+            f"{root} is a pack of the data set {dataset.name!r}, not {name!r}; ask for "
+            f"{dataset.name!r} (or 'pack') with this root"
+        )
+    wanted = resolved_options(_REGISTRY[name], options)
+    if wanted != dataset.options:
+        raise DatasetError(
+            f"{root} packs {name} with options {dataset.options}, but {wanted} were asked for; "
+            "pack the data set again with these options"
+        )
+    return dataset
+
+
+# ---------------------------------------------------------------------------- inspection
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def pack_info(root: str | Path) -> str:
+    """What ``hpc-reid data info`` prints: the set, its protocol, version, files and statistics."""
+    dataset = PackedDataset(root)
+    a = dataset.attrs
+    disk = sum(f.stat().st_size for f in dataset.files)
+    lines = [
+        f"pack: {dataset.root}",
+        f"data set: {dataset.name}",
+        f"protocol: {dataset.protocol}",
+        f"options: {json.dumps(dataset.options, sort_keys=True)}",
+        f"source root: {dataset.source_root}",
+        f"format version: {a['format_version']} (written by {a['tool']})",
+        f"checksum: {a['checksum']} (zlib.crc32 of each image's encoded bytes)",
+        f"fingerprint: {a['fingerprint']}",
+        f"files: {len(dataset.files)} shard(s), {_size(disk)} on disk, {a['num_images']} images",
+    ]
+    lines += [f"  {f}" for f in dataset.files] if len(dataset.files) > 1 else []
+    return "\n".join([*lines, dataset.statistics()])
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image whose bytes fail their checksum."""
+
+    file: Path
+    index: int
+    relpath: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}::{self.index} ({self.relpath}): {self.reason}"
+
+
+def verify_pack(root: str | Path, progress: bool = False) -> tuple[int, list[BadImage]]:
+    """Re-check every image's checksum: (images checked, the bad ones)."""
+    checked, bad = 0, []
+    for file in pack_files(root):
+        with _open_read(file) as f:
+            images, sums, rel = f["images"], f["checksums"][:], f["relpaths"].asstr()
+            if len(images) != len(sums):
+                raise PackError(f"{file}: {len(images)} images but {len(sums)} checksums")
+            for start in range(0, len(sums), _BATCH):
+                stop = min(start + _BATCH, len(sums))
+                for i, data in enumerate(images[start:stop], start=start):
+                    crc = zlib.crc32(data.tobytes())
+                    if crc != sums[i]:
+                        reason = f"crc32 {crc:08x}, stored {int(sums[i]):08x}"
+                        bad.append(BadImage(file, i, rel[i], reason))
+                checked += stop - start
+                if progress:
+                    print(f"\rverify {file.name}: {stop}/{len(sums)}", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+    return checked, bad
