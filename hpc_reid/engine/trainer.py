@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_from_config
-from hpc_reid.data.loaders.torch_loader import build_train_loader
+from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
@@ -177,13 +177,14 @@ def _train(config, rank, world, device, resume, max_steps):
         seed=config.engine.seed,
         allow_replacement=s.allow_replacement,
     )
-    loader = build_train_loader(
+    loader = build_backend_train_loader(
         dataset.train,
         sampler,
         config.loader,
         config.data.height,
         config.data.width,
         config.engine.seed,
+        device,
     )
 
     # Model, losses, optimizers: the same initial weights on every rank.

@@ -7,8 +7,13 @@ decisions per sample; DALI decodes and augments on the GPU, the torch backend on
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Sequence
 
-from hpc_reid.config import ConfigError
+import torch
+from torch.utils.data import Sampler
+
+from hpc_reid.config import ConfigError, LoaderConfig
+from hpc_reid.data.datasets.base import ImageRecord
 
 from .torch_loader import (
     CorruptImageError,
@@ -46,11 +51,39 @@ def resolve_backend(name: str) -> str:
     return "dali"
 
 
+def build_backend_train_loader(
+    records: Sequence[ImageRecord],
+    batch_sampler: Sampler[list[int]],
+    cfg_loader: LoaderConfig,
+    height: int,
+    width: int,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The training loader of ``loader.backend``, with :func:`build_train_loader`'s arguments.
+
+    "auto" picks DALI when it imports and the augmentation is one it implements (no colour
+    jitter), else the torch loader. ``device`` is the training device: DALI decodes there (None:
+    CUDA when available); the torch loader ignores it.
+    """
+    backend = resolve_backend(cfg_loader.backend)
+    if backend == "dali" and cfg_loader.backend == "auto" and cfg_loader.augment.color_jitter:
+        backend = "torch"
+    if backend == "torch":
+        return build_train_loader(records, batch_sampler, cfg_loader, height, width, seed)
+    from . import dali_loader  # imports nvidia.dali: only when chosen
+
+    return dali_loader.build_train_loader(
+        records, batch_sampler, cfg_loader, height, width, seed, device
+    )
+
+
 __all__ = [
     "BACKENDS",
     "CorruptImageError",
     "ReidImageSet",
     "TaggedBatchSampler",
+    "build_backend_train_loader",
     "build_test_loader",
     "build_train_loader",
     "collate_reid",

@@ -1,0 +1,214 @@
+"""The DALI loader against the torch loader on tiny synthetic data: same batches (identities,
+order, resume, epochs), same pixels up to the decoders' rounding, same random decisions, and the
+trainer running on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip(
+    "nvidia.dali",
+    reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, the test extra)",
+)
+
+from hpc_reid.config import ConfigError
+from hpc_reid.data.build import dataset_from_config
+from hpc_reid.data.loaders import (
+    build_backend_train_loader,
+    dali_loader,
+    torch_loader,
+)
+from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.engine.trainer import train
+from tests.engine.test_trainer import tiny_config
+
+H, W, SEED = 64, 32, 7
+#: Largest pixel difference (0-255 scale) between the two backends without random augmentation:
+#: libjpeg-turbo in PIL vs DALI's decoder, and PIL's vs DALI's antialiased bilinear resize.
+#: Measured 9 to 12 on this data (the mean difference is about 0.1 level).
+MAX_PIXEL_DIFF = 16.0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dali")
+    config = tiny_config(tmp, "data.synthetic.ids=32", "data.synthetic.images_per_id=8")
+    dataset = dataset_from_config(config.data, announce=lambda _: None)
+    return config, dataset.train
+
+
+def sampler_of(records, world_size=1, rank=0):
+    pids, camids = [r.pid for r in records], [r.camid for r in records]
+    return IdentitySampler(pids, camids, 2, 4, rank=rank, world_size=world_size, seed=SEED)
+
+
+def loaders(config, records, sampler, **augment):
+    cfg = config.loader.model_copy(update={"augment": replace_augment(config, **augment)})
+    torch_l = torch_loader.build_train_loader(records, sampler, cfg, H, W, SEED)
+    dali_l = dali_loader.build_train_loader(records, sampler, cfg, H, W, SEED, device="cpu")
+    return torch_l, dali_l
+
+
+def replace_augment(config, **changes):
+    return config.loader.augment.model_copy(update=changes)
+
+
+def labels(batches):
+    return [tuple(b[k].tolist() for k in ("pids", "camids", "indices")) for b in batches]
+
+
+def pixel_diff(a, b, std):
+    return float(((a - b) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs().max())
+
+
+def test_same_batches_and_random_decisions_as_torch_over_epochs_and_resume(data):
+    config, records = data
+    sampler = sampler_of(records)
+    torch_l, dali_l = loaders(config, records, sampler)
+    assert len(dali_l) == len(sampler) == len(torch_l)
+    std = config.loader.augment.std
+    for epoch in (0, 1, 2):  # consecutive epochs reuse the pipeline after its reset
+        sampler.set_epoch(epoch)
+        a, b = list(torch_l), list(dali_l)
+        assert labels(a) == labels(b) and len(b) == sampler.batches_per_epoch
+        for x, y in zip(a, b, strict=True):
+            assert y["images"].shape == (8, 3, H, W) and y["images"].dtype == torch.float32
+            # Same flips, crops and erasures: the erased (exactly 0) pixels coincide.
+            assert torch.equal(x["images"] == 0, y["images"] == 0)
+            assert pixel_diff(x["images"], y["images"], std) <= MAX_PIXEL_DIFF
+    # Mid-epoch resume: the remaining batches, with the uninterrupted run's images.
+    sampler.set_epoch(1)
+    full = labels(dali_l)
+    state = sampler.state_dict(batches_consumed=1)
+    sampler.set_epoch(4)
+    list(dali_l)
+    sampler.load_state_dict(state)
+    assert len(dali_l) == sampler.batches_per_epoch - 1
+    assert labels(dali_l) == labels(torch_l) == full[1:]
+    # A loop left early, then the same epoch again from its start.
+    sampler.set_epoch(2)
+    next(iter(dali_l))
+    sampler.set_epoch(2)
+    assert len(list(dali_l)) == sampler.batches_per_epoch
+
+
+def test_rank_batches_match_torch_with_parallel_workers_and_two_ranks(data):
+    config, records = data
+    cfg = config.loader.model_copy(update={"num_workers": 2, "prefetch": 3})
+    for rank in (0, 1):
+        sampler = sampler_of(records, world_size=2, rank=rank)
+        sampler.set_epoch(3)
+        torch_l = torch_loader.build_train_loader(records, sampler, cfg, H, W, SEED)
+        dali_l = dali_loader.build_train_loader(records, sampler, cfg, H, W, SEED, device="cpu")
+        a, b = list(torch_l), list(dali_l)
+        assert labels(a) == labels(b)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x["images"] == 0, y["images"] == 0)
+
+
+def test_images_without_random_augmentation_agree_within_decoder_rounding(data):
+    """Max |torch - DALI| <= MAX_PIXEL_DIFF levels (0-255), also for the test loaders."""
+    config, records = data
+    sampler = sampler_of(records)
+    off = dict(flip_prob=0.0, pad=0, random_erasing_prob=0.0)
+    torch_l, dali_l = loaders(config, records, sampler, **off)
+    std = config.loader.augment.std
+    diffs = [
+        pixel_diff(x["images"], y["images"], std) for x, y in zip(torch_l, dali_l, strict=True)
+    ]
+    cfg = config.loader.model_copy(update={"test_batch_size": 10})
+    a = list(torch_loader.build_test_loader(records[:25], cfg, H, W))
+    b = list(dali_loader.build_test_loader(records[:25], cfg, H, W, device="cpu"))
+    assert [len(x["pids"]) for x in b] == [10, 10, 5]
+    assert labels(a) == labels(b)
+    diffs += [pixel_diff(x["images"], y["images"], std) for x, y in zip(a, b, strict=True)]
+    print(f"max pixel difference torch vs DALI: {max(diffs):.1f} / 255")
+    assert max(diffs) <= MAX_PIXEL_DIFF
+
+
+def test_flip_and_erase_rates_match_their_probabilities(data):
+    """Each augmented image is compared with the plain one and its mirror (flip detection), and
+    erasures show as exact zeros inside the image (padding only touches the borders)."""
+    config, records = data
+    sampler = sampler_of(records)
+    flip_prob, erase_prob = 0.3, 0.6
+    _, plain = loaders(config, records, sampler, flip_prob=0.0, pad=0, random_erasing_prob=0.0)
+    _, aug = loaders(
+        config, records, sampler, flip_prob=flip_prob, pad=0, random_erasing_prob=erase_prob
+    )
+    flips, erased, n = 0, 0, 0
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        for x, y in zip(plain, aug, strict=True):
+            for p, q in zip(x["images"], y["images"], strict=True):
+                kept = q != 0
+                same = (p - q)[kept].abs().mean()
+                mirrored = (p.flip(-1) - q)[kept].abs().mean()
+                flips += int(mirrored < same)
+                erased += int(bool((q == 0).all(0).any()))
+                n += 1
+    # Binomial bounds at about 4 standard deviations.
+    for rate, prob in ((flips / n, flip_prob), (erased / n, erase_prob)):
+        assert abs(rate - prob) < 4 * np.sqrt(prob * (1 - prob) / n), (rate, prob, n)
+
+
+def test_trainer_trains_with_the_dali_backend(tmp_path):
+    config = tiny_config(
+        tmp_path, "loader.backend=dali", "schedule.epochs=2", "logging.run_name=dali"
+    )
+    summary = train(config)
+    assert 0.0 <= summary["mAP"] <= 1.0
+    assert (tmp_path / "runs/dali/metrics.jsonl").stat().st_size > 0
+
+
+def test_backend_choice(data):
+    config, records = data
+    sampler = sampler_of(records)
+    pick = {
+        name: build_backend_train_loader(
+            records,
+            sampler,
+            config.loader.model_copy(update={"backend": name}),
+            H,
+            W,
+            SEED,
+            "cpu",
+        )
+        for name in ("auto", "dali", "torch")
+    }
+    assert isinstance(pick["auto"], dali_loader.DaliTrainLoader)
+    assert isinstance(pick["dali"], dali_loader.DaliTrainLoader)
+    assert isinstance(pick["torch"], torch.utils.data.DataLoader)
+    jitter = config.loader.model_copy(
+        update={"augment": replace_augment(config, color_jitter=True)}
+    )
+    auto = build_backend_train_loader(records, sampler, jitter, H, W, SEED, "cpu")
+    assert isinstance(auto, torch.utils.data.DataLoader)
+    with pytest.raises(ConfigError, match="color_jitter"):
+        dali_loader.build_train_loader(
+            records, sampler, jitter.model_copy(update={"backend": "dali"}), H, W, SEED
+        )
+
+
+def test_dali_reads_an_hdf5_pack_like_the_folder(data, tmp_path):
+    """The same records from a pack (paths FILE.h5::INDEX/...) give the same DALI batches."""
+    from hpc_reid.data.datasets import build_dataset
+    from hpc_reid.data.pack import pack_dataset
+
+    config, records = data
+    folder = dataset_from_config(config.data, announce=lambda _: None)
+    pack_dataset(folder, tmp_path / "tiny.h5")
+    packed = build_dataset("market1501", str(tmp_path / "tiny.h5")).train
+    assert [(r.pid, r.camid) for r in packed] == [(r.pid, r.camid) for r in records]
+    cfg = config.loader.model_copy(update={"augment": replace_augment(config)})
+    batches = []
+    for recs in (records, packed):
+        sampler = sampler_of(recs)
+        sampler.set_epoch(1)
+        loader = dali_loader.build_train_loader(recs, sampler, cfg, H, W, SEED, device="cpu")
+        batches.append(list(loader))
+    assert labels(batches[0]) == labels(batches[1])
+    for x, y in zip(*batches, strict=True):
+        assert torch.equal(x["images"], y["images"])
