@@ -99,6 +99,11 @@ def evaluate_features(
     Peak memory beside the features is one (query_tile, G) tile, reused, and one gallery chunk
     (:func:`pairwise_distance`); the result is identical to
     ``rank_metrics(pairwise_distance(qf, gf, metric).numpy(), ...)`` on the full matrix.
+
+    CUDA features with backend "auto" or "cuda" (not the CUHK03 old protocol) go to the fused
+    kernel of :mod:`~hpc_reid.evaluation.ranking_cuda`, which stores no distance tile; its
+    distances may differ from ``torch.mm``'s in the last bit. Where it cannot be compiled, one
+    warning, then this function's tiles ranked by the torch ranker.
     """
     _check_features(qf, gf)
     if query_tile < 1:
@@ -109,6 +114,13 @@ def evaluate_features(
             f"q_pids {q_pids.shape} and q_camids {q_camids.shape} must be ({qf.shape[0]},), one "
             "per query feature"
         )
+    if qf.is_cuda and gf.is_cuda and backend in ("auto", "cuda") and not cuhk03_old_protocol:
+        from hpc_reid.evaluation import ranking_cuda  # compiles its kernel on first use only
+
+        if ranking_cuda.fused_kernel() is not None:
+            return ranking_cuda.evaluate_features_cuda(
+                qf, gf, q_pids, g_pids, q_camids, g_camids, metric, max_rank, query_tile
+            )
     parts: list[QueryRanks] = []
     buffer = torch.empty(min(query_tile, qf.shape[0]), gf.shape[0], device=qf.device)
     for start in range(0, qf.shape[0], query_tile):

@@ -1,0 +1,309 @@
+"""The fused CUDA ranker: distance tiles and ranking counts in one kernel (kernels/rank_fused.cu).
+
+:func:`evaluate_features_cuda` ranks CUDA features without ever holding a (tile, G) distance
+matrix ("Exact ranking metrics without sorting" in ARCHITECTURE.md). Per tile of queries:
+
+1. the kept positives of every query (same pid, other camera) are found from the gallery grouped
+   by pid; their distances come from the kernel's pair routine and are sorted per query by
+   (distance, gallery index);
+2. the fused kernel computes the tile's distances block by block in registers (a tiled GEMM) and,
+   in its epilogue, adds every kept negative to a per-query histogram bin: how many positives
+   precede it. Negatives past the last positive are not counted; they rank no positive;
+3. rank of positive k (0-based, in order) = k + 1 + negatives in bins 0..k; first rank, AP and INP
+   follow on the CPU with the numpy backend's arithmetic, so the results equal the numpy and
+   Cython backends' bit for bit on the same distances.
+
+The pair routine and the GEMM accumulate each dot product in the same order with the same
+rounding, so a positive's distance is the same float in both passes and ties are exact. The
+distances are the kernel's own: they may differ from ``torch.mm``'s (cuBLAS sums in another order)
+in the last bit, so on continuous features two items a few ulps apart may swap places compared to
+:func:`~hpc_reid.evaluation.distances.pairwise_distance`. :func:`pair_distances` gives the kernel's
+distances for any pairs, e.g. to rank them with another backend.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc and ninja
+needed) and cached under ``$HPC_REID_CACHE/torch_extensions`` or
+``~/.cache/hpc_reid/torch_extensions``. Nothing here compiles or imports CUDA code until a function
+is called.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
+
+__all__ = ["evaluate_features_cuda", "fused_kernel", "pair_distances", "query_ranks_cuda"]
+
+SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "rank_fused.cu"
+BLOCK_K = 8  # BK in rank_fused.cu: features are zero-padded to a multiple of it
+MAX_QUERY_TILE = 65535 * 128  # grid.y limit x BM
+
+_kernel: ModuleType | None = None
+_load_error: str | None = None
+
+
+def extension_dir() -> Path:
+    """Where the compiled extension is cached, one folder per torch and CUDA version."""
+    base = Path(os.environ.get("HPC_REID_CACHE") or Path.home() / ".cache" / "hpc_reid")
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    return base / "torch_extensions" / f"rank_fused-{tag}"
+
+
+def load_kernel() -> ModuleType:
+    """Compile (or take from the cache) and import kernels/rank_fused.cu; raises on failure."""
+    from torch.utils.cpp_extension import load  # imported here: it probes for CUDA on import
+
+    if not SOURCE.is_file():
+        raise FileNotFoundError(
+            f"{SOURCE} not found; the fused CUDA ranker needs the source tree (pip install -e .)"
+        )
+    build_dir = extension_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch runs `ninja` from PATH; pip installs it into this interpreter's scripts folder, which
+    # is not on PATH when the venv is used without being activated (.venv/bin/hpc-reid ...).
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    return load(
+        name="hpc_reid_rank_fused",
+        sources=[str(SOURCE)],
+        build_directory=str(build_dir),
+        extra_cuda_cflags=["-O3"],
+        verbose=False,
+    )
+
+
+def fused_kernel() -> ModuleType | None:
+    """The compiled extension, built on the first call; None, with one warning, when it cannot be
+    built (no nvcc or ninja, a compiler error), so that callers fall back to the torch ranker."""
+    global _kernel, _load_error
+    if _kernel is None and _load_error is None:
+        try:
+            _kernel = load_kernel()
+        except (OSError, RuntimeError, ImportError) as exc:  # what cpp_extension.load raises
+            _load_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"the fused CUDA ranking kernel ({SOURCE.name}) could not be built, so evaluation "
+                f"computes distance tiles and ranks them with the torch ranker instead; "
+                f"{_load_error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _kernel
+
+
+def _require_kernel() -> ModuleType:
+    kernel = fused_kernel()
+    if kernel is None:
+        raise RuntimeError(f"the fused CUDA ranking kernel is not available: {_load_error}")
+    return kernel
+
+
+def _prepare(features: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 features as the kernel reads them (L2-normalised for cosine, zero-padded to a
+    multiple of BLOCK_K, contiguous) and their squared norms (euclidean; empty for cosine), made
+    as :func:`~hpc_reid.evaluation.distances.pairwise_distance` makes them."""
+    x = features.float()
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+        sq = x.new_empty(0)
+    else:
+        sq = x.pow(2).sum(dim=1)
+    pad = -x.shape[1] % BLOCK_K
+    x = F.pad(x, (0, pad)) if pad else x.contiguous()
+    if x.data_ptr() % 16:  # the kernel reads rows as float4
+        x = x.clone()
+    if not (torch.isfinite(x).all() and torch.isfinite(sq).all()):
+        raise ValueError("features contain NaN or inf (or overflow); ranks are undefined")
+    return x, sq.contiguous()
+
+
+def _check_inputs(qf: torch.Tensor, gf: torch.Tensor, metric: str) -> None:
+    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            f"expected query (Q, D) and gallery (G, D) features, got {tuple(qf.shape)} and "
+            f"{tuple(gf.shape)}"
+        )
+    if not qf.is_cuda or qf.device != gf.device:
+        raise ValueError(
+            f"features must be CUDA tensors on one device, got {qf.device} and {gf.device}"
+        )
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
+
+
+def _ids(values, name: str, size: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values)
+    if t.shape != (size,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({size},)")
+    return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+def pair_distances(
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    q_index: torch.Tensor,
+    g_index: torch.Tensor,
+    metric: str = "cosine",
+) -> torch.Tensor:
+    """float32 distances of the pairs (qf[q_index[t]], gf[g_index[t]]) on the features' device:
+    exactly the values the fused kernel ranks, for features as given to
+    :func:`evaluate_features_cuda`."""
+    _check_inputs(qf, gf, metric)
+    qx, q_sq = _prepare(qf, metric)
+    gx, g_sq = _prepare(gf, metric)
+    qi = torch.as_tensor(q_index).to(device=qf.device, dtype=torch.int64).flatten()
+    gi = torch.as_tensor(g_index).to(device=qf.device, dtype=torch.int64).flatten()
+    if qi.shape != gi.shape:
+        raise ValueError(f"q_index and g_index differ in size: {qi.numel()} and {gi.numel()}")
+    for name, idx, n in (("q_index", qi, len(qf)), ("g_index", gi, len(gf))):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(
+                f"{name} must lie in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
+    return _require_kernel().pair_distances(
+        qx, gx, q_sq, g_sq, qi.contiguous(), gi.contiguous(), metric == "euclidean"
+    )
+
+
+def ranks_from_sorted(ranks: np.ndarray, npos: np.ndarray) -> QueryRanks:
+    """QueryRanks from the 1-based ranks of every query's positives, in rank order and query after
+    query (``npos[q]`` of them for query q), with the numpy backend's arithmetic: AP is
+    ``np.mean(arange(1, p + 1) / ranks)``, the mean taken along rows of queries with the same p
+    (NumPy's pairwise summation along a contiguous axis, as for one row)."""
+    num_q = npos.size
+    first = np.zeros(num_q, dtype=np.int64)
+    ap = np.full(num_q, np.nan)
+    inp = np.full(num_q, np.nan)
+    starts = np.concatenate(([0], np.cumsum(npos)[:-1])).astype(np.int64)
+    for p in np.unique(npos[npos > 0]):
+        rows = np.flatnonzero(npos == p)
+        r = np.ascontiguousarray(ranks[starts[rows, None] + np.arange(p)])  # (rows, p)
+        first[rows] = r[:, 0]
+        ap[rows] = np.mean(np.arange(1, p + 1) / r, axis=1)
+        inp[rows] = p / r[:, -1]
+    return QueryRanks(first_rank=first[:, None], ap=ap, inp=inp, valid=first > 0)
+
+
+def _rank_tile(
+    kernel,
+    qx: torch.Tensor,
+    q_sq: torch.Tensor,
+    q_pids: torch.Tensor,
+    q_cams: torch.Tensor,
+    gallery: tuple[torch.Tensor, ...],
+    euclidean: bool,
+) -> QueryRanks:
+    gx, g_sq, g_pids, g_cams, pid_sorted, by_pid = gallery
+    b, device = qx.shape[0], qx.device
+    # 1. Kept positives: the query pid's gallery members (indices ascending) on another camera.
+    lo = torch.searchsorted(pid_sorted, q_pids, side="left")
+    n_same = torch.searchsorted(pid_sorted, q_pids, side="right") - lo
+    row = torch.repeat_interleave(torch.arange(b, device=device), n_same)
+    slot = torch.arange(row.numel(), device=device) - (torch.cumsum(n_same, 0) - n_same)[row]
+    g = by_pid[lo[row] + slot]
+    kept = g_cams[g] != q_cams[row]
+    row, g = row[kept], g[kept]
+    d = kernel.pair_distances(qx, gx, q_sq, g_sq, row, g, euclidean)
+    # (row, distance, index) order: g ascends within a row, so two stable sorts give it.
+    order = torch.sort(d, stable=True).indices
+    order = order[torch.sort(row[order], stable=True).indices]
+    row, g, d = row[order], g[order], d[order]
+    pos_off = torch.searchsorted(row, torch.arange(b + 1, device=device))  # rows are sorted
+    # 2. Kept negatives before each positive, counted in the GEMM's epilogue.
+    hist = kernel.count_negatives(
+        qx, gx, q_sq, g_sq, q_pids, g_pids, pos_off, d.contiguous(), g.int(), euclidean
+    )
+    # 3. rank of the positive at place k of its row: k + 1 + the row's bins 0..k.
+    cum = torch.cumsum(hist, 0)  # int64
+    start = pos_off[row]
+    below = (cum - hist)[start]  # bins of the rows before this one
+    ranks = torch.arange(row.numel(), device=device) - start + 1 + cum - below
+    return ranks_from_sorted(ranks.cpu().numpy(), torch.diff(pos_off).cpu().numpy())
+
+
+def query_ranks_cuda(
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    metric: str = "cosine",
+    query_tile: int = 1024,
+) -> QueryRanks:
+    """Per-query results (as every ranking backend's) of CUDA features, ``query_tile`` queries per
+    launch of the fused kernel; the (Q, G) distances are never stored."""
+    _check_inputs(qf, gf, metric)
+    if not 1 <= query_tile <= MAX_QUERY_TILE:
+        raise ValueError(f"query_tile must be in [1, {MAX_QUERY_TILE}], got {query_tile}")
+    kernel = _require_kernel()
+    device, num_q, num_g = qf.device, qf.shape[0], gf.shape[0]
+    q_pids_t = _ids(q_pids, "q_pids", num_q, device)
+    q_cams_t = _ids(q_camids, "q_camids", num_q, device)
+    g_pids_t = _ids(g_pids, "g_pids", num_g, device)
+    g_cams_t = _ids(g_camids, "g_camids", num_g, device)
+    qx, q_sq = _prepare(qf, metric)
+    gx, g_sq = _prepare(gf, metric)
+    ids = (q_pids_t, g_pids_t, q_cams_t, g_cams_t)
+    return _query_ranks(kernel, qx, q_sq, gx, g_sq, *ids, metric == "euclidean", query_tile)
+
+
+def _query_ranks(
+    kernel,
+    qx: torch.Tensor,
+    q_sq: torch.Tensor,
+    gx: torch.Tensor,
+    g_sq: torch.Tensor,
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_cams: torch.Tensor,
+    g_cams: torch.Tensor,
+    euclidean: bool,
+    query_tile: int,
+) -> QueryRanks:
+    """:func:`query_ranks_cuda` on prepared features and int64 id tensors, with ``kernel`` (the
+    extension, or a stand-in with its two functions)."""
+    pid_sorted, by_pid = torch.sort(g_pids, stable=True)  # gallery grouped by pid
+    gallery = (gx, g_sq, g_pids, g_cams, pid_sorted, by_pid)
+    parts = []
+    for s in range(0, max(qx.shape[0], 1), query_tile):  # one (empty) tile for no query
+        tile = slice(s, s + query_tile)
+        parts.append(
+            _rank_tile(
+                kernel,
+                qx[tile],
+                q_sq[tile] if euclidean else q_sq,
+                q_pids[tile],
+                q_cams[tile],
+                gallery,
+                euclidean,
+            )
+        )
+    return QueryRanks.concatenate(parts)
+
+
+def evaluate_features_cuda(
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    metric: str = "cosine",
+    max_rank: int = 50,
+    query_tile: int = 1024,
+) -> RankResult:
+    """CMC, mAP and mINP of CUDA query and gallery features with the fused kernel (Market-1501
+    protocol, ties broken by gallery index), as
+    :func:`~hpc_reid.evaluation.distances.evaluate_features` computes them on other devices."""
+    ranks = query_ranks_cuda(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, query_tile)
+    return combine(ranks, max_rank)
