@@ -83,6 +83,11 @@ class SamplerConfig(Section):
     allow_replacement: bool = Field(
         True, description="draw with replacement for identities with fewer than K images"
     )
+    passes_per_epoch: int = Field(
+        1,
+        ge=1,
+        description="passes over the identities per epoch (4 on Market-1501 ~ BoT's epoch length)",
+    )
 
 
 class AugmentConfig(Section):

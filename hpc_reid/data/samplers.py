@@ -4,13 +4,16 @@ Batch-hard triplet training (Hermans, Beyer and Leibe, "In Defense of the Triple
 Re-Identification", arXiv:1703.07737, 2017, section 2) needs batches of P identities with K images
 each, so that every anchor has K - 1 positives and (P - 1) K negatives to mine from.
 
-One epoch is a pure function of (records, seed, epoch, P x world size, K): every rank computes the
-same global plan and takes its part, so ranks never communicate and all yield the same number of
-batches (no DDP hang at the end of an epoch). An epoch is one pass over the identities: they are
-shuffled, cut into global batches of P x world identities, and the last incomplete global batch is
-dropped, so an epoch has ``#identities // (P x world)`` batches and every identity appears at most
-once in it. Rank r takes identities ``[r P, (r + 1) P)`` of each global batch, so all K images of an
-identity sit on one rank and local hard mining sees every positive.
+One epoch is a pure function of (records, seed, epoch, P x world size, K, passes): every rank
+computes the same global plan and takes its part, so ranks never communicate and all yield the same
+number of batches (no DDP hang at the end of an epoch). A pass over the identities shuffles them,
+cuts them into global batches of P x world identities and drops the last incomplete global batch,
+so it has ``#identities // (P x world)`` batches and every identity appears at most once in it. An
+epoch is ``passes`` such passes (default 1), each with its own shuffle and image draws; ``passes``
+of about #images / (#identities x K) makes an epoch as long as the BoT / torchreid sampler's, which
+cuts every identity's images into chunks of K. Rank r takes identities ``[r P, (r + 1) P)`` of each
+global batch, so all K images of an identity sit on one rank and local hard mining sees every
+positive.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
         world_size: int = 1,
         seed: int = 0,
         allow_replacement: bool = True,
+        passes: int = 1,
     ) -> None:
         pid_arr = np.asarray(pids, dtype=np.int64)
         cam_arr = np.asarray(camids, dtype=np.int64)
@@ -65,6 +69,8 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
             )
+        if passes < 1:
+            raise ValueError(f"passes (over the identities per epoch) must be >= 1, got {passes}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
         self.num_identities, self.num_instances = int(num_identities), int(num_instances)
@@ -72,6 +78,7 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
         self.allow_replacement = bool(allow_replacement)
         self.global_identities = self.num_identities * self.world_size
         self.num_records = len(pid_arr)
+        self.passes = int(passes)
 
         self._pid_values, pid_of = np.unique(pid_arr, return_inverse=True)
         _, cam_of = np.unique(cam_arr, return_inverse=True)
@@ -112,7 +119,12 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full epoch length in batches: ``#identities // (P x world size)``, on every rank."""
+        """Full epoch length in batches: ``passes x (#identities // (P x world size))``, on every
+        rank."""
+        return self.passes * self._batches_per_pass
+
+    @property
+    def _batches_per_pass(self) -> int:
         return len(self._pid_values) // self.global_identities
 
     def set_epoch(self, epoch: int) -> None:
@@ -153,6 +165,7 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
             "global_identities": self.global_identities,
             "num_instances": self.num_instances,
             "num_records": self.num_records,
+            "passes": self.passes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -175,7 +188,9 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
                 "{} training records at save time, {} now",
                 f"{why}; resume on the same training split",
             ),
+            ("passes", "{} passes per epoch at save time, {} now", f"{why}"),
         ]
+        state = {"passes": 1, **state}  # states written before passes existed
         errors = [
             f"{key!r}: {text.format(state[key], getattr(self, key))}: {reason}"
             for key, text, reason in checks
@@ -196,11 +211,15 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
         """(batches, P x world x K) dataset indices of ``epoch``; the last epoch is cached."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        ids = rng.permutation(len(self._pid_values))
-        draws = self._draw(rng)
-        used = self.batches_per_epoch * self.global_identities
-        plan = draws[ids[:used]].reshape(self.batches_per_epoch, -1)
+        parts = []
+        for p in range(self.passes):
+            # pass 0 keeps the single-pass plan; further passes get streams of their own
+            rng = np.random.default_rng([self.seed, epoch] if p == 0 else [self.seed, epoch, p])
+            ids = rng.permutation(len(self._pid_values))
+            draws = self._draw(rng)
+            used = self._batches_per_pass * self.global_identities
+            parts.append(draws[ids[:used]].reshape(self._batches_per_pass, -1))
+        plan = np.concatenate(parts)
         self._cache = (epoch, plan)
         return plan
 

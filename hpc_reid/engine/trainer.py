@@ -176,6 +176,7 @@ def _train(config, rank, world, device, resume, max_steps):
         world_size=world,
         seed=config.engine.seed,
         allow_replacement=s.allow_replacement,
+        passes=s.passes_per_epoch,
     )
     loader = build_backend_train_loader(
         dataset.train,

@@ -201,6 +201,7 @@ def test_resume_at_another_world_size_with_the_same_global_batch_continues_the_p
         ({"seed": 8}, "'seed': seed 7 at save time, 8 now"),
         ({"num_instances": 2}, "'num_instances': K=4 images per identity at save time, 2 now"),
         ({"drop": 1}, "'num_records': .* training records at save time, .* now"),
+        ({"passes": 2}, "'passes': 1 passes per epoch at save time, 2 now"),
     ],
 )
 def test_resume_with_another_plan_raises_naming_key_and_both_values(change, message):
@@ -214,6 +215,33 @@ def test_resume_with_another_plan_raises_naming_key_and_both_values(change, mess
         now.load_state_dict(saved)
 
 
+@FAST
+@given(setups(), st.integers(2, 4), st.integers(0, 3))
+def test_an_epoch_of_n_passes_is_n_independent_single_pass_plans(setup, passes, epoch):
+    """Pass 0 is the single-pass epoch; each pass holds every identity at most once; the epoch is
+    passes x as long; ranks stay equal in length and the plan does not depend on the world size
+    beyond the global batch."""
+    pids, cams, p, k, world, seed = setup
+    single = IdentitySampler(pids, cams, p * world, k, seed=seed)
+    multi = IdentitySampler(pids, cams, p * world, k, seed=seed, passes=passes)
+    one, many = single.global_plan(epoch), multi.global_plan(epoch)
+    per_pass = len(one)
+    assert len(many) == passes * per_pass == multi.batches_per_epoch
+    assert many[:per_pass] == one
+    pid_of = np.asarray(pids)
+    for i in range(passes):
+        ids = [
+            pid_of[b[j]]
+            for b in many[i * per_pass : (i + 1) * per_pass]
+            for j in range(0, len(b), k)
+        ]
+        assert len(ids) == len(set(ids))
+    ranks = rank_samplers(pids, cams, p, k, world, seed, epoch, passes=passes)
+    parts = [list(r) for r in ranks]
+    assert {len(x) for x in parts} == {len(many)}
+    assert [joined(batch) for batch in zip(*parts, strict=True)] == many
+
+
 def test_state_dict_holds_position_and_plan_keys_and_rejects_impossible_counts():
     pids, cams = make_records(40, data_seed=2)
     s = IdentitySampler(pids, cams, 4, 2, rank=1, world_size=2, seed=3)
@@ -225,6 +253,7 @@ def test_state_dict_holds_position_and_plan_keys_and_rejects_impossible_counts()
         "global_identities": 8,
         "num_instances": 2,
         "num_records": len(pids),
+        "passes": 1,
     }
     with pytest.raises(ValueError, match="batches_consumed must be in"):
         s.state_dict(batches_consumed=s.batches_per_epoch + 1)
