@@ -134,8 +134,13 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_reid.engine.trainer import train
+    from hpc_reid.launch.slurm import requeue_if_preempted
 
-    train(load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps)
+    result = train(
+        load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps
+    )
+    # stopped by SIGUSR1/SIGTERM with a checkpoint: under SLURM, rank 0 requeues the job
+    requeue_if_preempted(result)
     return 0
 
 
@@ -200,11 +205,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_weights(args: argparse.Namespace) -> int:
+    from hpc_reid.engine.deepspeed_strategy import export_weights
+
+    print(f"wrote {export_weights(args.checkpoint, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-reid",
         description="Distributed HPC training toolkit for person re-identification.",
     )
+    # the deepspeed launcher passes --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train and evaluate a model")
@@ -240,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out-dir", required=True, help="folder for query.h5 and gallery.h5")
     _add_config_args(extract, required=False)
     extract.set_defaults(func=cmd_extract)
+
+    export = commands.add_parser(
+        "export-weights",
+        help="consolidate a (DeepSpeed ZeRO or DDP) checkpoint into a model-only checkpoint",
+    )
+    export.add_argument("checkpoint", help="a checkpoint written by train")
+    export.add_argument("--out", required=True, help="the model-only checkpoint to write")
+    export.set_defaults(func=cmd_export_weights)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -4,6 +4,17 @@
 # Arguments are passed to pytest (e.g. `bash tests/run.sh -k config`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The SLURM integration tests run real daemons: install Debian's where we can (root with apt-get);
+# skipped when they are already there, so a second run does nothing here.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! { command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null; then
+    echo "tests/run.sh: installing slurmctld slurmd slurm-client for the SLURM tests" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null
+fi
+# DeepSpeed (test extra): no op is compiled at install; its run-time op builds go to a cache
+export DS_BUILD_OPS=0
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 python=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

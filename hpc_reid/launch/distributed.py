@@ -37,20 +37,38 @@ class DistEnv:
 
 def expand_hostlist(hostlist: str) -> list[str]:
     """Expand SLURM's compressed host list: ``"gpu[01-03,07],login1"`` -> gpu01..gpu03, gpu07,
-    login1. Zero padding of ranges is kept, as ``scontrol show hostnames`` does."""
+    login1; several brackets multiply out (``"a[1-2]-b[3-4]"`` -> a1-b3, a1-b4, a2-b3, a2-b4).
+    Zero padding of ranges is kept, as ``scontrol show hostnames`` does."""
     hosts: list[str] = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", hostlist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
-        if m is None:
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"cannot parse SLURM host list {hostlist!r} at {part!r}")
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(n).zfill(len(lo))}{suffix}")
+    depth, start = 0, 0
+    for i, ch in enumerate(hostlist + ","):  # split on the commas outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"cannot parse SLURM host list {hostlist!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            if i > start:
+                hosts.extend(_expand_host(hostlist[start:i], hostlist))
+            start = i + 1
+    if depth:
+        raise ValueError(f"cannot parse SLURM host list {hostlist!r}: unbalanced brackets")
+    return hosts
+
+
+def _expand_host(item: str, hostlist: str) -> list[str]:
+    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if m is None:
+        if "[" in item or "]" in item:
+            raise ValueError(f"cannot parse SLURM host list {hostlist!r} at {item!r}")
+        return [item]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_host(rest, hostlist)
+    hosts = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cannot parse SLURM host list {hostlist!r} at {part!r}")
+        for n in range(int(lo), int(hi or lo) + 1):
+            hosts.extend(f"{prefix}{str(n).zfill(len(lo))}{tail}" for tail in tails)
     return hosts
 
 

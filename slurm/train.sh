@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Train any experiment config on a SLURM allocation: one task per GPU (per node's tasks on CPU).
+#
+#   CONFIG=configs/market/bot_r50.yaml DATA_ROOT=/data DATA=Market-1501-v15.09.15 \
+#       sbatch -N 2 --gpus-per-node 8 slurm/train.sh
+#   CONFIG=configs/synthetic/bot.yaml EXTRA="--set schedule.epochs=10" sbatch slurm/train.sh
+#
+# Variables (all optional except CONFIG):
+#   CONFIG     experiment YAML (relative to the submit folder or to the repository)
+#   DATA_ROOT  folder holding the data sets; with DATA, adds --set data.root=$DATA_ROOT/$DATA
+#   DATA       the data set's folder under DATA_ROOT
+#   EXTRA      more CLI arguments, e.g. EXTRA="--set optimizer.lr=1e-4 --set engine.device=cpu"
+#   PYTHON     interpreter (default: the repository's .venv/bin/python, else python3)
+#   HPC_REID_REPO  the repository (default: found from the submitted script's path)
+# The run folder is runs/job-$SLURM_JOB_ID (logging.output_dir/logging.run_name): stable when the
+# job is requeued, so --resume auto continues at the exact next batch after a pre-emption.
+#SBATCH --job-name=hpc-reid
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# sbatch runs a copy of the script from the spool folder: find the repository from the submitted
+# path that scontrol records (Command=...), else from this file's own path.
+if [ -z "${HPC_REID_REPO:-}" ]; then
+    script=$0
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        submitted=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+        if [ -f "${submitted:-}" ]; then script=$submitted; fi
+    fi
+    HPC_REID_REPO=$(cd "$(dirname "$script")/.." && pwd)
+fi
+export HPC_REID_REPO
+repo=$HPC_REID_REPO
+: "${CONFIG:?set CONFIG to an experiment YAML, e.g. CONFIG=configs/market/bot_r50.yaml}"
+[ -f "$CONFIG" ] || CONFIG=$repo/$CONFIG
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+: "${SLURM_JOB_ID:?run this script with sbatch (or inside salloc)}"
+
+# Tasks per node: one per GPU when the job asked for GPUs (--gpus-per-node 8 or a100:8), else the
+# allocation's --ntasks-per-node. Each task then picks cuda:$SLURM_LOCALID.
+gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+gpus=${gpus##*:}
+if [ "$gpus" -gt 0 ] 2>/dev/null; then
+    tasks_per_node=$gpus
+else
+    tasks_per_node=${SLURM_NTASKS_PER_NODE:-1}
+    tasks_per_node=${tasks_per_node%%(*}
+fi
+nodes=${SLURM_JOB_NUM_NODES:-1}
+cpus_per_task=$(( ${SLURM_CPUS_ON_NODE:-$tasks_per_node} / tasks_per_node ))
+[ "$cpus_per_task" -ge 1 ] || cpus_per_task=1
+
+# Rendezvous on the allocation's first node. Its name may not resolve (several slurmd on one
+# machine, clusters without DNS for compute names): then use the address slurmd registered.
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if getent hosts "$first" >/dev/null 2>&1; then
+    MASTER_ADDR=$first
+else
+    MASTER_ADDR=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
+    MASTER_ADDR=${MASTER_ADDR:-$(hostname -I | awk '{print $1}')}
+fi
+# A port derived from the job id: stable across requeue, different for jobs sharing a node.
+MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 20000 ))
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
+
+args=(--config "$CONFIG" --set "logging.run_name=job-$SLURM_JOB_ID" --resume auto)
+if [ -n "${DATA:-}" ]; then
+    args+=(--set "data.root=${DATA_ROOT:?DATA is set: set DATA_ROOT too}/$DATA")
+fi
+# EXTRA is split on spaces on purpose: it holds several --set KEY=VALUE arguments.
+# shellcheck disable=SC2206
+args+=(${EXTRA:-})
+
+echo "hpc-reid: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+    "$nodes node(s) x $tasks_per_node task(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
+echo "hpc-reid: $PYTHON -m hpc_reid.cli train ${args[*]}"
+# srun forwards SIGUSR1 (from --signal or scancel --signal=USR1) to every task; the trainer
+# checkpoints and rank 0 runs `scontrol requeue`. A real error exits non-zero and is not requeued.
+srun --nodes="$nodes" --ntasks-per-node="$tasks_per_node" --ntasks=$(( nodes * tasks_per_node )) \
+    --cpus-per-task="$cpus_per_task" --kill-on-bad-exit=1 \
+    "$PYTHON" -m hpc_reid.cli train "${args[@]}"
