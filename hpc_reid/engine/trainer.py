@@ -201,7 +201,14 @@ def _train(config, rank, world, device, resume, max_steps):
     scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
     center = getattr(criterion, "center", None)
     center_params = list(center.parameters()) if center is not None else []
-    strategy = DDPStrategy(
+    strategy_cls, strategy_kwargs = DDPStrategy, {}
+    if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
+        from hpc_reid.engine.deepspeed_strategy import DeepSpeedStrategy
+
+        strategy_cls = DeepSpeedStrategy
+        strategy_kwargs = {"config": config, "checkpoint_dir": checkpoints.folder}
+        strategy_kwargs["keep_last"] = config.logging.keep_last
+    strategy = strategy_cls(
         model,
         optimizer,
         scheduler,
@@ -212,6 +219,7 @@ def _train(config, rank, world, device, resume, max_steps):
         extra_params=center_params,
         extra_optimizer=build_center_optimizer(center, config.loss.center) if center else None,
         extra_grad_scale=1.0 / config.loss.center.weight if center else 1.0,
+        **strategy_kwargs,
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
     meta = model_meta(config, num_classes, model.feature_dim)
