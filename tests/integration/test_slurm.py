@@ -1,7 +1,8 @@
 """`sbatch slurm/train_market.sh` on real slurmctld/slurmd daemons: a throwaway cluster on
 127.0.0.1 (one node, and two nodes on one machine), a 2-rank job that completes, a pre-emption by
 SIGUSR1 that checkpoints, requeues and resumes to bit-identical weights, and the host-list parser
-against `scontrol show hostnames`.
+against `scontrol show hostnames`; `sbatch slurm/eval.sh` evaluating that run's checkpoint sharded
+over two nodes, equal to one process.
 
 Needs root and Debian's slurmctld/slurmd/slurm-client (tests/run.sh installs them where it can).
 Without them the tests skip loudly; HPC_REID_REQUIRE_SLURM=1 (set by .ci/run) makes that a failure.
@@ -9,6 +10,7 @@ Without them the tests skip loudly; HPC_REID_REQUIRE_SLURM=1 (set by .ci/run) ma
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -25,6 +27,7 @@ import torch
 
 from hpc_reid.data.synthetic import SynthSpec, generate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.trainer import evaluate_checkpoint
 from hpc_reid.launch.distributed import expand_hostlist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -303,6 +306,9 @@ def test_usr1_checkpoints_requeues_and_resumes_to_identical_weights(
     # the old allocation is cleaned up (a start on still-completing nodes fails the job)
     assert requeued["Reason"] == "BeginTime"
     two_nodes.wait_idle()
+    # slurmd remembers the requeued job's credential as revoked at a time in whole seconds and
+    # refuses ("Job credential revoked") one created in that same second: start a second later
+    time.sleep(1.1)
     two_nodes.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = two_nodes.wait(job_id, timeout_s=120)
     output = job_output(workdir, job_id)
@@ -352,3 +358,46 @@ def test_a_real_error_fails_the_job_without_requeue(two_nodes, data_root, tmp_pa
     output = job_output(workdir, job_id)
     assert job["JobState"] == "FAILED" and job["Restarts"] == "0", output
     assert job["ExitCode"] != "0:0" and "scontrol requeue" not in output, output
+
+
+@pytest.mark.slow
+def test_eval_sh_shards_a_checkpoint_over_two_nodes_like_one_process(
+    two_nodes, straight_job, tmp_path
+):
+    """`CHECKPOINT=... sbatch -N 2 slurm/eval.sh`: both ranks evaluate, as one process would."""
+    train_dir, train_id, _ = straight_job
+    checkpoint = CheckpointManager(train_dir / "runs" / f"job-{train_id}").latest()
+    assert checkpoint is not None
+    env = {**two_nodes.env, "CHECKPOINT": str(checkpoint), "PYTHON": sys.executable}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = ["sbatch", "--parsable", "-N", "2", str(REPO / "slurm/eval.sh")]
+    job_id = two_nodes.run(*cmd, cwd=tmp_path, env=env).stdout.strip().split(";")[0]
+    job = two_nodes.wait(job_id, timeout_s=60)
+    output = (tmp_path / f"hpc-reid-eval-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", output
+    assert job["NodeList"] == "n[1-2]", output
+    assert "2 node(s) x 1 task(s), rendezvous 127.0.0.1:" in output
+    # each srun'ed task logs itself before it becomes the Python process (a world of 2 that
+    # completed means both joined the rendezvous)
+    assert "hpc-reid: rank 0 of 2 on n1" in output and "hpc-reid: rank 1 of 2 on n2" in output
+    sharded = json.loads((tmp_path / "runs" / f"eval-{job_id}" / "results.json").read_text())
+    summary = evaluate_checkpoint(checkpoint, out_dir=tmp_path / "one-process")
+    single = json.loads((tmp_path / "one-process" / "results.json").read_text())
+    assert single.keys() == sharded.keys() and set(summary) <= set(single)
+    for key, value in single.items():
+        assert sharded[key] == pytest.approx(value, abs=1e-6), key
+    assert summary["mAP"] == pytest.approx(sharded["mAP"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "error"),
+    [(None, "set CHECKPOINT to a checkpoint"), ("/nonexistent/step-1.pt", "CHECKPOINT not found")],
+)
+def test_eval_sh_needs_an_existing_checkpoint(checkpoint, error, tmp_path):
+    """A clear error before anything is launched (no SLURM needed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CHECKPOINT"))}
+    if checkpoint:
+        env["CHECKPOINT"] = checkpoint
+    cmd = ["bash", str(REPO / "slurm/eval.sh")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and error in done.stderr, done.stderr
