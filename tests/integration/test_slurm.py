@@ -307,8 +307,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_identical_weights(
     assert requeued["Reason"] == "BeginTime"
     two_nodes.wait_idle()
     # slurmd remembers the requeued job's credential as revoked at a time in whole seconds and
-    # refuses ("Job credential revoked") one created in that same second: start a second later
-    time.sleep(1.1)
+    # refuses ("Job credential revoked") one created in that same second: start 2 s later
+    time.sleep(2.0)
     two_nodes.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = two_nodes.wait(job_id, timeout_s=120)
     output = job_output(workdir, job_id)
