@@ -61,6 +61,42 @@ def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def accumulation_steps(config: Config) -> int:
+    """``gradient_accumulation_steps`` of ``engine.deepspeed_config`` (1 when unset): the
+    micro-batches (sampler batches, trainer iterations) per optimizer step."""
+    path = config.engine.deepspeed_config
+    accum = (read_deepspeed_config(path) if path else {}).get("gradient_accumulation_steps", 1)
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise TrainingError(
+            f"engine.deepspeed_config {path}: gradient_accumulation_steps={accum!r}, "
+            "expected an int >= 1"
+        )
+    return accum
+
+
+def check_precision_supported(precision: str, where: str, accelerator=None) -> None:
+    """A clear error at start when DeepSpeed's accelerator lacks ``precision`` (DeepSpeed's own
+    check says only "Type fp16 is not supported on your device"). DeepSpeed's CPU accelerator
+    has fp16 only where oneDNN does (AVX512-FP16 / AMX-FP16 CPUs)."""
+    if precision not in DTYPES:
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    supported = getattr(accelerator, f"is_{precision}_supported")()
+    if not supported:
+        other = "fp32"
+        if precision == "fp16":
+            other = "bf16 (configs/deepspeed/zero2_bf16.json) or fp32"
+        raise TrainingError(
+            f"engine.precision={precision} with {where}: DeepSpeed's "
+            f"{accelerator.device_name()} accelerator does not support {precision} on this "
+            f"machine (is_{precision}_supported() is False); use engine.precision={other}, "
+            "or run on a GPU"
+        )
+
+
 def merged_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of ``engine.deepspeed_config`` with the experiment's batch sizes,
     precision and clipping filled in and checked.
@@ -73,9 +109,7 @@ def merged_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     where = f"engine.deepspeed_config {path}" if path else "the default DeepSpeed config"
     s = config.sampler
     micro = s.num_identities * s.num_instances
-    accum = ds.get("gradient_accumulation_steps", 1)
-    if not isinstance(accum, int) or accum < 1:
-        raise TrainingError(f"{where}: gradient_accumulation_steps={accum!r}, expected an int >= 1")
+    accum = accumulation_steps(config)
     derived = {
         "train_micro_batch_size_per_gpu": (
             micro,
@@ -151,6 +185,7 @@ class DeepSpeedStrategy:
         extra_params: list[nn.Parameter] | None = None,
         extra_optimizer: torch.optim.Optimizer | None = None,
         extra_grad_scale: float = 1.0,
+        model_factory: Any = None,
         **_ddp_only: Any,
     ):
         import deepspeed
@@ -167,6 +202,10 @@ class DeepSpeedStrategy:
         self.world_size = dist.get_world_size()
         self.ds_config = merged_deepspeed_config(config, self.world_size)
         self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
+        path = config.engine.deepspeed_config
+        where = f"engine.deepspeed_config {path}" if path else "the default DeepSpeed config"
+        check_precision_supported(config.engine.precision, where)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config)
         )
@@ -182,6 +221,27 @@ class DeepSpeedStrategy:
         self.extra_optimizer = extra_optimizer
         self.extra_grad_scale = extra_grad_scale
         self.steps = 0  # micro-steps, the trainer's step count
+        self.model_factory = model_factory  # a fresh plain model, for ZeRO-3 evaluation
+
+    def evaluation_model(self) -> nn.Module:
+        """The model to evaluate: the module itself, or under ZeRO-3 (parameters partitioned) a
+        plain copy built by ``model_factory`` with every parameter gathered on every rank
+        (deepspeed.zero.GatheredParameters, a collective), so the evaluation does not depend on
+        ZeRO-3's per-forward gathering (which needs the same number of forwards on every rank)."""
+        if self.zero_stage != 3:
+            return self.module
+        if self.model_factory is None:
+            raise TrainingError("ZeRO-3 evaluation needs the strategy's model_factory")
+        import deepspeed
+
+        params = dict(self.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            state = {k: p.detach().clone().float() for k, p in params.items()}
+        state.update((k, b.detach().clone()) for k, b in self.module.named_buffers())
+        with torch.random.fork_rng(devices=[]):  # its random init leaves the run's RNG as is
+            plain = self.model_factory()
+        plain.load_state_dict(state)
+        return plain
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # DeepSpeed keeps bf16 / fp16 weights; autocast casts the fp32 images (and keeps the
@@ -204,8 +264,9 @@ class DeepSpeedStrategy:
             if self.ds_config["gradient_clipping"]:
                 norm = self.engine.get_global_grad_norm()
                 grad_norm = None if norm is None else float(norm)
-        # Every micro-step, like the trainer's step count: the schedule reads the same in epochs
-        # whatever the accumulation, and the optimizer only uses the LR at a boundary.
+        # Every micro-step, like the trainer's step count (one sampler batch): the schedule reads
+        # the same in epochs whatever the accumulation; the optimizer step at micro-step n (a
+        # multiple of the accumulation) uses the LR after n - 1 scheduler steps.
         self.scheduler.step()
         self.steps += 1
         self._broadcast_buffers()
@@ -272,6 +333,8 @@ class DeepSpeedStrategy:
                 "world_size": self.world_size,
                 "zero_stage": self.zero_stage,
                 "steps": self.steps,
+                "optimizer_steps": int(self.engine.global_steps),
+                "accumulation": self.accumulation,
                 "config": self.ds_config,
             },
         }
@@ -303,6 +366,13 @@ class DeepSpeedStrategy:
                 f"the DeepSpeed checkpoint was written by {info['world_size']} rank(s) with ZeRO "
                 f"stage {info['zero_stage']}; this run has {self.world_size} rank(s) and stage "
                 f"{self.zero_stage}. Export its weights (hpc-reid export-weights) to start anew"
+            )
+        if info["steps"] % self.accumulation:
+            raise CheckpointError(
+                f"the DeepSpeed checkpoint was written at micro-step {info['steps']}, inside an "
+                f"accumulation of {self.accumulation} micro-batches: its partly accumulated "
+                "gradients are not saved, so resuming would not be exact. Resume from a "
+                "checkpoint at a multiple of gradient_accumulation_steps"
             )
         folder = self.checkpoint_dir / info["tag"]
         if not folder.is_dir():

@@ -195,7 +195,13 @@ def _train(config, rank, world, device, resume, max_steps):
     if config.engine.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
-    global_batch = s.num_identities * s.num_instances * world
+    accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
+    if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
+        from hpc_reid.engine.deepspeed_strategy import accumulation_steps
+
+        accum = accumulation_steps(config)
+    # The LR rule sees the images per optimizer step; the schedule counts iterations (batches).
+    global_batch = s.num_identities * s.num_instances * world * accum
     lr, lr_note = scaled_lr(config.optimizer, global_batch)
     optimizer = build_optimizer(model, config.optimizer, lr)
     scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
@@ -208,6 +214,7 @@ def _train(config, rank, world, device, resume, max_steps):
         strategy_cls = DeepSpeedStrategy
         strategy_kwargs = {"config": config, "checkpoint_dir": checkpoints.folder}
         strategy_kwargs["keep_last"] = config.logging.keep_last
+        strategy_kwargs["model_factory"] = lambda: build_model(config.model, num_classes).to(device)
     strategy = strategy_cls(
         model,
         optimizer,
@@ -222,6 +229,7 @@ def _train(config, rank, world, device, resume, max_steps):
         **strategy_kwargs,
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
+    eval_model = getattr(strategy, "evaluation_model", lambda: strategy.module)  # ZeRO-3 gathers
     meta = model_meta(config, num_classes, model.feature_dim)
 
     epoch, step, best = 0, 0, None
@@ -236,11 +244,13 @@ def _train(config, rank, world, device, resume, max_steps):
     log.info(
         f"run folder {run_dir.resolve()}; {world} process(es) on {device}; "
         f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
-        f"x {world} ranks; {lr_note}; {sampler.batches_per_epoch} iterations per epoch"
+        f"x {world} ranks"
+        + (f" x {accum} accumulated micro-batches per optimizer step" if accum > 1 else "")
+        + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch"
     )
 
     if resume_path is None and config.evaluation.at_start:
-        start = evaluate_model(strategy.module, dataset, config, device)
+        start = evaluate_model(eval_model(), dataset, config, device)
         log.info("before training (initial weights): " + _fmt(start))
         log.scalars(0, start, kind="eval")
         if main:
@@ -296,7 +306,10 @@ def _train(config, rank, world, device, resume, max_steps):
                 log.advance({"loss": f"{loss_value:.3f}", "img/s": f"{rate:.0f}"})
                 if step % config.logging.log_every == 0:
                     log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
-                if stop.agreed(device) or (max_steps is not None and step >= max_steps):
+                # a pre-emption stops at an accumulation boundary, where resuming is exact
+                at_boundary = step % accum == 0
+                at_max = max_steps is not None and step >= max_steps
+                if (at_boundary and stop.agreed(device)) or at_max:
                     log.end_epoch()
                     save("stop" if stop.received else "max steps")
                     return {"stopped_at_step": step, "preempted": stop.received}
@@ -307,7 +320,7 @@ def _train(config, rank, world, device, resume, max_steps):
             ev, ck = config.evaluation.every_epochs, config.logging.checkpoint_every
             periodic_eval = ev and epoch % ev == 0 and epoch < epochs
             if periodic_eval:
-                summary = evaluate_model(strategy.module, dataset, config, device)
+                summary = evaluate_model(eval_model(), dataset, config, device)
                 log.info(f"epoch {epoch}: " + _fmt(summary))
                 log.scalars(step, summary, kind="eval")
                 improved = best is None or summary["mAP"] > best
@@ -317,7 +330,7 @@ def _train(config, rank, world, device, resume, max_steps):
                     checkpoints.mark_best(path)
             elif (ck and epoch % ck == 0) or epoch == epochs:
                 save("periodic")
-        summary = evaluate_model(strategy.module, dataset, config, device, out_dir=run_dir)
+        summary = evaluate_model(eval_model(), dataset, config, device, out_dir=run_dir)
         log.scalars(step, summary, kind="eval")
         log.info("final evaluation on the test split: " + _fmt(summary))
         if main and (best is None or summary["mAP"] >= best) and config.logging.keep_best:
