@@ -212,6 +212,21 @@ def cmd_export_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """A data set named on the command line (--dataset, --root, --option) or by --config."""
+    parser.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
+    parser.add_argument("--root", help="data set folder")
+    parser.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data set option, e.g. --option split_id=3",
+    )
+    _add_config_args(parser, required=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-reid",
@@ -285,33 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     stats = data_cmds.add_parser("stats", help="parse a data set and print its statistics")
-    stats.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
-    stats.add_argument("--root", help="data set folder")
-    stats.add_argument(
-        "--option",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="data set option, e.g. --option split_id=3",
-    )
-    _add_config_args(stats, required=False)
+    _add_dataset_args(stats)
     stats.set_defaults(func=cmd_data_stats)
 
     pack = data_cmds.add_parser(
         "pack", help="write a data set's records and images to an HDF5 pack (or N shards)"
     )
-    pack.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
-    pack.add_argument("--root", help="data set folder")
-    pack.add_argument(
-        "--option",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="data set option, e.g. --option split_id=3",
-    )
-    _add_config_args(pack, required=False)
+    _add_dataset_args(pack)
     pack.add_argument("--out", required=True, help="output FILE.h5 (shards: FILE-0000k-of-N.h5)")
     pack.add_argument("--shards", type=int, default=1, help="files, images split round-robin")
     pack.add_argument(

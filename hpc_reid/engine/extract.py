@@ -12,21 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpc_reid.config import Config
-from hpc_reid.data.build import dataset_from_config
-from hpc_reid.engine.checkpoint import load_checkpoint
-from hpc_reid.engine.errors import CheckpointError
 from hpc_reid.engine.evaluate import shard_features
-from hpc_reid.engine.trainer import model_meta, select_device
+from hpc_reid.engine.trainer import saved_model
 from hpc_reid.evaluation.feature_files import concatenate_feature_files, write_feature_file
 from hpc_reid.evaluation.sharded import shard_range
-from hpc_reid.launch.distributed import (
-    barrier,
-    choose_backend,
-    cleanup,
-    detect_env,
-    init_distributed,
-)
-from hpc_reid.models import build_model
+from hpc_reid.launch.distributed import barrier
 
 
 def extract_checkpoint(
@@ -36,27 +26,8 @@ def extract_checkpoint(
 
     ``config`` defaults to the resolved config stored in the checkpoint. Returns the two paths.
     """
-    state = load_checkpoint(path)
-    config = config or Config.model_validate(state["config"])
-    env = detect_env()
-    device = select_device(config.engine.device, env.local_rank)
-    init_distributed(
-        env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
-    )
     out = Path(out_dir)
-    try:
-        if env.rank == 0:
-            dataset = dataset_from_config(config.data)
-        barrier()
-        if env.rank != 0:
-            dataset = dataset_from_config(config.data, announce=lambda _: None)
-        model = build_model(config.model, dataset.num_train_pids).to(device)
-        meta = model_meta(config, dataset.num_train_pids, model.feature_dim)
-        if state["model_meta"] != meta:
-            raise CheckpointError(
-                f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"
-            )
-        model.load_state_dict(state["strategy"]["model"])
+    with saved_model(path, config) as (config, env, device, dataset, model):
         out.mkdir(parents=True, exist_ok=True)
         attrs = {"metric": config.evaluation.metric, "model": config.model.backbone}
         attrs.update(config=config.name, checkpoint=str(Path(path).resolve()))
@@ -87,5 +58,3 @@ def extract_checkpoint(
                     p.unlink()
                 print(f"wrote {files[split]} ({len(splits[split])} images)")
         return files
-    finally:
-        cleanup()

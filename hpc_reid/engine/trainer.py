@@ -391,13 +391,13 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, log):
     return state["epoch"], state["step"], state["best"]
 
 
-def evaluate_checkpoint(
-    path: str | Path, config: Config | None = None, out_dir: str | Path | None = None
-) -> dict[str, Any]:
-    """Evaluate a saved model on its data set's test split (sharded over ranks if launched so).
+@contextlib.contextmanager
+def saved_model(path: str | Path, config: Config | None = None):
+    """The model saved at ``path`` with its data set, on every launched rank:
+    ``(config, env, device, dataset, model)``, distributed set up for the ``with`` block.
 
-    ``config`` defaults to the resolved config stored in the checkpoint; results and plots go to
-    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder).
+    ``config`` defaults to the resolved config stored in the checkpoint; a checkpoint of another
+    model than ``config`` builds is refused.
     """
     state = load_checkpoint(path)
     config = config or Config.model_validate(state["config"])
@@ -419,6 +419,20 @@ def evaluate_checkpoint(
                 f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"
             )
         model.load_state_dict(state["strategy"]["model"])
+        yield config, env, device, dataset, model
+    finally:
+        cleanup()
+
+
+def evaluate_checkpoint(
+    path: str | Path, config: Config | None = None, out_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Evaluate a saved model on its data set's test split (sharded over ranks if launched so).
+
+    ``config`` defaults to the resolved config stored in the checkpoint; results and plots go to
+    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder).
+    """
+    with saved_model(path, config) as (config, env, device, dataset, model):
         out = Path(out_dir) if out_dir else Path(path).resolve().parent.parent / "eval"
         summary = evaluate_model(model, dataset, config, device, out_dir=out)
         if env.rank == 0:
@@ -427,5 +441,3 @@ def evaluate_checkpoint(
                 f"results: {out / 'results.json'}; plots: {out / 'cmc.png'}, {out / 'ranked.png'}"
             )
         return summary
-    finally:
-        cleanup()
