@@ -30,7 +30,12 @@ from hpc_reid.evaluation import evaluate_features, extract_features
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
 from hpc_reid.evaluation.rerank import rerank_blocks
-from hpc_reid.evaluation.sharded import evaluate_sharded, ranked_candidates, shard_range
+from hpc_reid.evaluation.sharded import (
+    _Group,
+    evaluate_sharded,
+    ranked_candidates,
+    shard_range,
+)
 
 
 def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
@@ -48,25 +53,12 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
     return feats.float().cpu()
 
 
-def _all_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+def _all_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's contiguous shard concatenated in rank order (N, D), on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    world = dist.get_world_size()
-    dim = torch.tensor([local.shape[1] if local.numel() else 0])
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-    rows = max(len(shard_range(total, r, world)) for r in range(world))
-    padded = torch.zeros(rows, int(dim))
-    if local.numel():
-        padded[: len(local)] = local
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    )
-    padded = padded.to(device) if device is not None else padded
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    sizes = [len(shard_range(total, r, world)) for r in range(world)]
-    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes, strict=True)])
+    comm = _Group(None)
+    dims = torch.cat(comm.all_gather_rows(torch.tensor([local.shape[1]])))
+    local = local.reshape(len(local), int(dims.max()))  # an empty shard comes as (0, 0)
+    return torch.cat(comm.all_gather_rows(local))
 
 
 def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:
@@ -130,8 +122,8 @@ def evaluate_model(
     if ev.rerank.enabled:
         plain = summary
         result = _reranked(
-            _all_rows(qf, len(q_pids)),
-            _all_rows(gf, len(g_pids)),
+            _all_rows(qf),
+            _all_rows(gf),
             q_pids,
             g_pids,
             q_cams,
