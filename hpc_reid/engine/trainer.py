@@ -13,6 +13,7 @@ import json
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,23 @@ def _all_rng_states() -> list[dict[str, Any]]:
     return states
 
 
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
 def train(
-    config: Config, resume: str | None = None, max_steps: int | None = None
+    config: Config,
+    resume: str | None = None,
+    max_steps: int | None = None,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Train (and evaluate) as ``config`` says; returns the final metrics summary.
 
     ``resume``: ``"auto"`` (the run folder's newest checkpoint, if any) or a checkpoint path.
     ``max_steps``: stop after this global step with a checkpoint (for tests and smoke runs).
+    ``reporter(metrics, checkpoint)``: called on every rank after each periodic evaluation and
+    after the final one (Ray Train / Tune report from it). ``metrics`` holds the evaluation
+    summary plus ``step``, ``epoch`` and ``final``; ``checkpoint`` is the checkpoint file written
+    at that step on rank 0 (None on the other ranks, or when none was written).
     """
     env = detect_env()
     device = select_device(config.engine.device, env.local_rank)
@@ -140,12 +151,12 @@ def train(
         env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
     )
     try:
-        return _train(config, env.rank, env.world_size, device, resume, max_steps)
+        return _train(config, env.rank, env.world_size, device, resume, max_steps, reporter)
     finally:
         cleanup()
 
 
-def _train(config, rank, world, device, resume, max_steps):
+def _train(config, rank, world, device, resume, max_steps, reporter):
     main = rank == 0
     if config.evaluation.backend not in ("auto", *RANKING_BACKENDS):
         raise TrainingError(
@@ -328,15 +339,18 @@ def _train(config, rank, world, device, resume, max_steps):
                 path = save("periodic")
                 if improved and path is not None and config.logging.keep_best:
                     checkpoints.mark_best(path)
+                if reporter is not None:
+                    reporter({**summary, "step": step, "epoch": epoch, "final": False}, path)
             elif (ck and epoch % ck == 0) or epoch == epochs:
                 save("periodic")
         summary = evaluate_model(eval_model(), dataset, config, device, out_dir=run_dir)
         log.scalars(step, summary, kind="eval")
         log.info("final evaluation on the test split: " + _fmt(summary))
-        if main and (best is None or summary["mAP"] >= best) and config.logging.keep_best:
-            latest = checkpoints.latest()
-            if latest is not None and last_saved_step == step:
-                checkpoints.mark_best(latest)
+        latest = checkpoints.latest() if main and last_saved_step == step else None
+        if latest is not None and (best is None or summary["mAP"] >= best) and lg.keep_best:
+            checkpoints.mark_best(latest)
+        if reporter is not None:
+            reporter({**summary, "step": step, "epoch": epoch, "final": True}, latest)
         log.info(
             f"results: {run_dir / 'results.json'}; plots: {run_dir / 'cmc.png'}, "
             f"{run_dir / 'ranked.png'}; checkpoints: {checkpoints.folder}; "
