@@ -7,18 +7,18 @@ in parallel OpenMP threads without the GIL:
 
 1. collect the kept positives (same pid, other camera) from the query pid's gallery members and sort
    them by (distance, gallery index), the order a stable full sort would give them;
-2. one pass over the gallery: an item farther than the last positive cannot precede one and costs
-   a comparison (with a useful model, nearly every item); for the others, count how many positives
-   precede it, exact on ties (an item tied with positives goes after those with a smaller index):
-   a branch-free count against the few sorted positive distances, padded to a multiple of PAD
-   (vectorised by the compiler), or a branchless binary search when there are more than SMALL.
-   The query pid's own items (positives, junk) are counted too and then taken back, which keeps
-   the hot loop free of pid tests;
-3. the cumulative counts give each positive's rank: rank_k = k + 1 + #negatives before it.
+2. count, for each positive, the gallery items that precede it in that order: up to VECTOR
+   positives, RC_LANES of them per pass over the gallery in SIMD lanes (kernels/rank_count.h: one
+   compare and one subtract per item, exact on ties); with more, one pass that finds each item's
+   place among the positives by a branchless binary search and adds it to a histogram. Items
+   farther than the last positive cannot precede one and cost one comparison (most items, with a
+   useful model). The query pid's own items (positives, junk) are counted like negatives and then
+   taken back, which keeps the hot loops free of pid tests;
+3. positive k's rank among the kept items is k + 1 + #negatives before it.
 
-O(G log p) per query (O(G) up to SMALL positives) and O(p) scratch per thread. The (B, G) matrix
-is read in place (float32 or float64, any row stride); AP and INP are computed in float64 exactly
-as the numpy backend does, so the backends agree bit for bit.
+O(G p / RC_LANES) per query up to VECTOR positives, O(G log p) above, and O(p) scratch per thread.
+The (B, G) matrix is read in place (float32 or float64, unit stride along rows); AP and INP are
+computed in float64 exactly as the numpy backend does, so the backends agree bit for bit.
 """
 
 cimport openmp
@@ -28,11 +28,19 @@ from libc.stdlib cimport free, malloc, qsort
 
 import numpy as np
 
-# Up to SMALL positives, a linear count over a multiple of PAD distances (+inf padding) beats a
-# binary search: no dependent loads, SIMD compares (2.3 vs 6.2 ns per item on a Zen 4 core).
+cdef extern from "rank_count.h" nogil:
+    enum: RC_LANES
+    void rc_count_f32(const float *d, Py_ssize_t n, const float *t, const Py_ssize_t *idx, int *out)
+    void rc_count_f64(
+        const double *d, Py_ssize_t n, const double *t, const Py_ssize_t *idx, int *out
+    )
+
+# Up to VECTOR positives, per-positive counts in SIMD lanes (rank_count.h: RC_LANES positives a
+# pass over the gallery, one compare and one subtract per item and pass); more positives use the
+# histogram of binary searches. Scratch arrays are padded to a multiple of PAD entries.
 cdef enum:
-    SMALL = 32
-    PAD = 8
+    VECTOR = 4 * RC_LANES
+    PAD = RC_LANES
 
 ctypedef fused floating:
     float
@@ -92,14 +100,8 @@ cdef inline Py_ssize_t _positives_before(
     const floating *pd, const Py_ssize_t *pidx, Py_ssize_t n, floating x, Py_ssize_t g
 ) noexcept nogil:
     """How many of the n sorted positives precede gallery item g at distance x."""
-    cdef Py_ssize_t lo, base, half, k
-    cdef int below = 0
-    if n <= SMALL:
-        for k in range((n + PAD - 1) // PAD * PAD):
-            below += pd[k] < x
-        lo = below
-    else:
-        lo = _lower_bound(pd, n, x)
+    cdef Py_ssize_t lo, base, half
+    lo = _lower_bound(pd, n, x)
     if lo == n or pd[lo] != x:
         return lo
     # Tied with positives from lo on: those with a smaller index precede; search by (d, index).
@@ -141,6 +143,29 @@ cdef double _pairwise_sum(const double *a, Py_ssize_t n) noexcept nogil:
     return _pairwise_sum(a, half) + _pairwise_sum(a + half, n - half)
 
 
+cdef void _count_preceding(
+    const floating *d,
+    Py_ssize_t num_g,
+    const floating *pd,
+    const Py_ssize_t *pidx,
+    Py_ssize_t n,
+    int *counted,
+    Py_ssize_t *count,
+) noexcept nogil:
+    """count[k] = how many gallery items precede positive k in (distance, index) order, for
+    n <= VECTOR sorted positives (``pd`` padded with -inf, ``pidx`` with 0, to a multiple of
+    RC_LANES): exact on ties."""
+    cdef Py_ssize_t c = 0, k
+    while c < n:  # one pass over the gallery per RC_LANES positives
+        if floating is float:
+            rc_count_f32(d, num_g, pd + c, pidx + c, counted + c)
+        else:
+            rc_count_f64(d, num_g, pd + c, pidx + c, counted + c)
+        c += RC_LANES
+    for k in range(n):
+        count[k] = counted[k]
+
+
 cdef Py_ssize_t _rank_one(
     const floating[:] d,
     Py_ssize_t q_cam,
@@ -150,16 +175,18 @@ cdef Py_ssize_t _rank_one(
     floating *pd,
     Py_ssize_t *pidx,
     Py_ssize_t *count,
+    int *counted,
     double *precision,
     double *ap,
     double *inp,
 ) noexcept nogil:
     """First-positive rank of one query (0 if it has no kept positive); sets ap and inp.
 
-    ``members``: the gallery items of the query's pid, ascending. Scratch: ``pos`` and ``pidx``
-    and ``precision`` hold len(members) entries, ``pd`` and ``count`` len(members) + PAD.
+    ``members``: the gallery items of the query's pid, ascending. Scratch: ``pos`` and
+    ``precision`` hold len(members) entries, ``pd``, ``pidx``, ``count`` and ``counted``
+    len(members) + PAD.
     """
-    cdef Py_ssize_t n = 0, k, g, negs, rank = 0, first = 0, num_g = d.shape[0]
+    cdef Py_ssize_t n = 0, j, k, g, rank = 0, first = 0, num_g = d.shape[0]
     cdef floating last
     for k in range(members.shape[0]):
         g = members[k]
@@ -175,24 +202,33 @@ cdef Py_ssize_t _rank_one(
         pidx[k] = pos[k].idx
         count[k] = 0
     for k in range(n, (n + PAD - 1) // PAD * PAD):
-        pd[k] = INFINITY  # never below an item (no NaN distances)
-    count[n] = 0  # items tied with the last positive but after it: counted, never used
-    # Count every item as if it were a negative (no pid test in the hot loop), then take back the
-    # query pid's own items (positives and junk), found the same way. Items farther than the last
-    # positive cannot precede one: skipping them (most items, with a useful model) also spares a
-    # serial chain of increments of count[n].
+        pd[k] = -INFINITY  # padding lanes: no item is below, and they never set the skip bound
+        pidx[k] = 0
+    # Every item is counted as if it were a negative (no pid test in the hot loops), then the
+    # query pid's own items (positives and junk) are taken back. Items farther than the last
+    # positive cannot precede one and cost one comparison (most items, with a useful model).
     last = pd[n - 1]
-    for g in range(num_g):
-        if d[g] <= last:
-            count[_positives_before(pd, pidx, n, d[g], g)] += 1
-    for k in range(members.shape[0]):
-        g = members[k]
-        if d[g] <= last:
-            count[_positives_before(pd, pidx, n, d[g], g)] -= 1
-    negs = 0
+    if n <= VECTOR:
+        _count_preceding(&d[0], num_g, pd, pidx, n, counted, count)
+        for k in range(members.shape[0]):
+            g = members[k]
+            if d[g] <= last:
+                for j in range(n):
+                    count[j] -= _before(d[g], g, pd[j], pidx[j])
+    else:  # a histogram of binary searches: O(G log n) instead of O(G n)
+        count[n] = 0  # items tied with the last positive but after it: counted, never used
+        for g in range(num_g):
+            if d[g] <= last:
+                count[_positives_before(pd, pidx, n, d[g], g)] += 1
+        for k in range(members.shape[0]):
+            g = members[k]
+            if d[g] <= last:
+                count[_positives_before(pd, pidx, n, d[g], g)] -= 1
+        for k in range(1, n):
+            count[k] += count[k - 1]
+    # count[k]: negatives before positive k, so its rank among the kept items is k + 1 + count[k]
     for k in range(n):
-        negs += count[k]
-        rank = k + 1 + negs
+        rank = k + 1 + count[k]
         if k == 0:
             first = rank
         precision[k] = <double>(k + 1) / <double>rank
@@ -221,8 +257,9 @@ def _rank_block(
     cdef Py_ssize_t *pidx = <Py_ssize_t *>malloc(threads * scratch * sizeof(Py_ssize_t))
     cdef Py_ssize_t *count = <Py_ssize_t *>malloc(threads * scratch * sizeof(Py_ssize_t))
     cdef double *precision = <double *>malloc(threads * scratch * sizeof(double))
+    cdef int *counted = <int *>malloc(threads * scratch * sizeof(int))
     try:
-        if not (pos and pd and pidx and count and precision):
+        if not (pos and pd and pidx and count and precision and counted):
             raise MemoryError(f"rank_cy: no scratch for {threads} threads x {scratch} positives")
         for q in prange(num_q, nogil=True, schedule="guided", num_threads=threads):
             label = q_label[q]
@@ -239,6 +276,7 @@ def _rank_block(
                 pd + t,
                 pidx + t,
                 count + t,
+                counted + t,
                 precision + t,
                 &ap[q],
                 &inp[q],
@@ -249,6 +287,7 @@ def _rank_block(
         free(pidx)
         free(count)
         free(precision)
+        free(counted)
 
 
 def rank_block(distmat, q_pids, g_pids, q_camids, g_camids):
