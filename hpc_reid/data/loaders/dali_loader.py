@@ -11,8 +11,9 @@ same way, and pixels differ only by the JPEG decoder's and the resizer's roundin
 (:mod:`hpc_reid.data.transforms` gives the semantics; DALI's own random generators are not used).
 
 Graph: decode (``mixed``, nvJPEG, with CUDA; ``cpu`` with ``device_id=None`` without) ->
-bilinear resize with antialiasing -> flip -> slice with zero fill (the pad-then-crop) ->
-normalise to float CHW -> erase with 0 in normalised space (the mean pixel). Colour jitter is
+bilinear resize with antialiasing -> slice with zero fill (the pad-then-crop, its window
+mirrored for flipped samples) -> flip, normalise to float CHW (one operator) -> erase with 0 in
+normalised space (the mean pixel). Colour jitter is
 not implemented here: :func:`build_train_loader` rejects it, and ``loader.backend=auto`` falls
 back to the torch loader when it is on.
 
@@ -124,7 +125,10 @@ class RankBatches:
         for j in range(n):
             p = self.transform.sample_params(sample_rng(self.seed, epoch, base + j))
             flip[j] = p.flip
-            start[j] = (p.crop_top - pad, p.crop_left - pad)
+            # The pipeline crops first and mirrors in crop_mirror_normalize: the flipped image's
+            # window at column c is the mirror of the original's window at column -c.
+            left = p.crop_left - pad
+            start[j] = (p.crop_top - pad, -left if p.flip else left)
             if p.erase is not None:
                 erase_at[j], erase_shape[j] = p.erase[:2], p.erase[2:]
         return (*out, flip, start, erase_at, erase_shape)
@@ -178,11 +182,12 @@ def _build_pipeline(
         x = fn.resize(
             x, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=True
         )
+        flip = 0
         if train:
             flip, start, erase_at, erase_shape = outs[4:]
-            x = fn.flip(x, horizontal=flip)
             # Zero padding then crop == a window starting at (top - pad, left - pad), zeros
-            # outside the image (black in pixel space, before normalising, as BoT).
+            # outside the image (black in pixel space, before normalising, as BoT); the flip is
+            # applied after it by crop_mirror_normalize, one pass less over the pixels.
             x = fn.slice(
                 x,
                 start=start,
@@ -191,7 +196,9 @@ def _build_pipeline(
                 out_of_bounds_policy="pad",
                 fill_values=0,
             )
-        x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+        x = fn.crop_mirror_normalize(
+            x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
+        )
         if train:
             x = fn.erase(x, anchor=erase_at, shape=erase_shape, axis_names="HW", fill_value=0.0)
         return x, pids, camids, indices
