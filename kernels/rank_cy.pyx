@@ -8,15 +8,15 @@ in parallel OpenMP threads without the GIL:
 1. collect the kept positives (same pid, other camera) from the query pid's gallery members and sort
    them by (distance, gallery index), the order a stable full sort would give them;
 2. count, for each positive, the gallery items that precede it in that order: up to VECTOR
-   positives, RC_LANES of them per pass over the gallery in SIMD lanes (kernels/rank_count.h: one
-   compare and one subtract per item, exact on ties); with more, one pass that finds each item's
+   positives, 16 or 32 of them per pass over the gallery in SIMD lanes (kernels/rank_count.h: one
+   compare and one subtract per item and 16 lanes, exact on ties); with more, one pass that finds each item's
    place among the positives by a branchless binary search and adds it to a histogram. Items
    farther than the last positive cannot precede one and cost one comparison (most items, with a
    useful model). The query pid's own items (positives, junk) are counted like negatives and then
    taken back, which keeps the hot loops free of pid tests;
 3. positive k's rank among the kept items is k + 1 + #negatives before it.
 
-O(G p / RC_LANES) per query up to VECTOR positives, O(G log p) above, and O(p) scratch per thread.
+O(G p / 16) per query up to VECTOR positives, O(G log p) above, and O(p) scratch per thread.
 The (B, G) matrix is read in place (float32 or float64, unit stride along rows); AP and INP are
 computed in float64 exactly as the numpy backend does, so the backends agree bit for bit.
 """
@@ -29,18 +29,22 @@ from libc.stdlib cimport free, malloc, qsort
 import numpy as np
 
 cdef extern from "rank_count.h" nogil:
-    enum: RC_LANES
-    void rc_count_f32(const float *d, Py_ssize_t n, const float *t, const Py_ssize_t *idx, int *out)
-    void rc_count_f64(
+    # out[k] = #items before (t[k], idx[k]) in (distance, index) order, for 16 or 32 lanes
+    void rc_count16_f32(const float *d, Py_ssize_t n, const float *t, const Py_ssize_t *idx, int *out)
+    void rc_count32_f32(const float *d, Py_ssize_t n, const float *t, const Py_ssize_t *idx, int *out)
+    void rc_count16_f64(
+        const double *d, Py_ssize_t n, const double *t, const Py_ssize_t *idx, int *out
+    )
+    void rc_count32_f64(
         const double *d, Py_ssize_t n, const double *t, const Py_ssize_t *idx, int *out
     )
 
-# Up to VECTOR positives, per-positive counts in SIMD lanes (rank_count.h: RC_LANES positives a
-# pass over the gallery, one compare and one subtract per item and pass); more positives use the
-# histogram of binary searches. Scratch arrays are padded to a multiple of PAD entries.
+# Up to VECTOR positives, per-positive counts in SIMD lanes (rank_count.h: 16 positives in one
+# pass over the gallery, or 32 a pass; one compare and one subtract per item and 16 lanes); more
+# positives use the histogram of binary searches. Scratch is padded to a multiple of PAD entries.
 cdef enum:
-    VECTOR = 4 * RC_LANES
-    PAD = RC_LANES
+    VECTOR = 64
+    PAD = 32
 
 ctypedef fused floating:
     float
@@ -154,14 +158,19 @@ cdef void _count_preceding(
 ) noexcept nogil:
     """count[k] = how many gallery items precede positive k in (distance, index) order, for
     n <= VECTOR sorted positives (``pd`` padded with -inf, ``pidx`` with 0, to a multiple of
-    RC_LANES): exact on ties."""
+    PAD): exact on ties."""
     cdef Py_ssize_t c = 0, k
-    while c < n:  # one pass over the gallery per RC_LANES positives
+    if n <= 16:
         if floating is float:
-            rc_count_f32(d, num_g, pd + c, pidx + c, counted + c)
+            rc_count16_f32(d, num_g, pd, pidx, counted)
         else:
-            rc_count_f64(d, num_g, pd + c, pidx + c, counted + c)
-        c += RC_LANES
+            rc_count16_f64(d, num_g, pd, pidx, counted)
+    while 16 < n and c < n:  # one pass over the gallery per 32 positives
+        if floating is float:
+            rc_count32_f32(d, num_g, pd + c, pidx + c, counted + c)
+        else:
+            rc_count32_f64(d, num_g, pd + c, pidx + c, counted + c)
+        c += 32
     for k in range(n):
         count[k] = counted[k]
 
