@@ -1,4 +1,4 @@
-"""The ``hpc-reid`` command line: ``hpc-reid config|data ...``.
+"""The ``hpc-reid`` command line: ``hpc-reid config|data|train|eval|bench|tune ...``.
 
 Run as ``hpc-reid ...`` or ``python -m hpc_reid.cli ...`` (the form torchrun and srun launch).
 Errors in user input (config keys, data set folders) end with exit code 2 and one clear message,
@@ -132,15 +132,51 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+_RAY_OPTIONS = ("num_workers", "gpus_per_worker", "cpus_per_worker", "address", "max_failures")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_reid.engine.trainer import train
     from hpc_reid.launch.slurm import requeue_if_preempted
 
+    if args.launcher == "ray":
+        return _train_on_ray(args)
+    given = [f"--{o.replace('_', '-')}" for o in _RAY_OPTIONS if getattr(args, o) is not None]
+    if given:
+        raise ConfigError(f"train: {', '.join(given)} need(s) --launcher ray")
     result = train(
         load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps
     )
     # stopped by SIGUSR1/SIGTERM with a checkpoint: under SLURM, rank 0 requeues the job
     requeue_if_preempted(result)
+    return 0
+
+
+def _train_on_ray(args: argparse.Namespace) -> int:
+    """``train --launcher ray``: this process drives N Ray Train workers (it is not a rank)."""
+    from hpc_reid.launch.distributed import detect_env
+    from hpc_reid.launch.ray_launcher import require_ray, train_on_ray
+
+    if detect_env().distributed:
+        raise ConfigError("train --launcher ray: start it as one process, not under torchrun/srun")
+    if args.num_workers is None or args.num_workers < 1:
+        raise ConfigError("train --launcher ray needs --num-workers N (N >= 1)")
+    require_ray()
+    result = train_on_ray(
+        load_config(args.config, args.overrides),
+        num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker or 0,
+        cpus_per_worker=args.cpus_per_worker or 1,
+        address=args.address,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        max_failures=args.max_failures or 0,
+    )
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "final"}
+    shown = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
+    print(f"Ray Train run {result.path}: last checkpoint {result.checkpoint}; {shown}")
     return 0
 
 
@@ -212,6 +248,223 @@ def cmd_export_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_size(text: str) -> tuple[int, int]:
+    q, _, g = text.partition(",")
+    try:
+        return int(q), int(g)
+    except ValueError:
+        raise ConfigError(
+            f"--eval-size {text!r}: expected QUERIES,GALLERY, e.g. 3368,15913"
+        ) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from hpc_reid.bench.report import run_markdown
+    from hpc_reid.bench.runner import check_settings, parse_loaders, run_bench
+    from hpc_reid.launch.distributed import detect_env
+
+    if not args.config:
+        raise ConfigError("bench: give --config FILE (or use `bench summarize` / `bench model`)")
+    eval_query, eval_gallery = _eval_size(args.eval_size)
+    check_settings(args.steps, args.warmup, args.scaling, eval_query, eval_gallery)
+    config = load_config(args.config, args.overrides)
+    loaders = parse_loaders(args.loaders, config)  # before any process group: exit 2 on all ranks
+    out = args.out or f"runs/bench-{config.name}"
+    report = run_bench(
+        config,
+        steps=args.steps,
+        warmup=args.warmup,
+        loaders=loaders or "none",
+        out_dir=out,
+        scaling=args.scaling,
+        eval_query=eval_query,
+        eval_gallery=eval_gallery,
+        eval_dim=args.eval_dim,
+        command="hpc-reid " + shlex.join(args.argv),
+    )
+    if detect_env().rank == 0:
+        print(run_markdown(report), end="")
+        print(f"results: {out}/bench.json")
+    return 0
+
+
+def cmd_bench_summarize(args: argparse.Namespace) -> int:
+    from hpc_reid.bench.report import load_runs, scaling_markdown, scaling_rows, write_scaling
+
+    runs = load_runs(args.runs)
+    paths = write_scaling(runs, args.summary_out)
+    print(scaling_markdown(scaling_rows(runs)), end="")
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from hpc_reid.bench.comm_model import predict_step
+
+    if args.params <= 0 or args.bandwidth_gbps <= 0 or args.latency_us < 0 or args.bucket_mb <= 0:
+        raise ConfigError("bench model: --params, --bandwidth-gbps and --bucket-mb must be > 0")
+    print(
+        "| ranks | buckets | gradient MiB | all-reduce ms/step |"
+        + (" / step |" if args.step_ms else "")
+    )
+    print("|---:|---:|---:|---:|" + ("---:|" if args.step_ms else ""))
+    for world in args.world:
+        if world < 1:
+            raise ConfigError(f"bench model: --world must be >= 1, got {world}")
+        pred = predict_step(
+            int(args.params),
+            world,
+            args.bandwidth_gbps * 1e9 / 8,
+            args.latency_us * 1e-6,
+            bucket_mb=args.bucket_mb,
+            bytes_per_element=args.bytes_per_element,
+        )
+        ratio = f" {1e3 * pred.seconds / args.step_ms:.2f} |" if args.step_ms else ""
+        print(
+            f"| {world} | {pred.buckets} | {pred.gradient_bytes / 2**20:.1f} "
+            f"| {1e3 * pred.seconds:.2f} |{ratio}"
+        )
+    return 0
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure training/loader/evaluation throughput and communication on every rank",
+        description="`hpc-reid bench --config C` under any launcher writes OUT/bench.json; "
+        "`bench summarize RUN...` writes the scaling table and plot; `bench model` predicts "
+        "all-reduce time per step (bench/COMM_MODEL.md).",
+    )
+    _add_config_args(bench, required=False)
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per phase")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps before each phase")
+    bench.add_argument(
+        "--loaders",
+        help="comma-separated loader backends: dali,torch,auto or none "
+        "(default: the config's loader.backend)",
+    )
+    bench.add_argument("--out", help="folder for bench.json (default runs/bench-<config name>)")
+    bench.add_argument(
+        "--scaling",
+        choices=["weak", "strong"],
+        default="weak",
+        help="weak: P per rank as configured; strong: P divided by the world size",
+    )
+    bench.add_argument(
+        "--eval-size",
+        default="3368,15913",
+        metavar="Q,G",
+        help="random query,gallery features for the evaluation timing (0,0 skips it)",
+    )
+    bench.add_argument("--eval-dim", type=int, help="feature dimension (default: the model's)")
+    bench.set_defaults(func=cmd_bench)
+    actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
+    summarize = actions.add_parser(
+        "summarize", help="scaling.json/.md/.png from several runs' bench.json"
+    )
+    summarize.add_argument("runs", nargs="+", help="bench.json files or folders holding one")
+    summarize.add_argument("--out", dest="summary_out", required=True, help="output folder")
+    summarize.set_defaults(func=cmd_bench_summarize)
+    model = actions.add_parser("model", help="predict DDP all-reduce time per step")
+    model.add_argument("--params", type=float, required=True, help="parameters, e.g. 25.6e6")
+    model.add_argument("--world", type=int, nargs="+", required=True, help="ranks (several ok)")
+    model.add_argument("--bandwidth-gbps", type=float, required=True, help="link Gbit/s")
+    model.add_argument("--latency-us", type=float, default=10.0, help="per all-reduce call")
+    model.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb")
+    model.add_argument("--bytes-per-element", type=int, default=4, help="gradient dtype size")
+    model.add_argument("--step-ms", type=float, help="compute time per step, for the ratio")
+    model.set_defaults(func=cmd_bench_model)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hpc_reid.tune.runner import SearchSettings, prepare, run_search
+    from hpc_reid.tune.space import read_space
+
+    if not args.config:
+        raise ConfigError("tune: give --config FILE (the experiment to search over)")
+    config = load_config(args.config, args.overrides)
+    settings = space_raw = None
+    if not args.resume:
+        if not args.space or args.trials is None:
+            raise ConfigError("tune: give --space FILE and --trials N (or --resume)")
+        space_raw = read_space(args.space)
+        settings = SearchSettings(
+            trials=args.trials,
+            concurrent=args.concurrent,
+            objective=args.objective,
+            seed=args.seed,
+            cpus_per_trial=args.cpus_per_trial,
+            workers_per_trial=args.workers_per_trial,
+            early_stopping=not args.no_early_stopping,
+            init_trials=args.init_trials,
+        )
+    folder, base, space, settings, setup = prepare(
+        config, space_raw, args.space or "", settings, args.name, args.resume
+    )
+    out = run_search(folder, base, space, settings, setup, address=args.address, resume=args.resume)
+    _print_search(out)
+    return 0
+
+
+def _print_search(out: dict) -> None:
+    from hpc_reid.tune.report import format_table
+
+    best = out["best"]
+    print(f"\nsearch {out['folder']}: {len(out['rows'])} trial(s)")
+    print(format_table(out["rows"], best), end="")
+    if best is None:
+        print("no trial completed: no best.yaml")
+    else:
+        print(f"best: trial {best['trial']}, objective {best['objective']:.4f}")
+        print(f"best config: {out['best_yaml']} (hpc-reid train --config {out['best_yaml']})")
+    for key in ("results", "progress", "params", "ax_experiment"):
+        print(f"{key}: {out[key]}")
+
+
+def _add_tune_parser(commands) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="Bayesian hyperparameter search (Ax) over training runs, on Ray Tune",
+        description="Each trial trains the config with values Ax suggests from the search space; "
+        "ASHA stops weak trials early. Outputs go to <logging.output_dir>/tune/<name>.",
+    )
+    _add_config_args(tune, required=False)
+    tune.add_argument("--space", help="search space YAML, e.g. configs/search/bot_synthetic.yaml")
+    tune.add_argument("--trials", type=int, help="trials in all")
+    tune.add_argument("--concurrent", type=int, default=1, help="trials running at once")
+    tune.add_argument(
+        "--address",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: start Ray here)",
+    )
+    tune.add_argument(
+        "--objective",
+        choices=["map", "mean"],
+        default="map",
+        help="maximise mAP, or mean: (rank-1 + mAP) / 2",
+    )
+    tune.add_argument("--name", help="search folder name (default: the config's name)")
+    tune.add_argument(
+        "--resume", action="store_true", help="continue the interrupted search of that name"
+    )
+    tune.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial process")
+    tune.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=1,
+        help="training processes per trial (more than 1: Ray Train workers)",
+    )
+    tune.add_argument("--seed", type=int, default=0, help="Ax's seed (suggestions)")
+    tune.add_argument(
+        "--init-trials", type=int, help="quasi-random trials before BO (default: Ax's choice)"
+    )
+    tune.add_argument(
+        "--no-early-stopping", action="store_true", help="no ASHA: every trial runs to its end"
+    )
+    tune.set_defaults(func=cmd_tune)
+
+
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """A data set named on the command line (--dataset, --root, --option) or by --config."""
     parser.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
@@ -242,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="auto|PATH", help="continue from the run's newest or a given checkpoint"
     )
     train.add_argument("--max-steps", type=int, help="stop after this global step (checkpointed)")
+    train.add_argument(
+        "--launcher",
+        choices=["auto", "ray"],
+        default="auto",
+        help="auto: one process, torchrun or srun, from the environment; ray: Ray Train workers",
+    )
+    ray = train.add_argument_group("Ray Train (--launcher ray; pip install 'hpc-reid[ray]')")
+    ray.add_argument("--num-workers", type=int, help="training processes (ranks)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    ray.add_argument(
+        "--address", help="Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)"
+    )
+    ray.add_argument(
+        "--max-failures", type=int, help="restarts from the last checkpoint after a worker fails"
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(
@@ -277,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint written by train")
     export.add_argument("--out", required=True, help="the model-only checkpoint to write")
     export.set_defaults(func=cmd_export_weights)
+
+    _add_bench_parser(commands)
+    _add_tune_parser(commands)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -327,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:

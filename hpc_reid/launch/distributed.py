@@ -5,6 +5,10 @@ MASTER_PORT. Under ``srun`` each task instead sees SLURM_PROCID / SLURM_NTASKS /
 the allocation's node list; the first node of the list is the rendezvous host, unless MASTER_ADDR
 is set (needed where node names do not resolve, e.g. several slurmd on one machine). Anything else
 is a single process.
+
+Ray Train exports torchrun's variables and joins the process group itself before the training
+function runs (see ``hpc_reid.launch.ray_launcher``): ``init_distributed`` then finds the group
+ready, and ``cleanup`` leaves a group it found to the launcher that created it.
 """
 
 from __future__ import annotations
@@ -116,9 +120,20 @@ def choose_backend(requested: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+# The default process group init_distributed found already made (by Ray Train, or a test): its
+# creator destroys it, so cleanup() must not. Groups made later by anyone (DeepSpeed makes one even
+# for a single process) are ours to destroy.
+_found_group: object | None = None
+
+
 def init_distributed(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:
-    """Join the process group described by ``env`` (no-op for a single process)."""
-    if not env.distributed or dist.is_initialized():
+    """Join the process group described by ``env`` (no-op for a single process, or when a
+    launcher such as Ray Train already joined it)."""
+    global _found_group
+    if dist.is_initialized():
+        _found_group = dist.group.WORLD
+        return
+    if not env.distributed:
         return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -149,5 +164,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
+    """Destroy the process group, unless init_distributed found it made by someone else."""
+    global _found_group
+    found, _found_group = _found_group, None
+    if dist.is_initialized() and dist.group.WORLD is not found:
         dist.destroy_process_group()

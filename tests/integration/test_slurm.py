@@ -2,7 +2,9 @@
 127.0.0.1 (one node, and two nodes on one machine), a 2-rank job that completes, a pre-emption by
 SIGUSR1 that checkpoints, requeues and resumes to bit-identical weights, and the host-list parser
 against `scontrol show hostnames`; `sbatch slurm/eval.sh` evaluating that run's checkpoint sharded
-over two nodes, equal to one process.
+over two nodes, equal to one process; `sbatch slurm/bench.sh` benchmarking one and two nodes
+and summarising their scaling; `sbatch slurm/tune.sh` running a Ray Tune search on a Ray cluster
+over two nodes.
 
 Needs root and Debian's slurmctld/slurmd/slurm-client (tests/run.sh installs them where it can).
 Without them the tests skip loudly; in CI (CI=true) or with HPC_REID_REQUIRE_SLURM=1 that is a
@@ -402,3 +404,106 @@ def test_eval_sh_needs_an_existing_checkpoint(checkpoint, error, tmp_path):
     cmd = ["bash", str(REPO / "slurm/eval.sh")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and error in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_bench_sh_runs_one_and_two_nodes_and_summarises_their_scaling(two_nodes, tmp_path):
+    """`sbatch -N 2 slurm/bench.sh`: nodes-1 (one rank) and nodes-2 (a rank on n1 and on n2),
+    then scaling.json/.md/.png beside them."""
+    tiny = [
+        "data.synthetic.ids=16",
+        "data.synthetic.cams=3",
+        "data.synthetic.images_per_id=6",
+        "data.synthetic.distractors=4",
+        "data.synthetic.junk=2",
+        f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+        "data.height=64",
+        "data.width=32",
+        "sampler.num_identities=2",
+        "sampler.num_instances=2",
+        "loader.num_workers=0",
+        "engine.device=cpu",
+    ]
+    env = {**two_nodes.env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.update(STEPS="2", WARMUP="1", LOADERS="torch", EVAL_SIZE="40,120")
+    env["EXTRA"] = " ".join(f"--set {s}" for s in tiny)
+    cmd = ["sbatch", "--parsable", "-N", "2", str(REPO / "slurm/bench.sh")]
+    job_id = two_nodes.run(*cmd, cwd=tmp_path, env=env).stdout.strip().split(";")[0]
+    job = two_nodes.wait(job_id, timeout_s=120)
+    output = (tmp_path / f"hpc-reid-bench-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", output
+    assert "hpc-reid: rank 0 of 2 on n1" in output and "hpc-reid: rank 1 of 2 on n2" in output
+    out = tmp_path / "runs" / f"bench-{job_id}"
+    runs = [json.loads((out / f"nodes-{k}" / "bench.json").read_text()) for k in (1, 2)]
+    assert [r["environment"]["nodes"] for r in runs] == [1, 2]
+    assert [r["environment"]["world_size"] for r in runs] == [1, 2]
+    assert runs[1]["environment"]["node_names"] == ["n1", "n2"]
+    assert runs[1]["environment"]["slurm_job_id"] == job_id
+    assert runs[1]["aggregate"]["comm"]["model"]["measured_allreduce_s"] > 0
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert [(r["nodes"], r["ranks"]) for r in rows] == [(1, 1), (2, 2)]
+    assert rows[0]["compute_efficiency"] == pytest.approx(1.0)
+    assert rows[1]["compute_efficiency"] == pytest.approx(
+        runs[1]["aggregate"]["compute"]["img_per_s"]
+        / (2 * runs[0]["aggregate"]["compute"]["img_per_s"])
+    )
+    assert (out / "scaling.md").read_text().startswith("| scaling | nodes |")
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# A 2-trial search of tiny synthetic trainings (the TINY run of tests/engine/test_trainer.py).
+TUNE_SETS = [
+    "data.synthetic.ids=16",
+    "data.synthetic.cams=3",
+    "data.synthetic.images_per_id=6",
+    "data.synthetic.distractors=4",
+    "data.synthetic.junk=2",
+    "data.height=64",
+    "data.width=32",
+    "sampler.num_identities=2",
+    "sampler.num_instances=2",
+    "loader.num_workers=0",
+    "loader.test_batch_size=32",
+    "schedule.epochs=3",
+    "schedule.milestones=[2]",
+    "schedule.warmup_epochs=1",
+    "evaluation.every_epochs=1",
+    "evaluation.at_start=false",
+    "evaluation.plots=false",
+    "logging.tensorboard=false",
+    "engine.device=cpu",
+]
+TUNE_SPACE = """\
+parameters:
+  optimizer.lr: {type: range, bounds: [1.0e-3, 1.0e-2], log: true}
+  loss.triplet.margin: {type: range, bounds: [0.1, 0.5]}
+"""
+
+
+@pytest.mark.slow
+def test_tune_sh_runs_a_search_on_a_ray_cluster_over_two_nodes(two_nodes, tmp_path):
+    """`sbatch -N 2 slurm/tune.sh`: Ray head on n1, a worker on n2, both joined; 2 trials of 2
+    CPUs at once (one per 2-CPU node) complete; the Ray steps end with the job."""
+    (tmp_path / "space.yaml").write_text(TUNE_SPACE)
+    sets = [*TUNE_SETS, f"data.synthetic.cache_dir={tmp_path / 'cache'}"]
+    env = {**two_nodes.env, "PYTHON": sys.executable, "CONFIG": "configs/synthetic/bot.yaml"}
+    env.update(SPACE=str(tmp_path / "space.yaml"), TRIALS="2", CONCURRENT="2")
+    extra = [*(f"--set {s}" for s in sets), "--cpus-per-trial 2", "--no-early-stopping"]
+    env["EXTRA"] = " ".join(extra)
+    cmd = ["sbatch", "--parsable", "-N", "2", str(REPO / "slurm/tune.sh")]
+    job_id = two_nodes.run(*cmd, cwd=tmp_path, env=env).stdout.strip().split(";")[0]
+    job = two_nodes.wait(job_id, timeout_s=240)
+    output = (tmp_path / f"hpc-reid-tune-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", output
+    assert job["NodeList"] == "n[1-2]", output
+    # `ray status` once both nodes joined, and the cluster the search ran on
+    active = output.split("Active:")[1].split("Pending:")[0]
+    assert active.count(" node_") == 2, output
+    assert "Ray cluster of 2 node(s), 4 CPUs" in output, output
+    folder = tmp_path / "runs/tune/bot_synthetic"
+    table = (folder / "results.csv").read_text().splitlines()
+    assert len(table) == 3 and all(",completed," in line for line in table[1:]), output
+    assert (folder / "best.yaml").is_file() and "best: trial" in output
+    # the background `ray start` steps stopped on SIGTERM, not killed
+    assert "Ray cluster stopped" in output and "Killed" not in output, output
+    two_nodes.wait_idle()

@@ -60,3 +60,24 @@ def test_slurm_master_addr_override_and_single_task():
 def test_bad_integer_names_the_variable():
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):
         detect_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_cleanup_leaves_a_group_it_found_to_its_creator(tmp_path):
+    """Ray Train (or a test) made the group: train()'s cleanup must not destroy it; a group made
+    after init_distributed (DeepSpeed makes one for a single process) is destroyed."""
+    import torch.distributed as dist
+
+    from hpc_reid.launch.distributed import cleanup, init_distributed
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        init_distributed(DistEnv(), "gloo")
+        cleanup()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    init_distributed(DistEnv(), "gloo")
+    dist.init_process_group("gloo", init_method=f"{store}2", rank=0, world_size=1)
+    cleanup()
+    assert not dist.is_initialized()
