@@ -272,8 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     loaders = parse_loaders(args.loaders, config)  # before any process group: exit 2 on all ranks
     out = args.out or f"runs/bench-{config.name}"
-    report = run_bench(
-        config,
+    options = dict(
         steps=args.steps,
         warmup=args.warmup,
         loaders=loaders or "none",
@@ -284,10 +283,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eval_dim=args.eval_dim,
         command="hpc-reid " + shlex.join(args.argv),
     )
+    if args.launcher == "ray":
+        report = _bench_on_ray(args, config, options)
+    else:
+        given = [f"--{o.replace('_', '-')}" for o in _RAY_BENCH if getattr(args, o) is not None]
+        if given:
+            raise ConfigError(f"bench: {', '.join(given)} need(s) --launcher ray")
+        report = run_bench(config, **options)
     if detect_env().rank == 0:
         print(run_markdown(report), end="")
         print(f"results: {out}/bench.json")
     return 0
+
+
+_RAY_BENCH = ("num_workers", "gpus_per_worker", "cpus_per_worker", "address")
+
+
+def _bench_on_ray(args: argparse.Namespace, config, options: dict) -> dict:
+    """``bench --launcher ray``: run_bench on N Ray Train workers (this process is not a rank)."""
+    from pathlib import Path
+
+    from hpc_reid.bench.runner import run_bench
+    from hpc_reid.launch.distributed import detect_env
+    from hpc_reid.launch.ray_launcher import require_ray, run_on_ray, with_absolute_paths
+
+    if detect_env().distributed:
+        raise ConfigError("bench --launcher ray: start it as one process, not under torchrun/srun")
+    if args.num_workers is None or args.num_workers < 1:
+        raise ConfigError("bench --launcher ray needs --num-workers N (N >= 1)")
+    require_ray()
+    gpus = args.gpus_per_worker or 0
+    config = with_absolute_paths(config)
+    if config.engine.device == "auto":  # as train_on_ray: a worker has GPUs only if asked for
+        engine = config.engine.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
+        config = config.model_copy(update={"engine": engine})
+    out = Path(options["out_dir"]).resolve()
+    return run_on_ray(
+        run_bench,
+        {**options, "config": config, "out_dir": str(out), "launcher": "ray"},
+        num_workers=args.num_workers,
+        gpus_per_worker=gpus,
+        cpus_per_worker=args.cpus_per_worker or 1,
+        address=args.address,
+        storage_path=out,
+        name="ray",
+        timeout_s=config.distributed.timeout_s,
+    )
 
 
 def cmd_bench_summarize(args: argparse.Namespace) -> int:
@@ -359,6 +400,19 @@ def _add_bench_parser(commands) -> None:
         help="random query,gallery features for the evaluation timing (0,0 skips it)",
     )
     bench.add_argument("--eval-dim", type=int, help="feature dimension (default: the model's)")
+    bench.add_argument(
+        "--launcher",
+        choices=["auto", "ray"],
+        default="auto",
+        help="auto: one process, torchrun or srun, from the environment; ray: Ray Train workers",
+    )
+    ray = bench.add_argument_group("Ray Train (--launcher ray; pip install 'hpc-reid[ray]')")
+    ray.add_argument("--num-workers", type=int, help="benchmark processes (ranks)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    ray.add_argument(
+        "--address", help="Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)"
+    )
     bench.set_defaults(func=cmd_bench)
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
     summarize = actions.add_parser(

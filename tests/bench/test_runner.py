@@ -142,9 +142,32 @@ def test_two_gloo_ranks_under_torchrun_report_per_rank_and_communication(tmp_pat
     assert model["latency_us"] >= 0
 
 
+@pytest.mark.slow
+def test_two_ray_train_workers_report_per_rank_and_communication(tmp_path):
+    pytest.importorskip("ray.train.torch", reason="Ray Train is not installed (extra 'ray')")
+    out = tmp_path / "ray"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS"):
+        env.pop(key, None)
+    args = bench_args(tmp_path, out, "--loaders", "torch", "--eval-size", "30,90")
+    cmd = [sys.executable, "-m", "hpc_reid.cli", *args, "--launcher", "ray", "--num-workers", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| compute-only |") == 1  # the driver prints rank 0's table
+    run = json.loads((out / "bench.json").read_text())
+    env_ = run["environment"]
+    assert env_["world_size"] == 2 and env_["backend"] == "gloo" and env_["launcher"] == "ray"
+    assert [r["rank"] for r in run["ranks"]] == [0, 1]
+    for rank in run["ranks"]:
+        assert rank["comm"]["allreduce_s"] > 0 and set(rank["compute"]) == PHASE_KEYS
+        assert rank["eval"]["queries_local"] == 15 and rank["eval"]["gallery_local"] == 45
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--num-workers", "2"], "--num-workers need(s) --launcher ray"),
+        (["--launcher", "ray"], "needs --num-workers N"),
         (["--loaders", "dali,pil"], "unknown loader 'pil'"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
