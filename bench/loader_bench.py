@@ -6,12 +6,15 @@ and to the best torch loader, and appends the table to bench/RESULTS.md.
     python bench/loader_bench.py --batches 300 --device cuda   # GPU: nvJPEG decode, GPU ops
 
 Images are delivered on ``--device`` (the torch loader's are copied there, as the trainer does).
+``--dali-stages`` adds DALI's CPU pipeline cut after each operator (decode, resize, pad-crop,
+mirror-normalise, erase), to show what each costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -59,6 +62,65 @@ def throughput(loader, sampler, device: torch.device, batches: int, warmup: int)
     return seen / (time.perf_counter() - tic)
 
 
+STAGES = ("decode", "resize", "pad-crop", "mirror-normalize", "erase")
+
+
+def dali_stage_rates(records, height: int, width: int, batch: int, batches: int) -> list[tuple]:
+    """img/s of the DALI loader's CPU graph cut after each operator (random per-sample flips, crop
+    offsets and erase boxes; encoded bytes read once up front): what each operator costs."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    raw = [np.fromfile(str(r.path), dtype=np.uint8) for r in records]
+    rng = np.random.default_rng(0)
+
+    def source(info):
+        chosen = rng.integers(0, len(raw), batch)
+        flip = rng.integers(0, 2, batch).astype(np.int32)
+        start = rng.integers(-10, 11, (batch, 2)).astype(np.int32)
+        at = np.tile(np.array([[height / 4, width / 4]], np.float32), (batch, 1))
+        shape = np.tile(np.array([[height / 3, width / 3]], np.float32), (batch, 1))
+        return [raw[j] for j in chosen], flip, start, at, shape
+
+    def graph(stage: str):
+        jpegs, flip, start, at, shape = fn.external_source(
+            source=source, num_outputs=5, batch=True, batch_info=True
+        )
+        x = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        if stage == "decode":
+            return x
+        x = fn.resize(
+            x, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=True
+        )
+        if stage == "resize":
+            return x
+        x = fn.slice(
+            x, start=start, shape=[height, width], axis_names="HW", out_of_bounds_policy="pad"
+        )
+        if stage == "pad-crop":
+            return x
+        x = fn.crop_mirror_normalize(
+            x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=[124.0] * 3, std=[58.0] * 3
+        )
+        if stage == "mirror-normalize":
+            return x
+        return fn.erase(x, anchor=at, shape=shape, axis_names="HW", fill_value=0.0)
+
+    rows = []
+    for stage in STAGES:
+        threads = len(os.sched_getaffinity(0))  # as the loader
+        pipe = pipeline_def(graph, batch_size=batch, num_threads=threads, device_id=None)(stage)
+        pipe.build()
+        for _ in range(5):
+            pipe.run()
+        tic = time.perf_counter()
+        for _ in range(batches):
+            pipe.run()
+        rows.append((stage, batch * batches / (time.perf_counter() - tic)))
+        del pipe
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/synthetic/bot.yaml")
@@ -68,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--torch-workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--dali-workers", type=int, default=0, help="DALI Python workers")
+    parser.add_argument("--dali-stages", action="store_true", help="also time each DALI operator")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     config = load_config(args.config, [*DEFAULTS, *args.overrides])
@@ -100,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
         *(f"| {name} | {rate:.0f} | {rate / base:.2f} |" for name, rate in rows),
     ]
+    if args.dali_stages and device.type == "cpu":
+        lines += [
+            "",
+            "| DALI CPU graph cut after | img/s |",
+            "|---|---|",
+            *(
+                f"| {stage} | {rate:.0f} |"
+                for stage, rate in dali_stage_rates(dataset.train, h, w, batch, args.batches)
+            ),
+        ]
     table = "\n".join(lines)
     summary = (
         f"{len(dataset.train)} train JPEGs, {h}x{w} output, batch {batch}, BoT augmentation; "
