@@ -226,3 +226,22 @@ def test_errors_before_ray_starts_exit_2(tmp_path):
         done = subprocess.run(base + args, capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_trial_can_train_on_two_ray_train_workers(tmp_path):
+    """--workers-per-trial 2: the trial's training runs on 2 gloo Ray Train workers (TorchTrainer
+    inside the Tune trial), and its evaluations still reach Tune, Ax and the results table."""
+    (tmp_path / "space.yaml").write_text(SPACE)
+    extra = ["--trials", "1", "--workers-per-trial", "2", "--cpus-per-trial", "0.5"]
+    done = run(tune_cmd(tmp_path, *extra, "--no-early-stopping"), timeout=400)
+    folder = tmp_path / "tune/bot_synthetic"
+    (row,) = rows(folder)
+    assert row["status"] == "completed" and row["epoch"] == "4", done.stdout[-3000:]
+    assert float(row["objective"]) == pytest.approx(float(row["mAP"]))
+    # the trial's run folder holds a checkpoint written by a 2-rank job
+    import torch
+
+    (ckpt,) = sorted((folder / "trials" / row["trial_id"] / "checkpoints").glob("epoch_*.pt"))[-1:]
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["world_size"] == 2
+    assert list(ax_statuses(folder).values()) == ["COMPLETED"]
