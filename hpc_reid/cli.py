@@ -135,15 +135,58 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 _RAY_OPTIONS = ("num_workers", "gpus_per_worker", "cpus_per_worker", "address", "max_failures")
 
 
+def _add_launcher_args(parser: argparse.ArgumentParser, ranks: str, failures: bool) -> None:
+    """``--launcher auto|ray`` and the Ray Train options (``--max-failures`` if ``failures``)."""
+    parser.add_argument(
+        "--launcher",
+        choices=["auto", "ray"],
+        default="auto",
+        help="auto: one process, torchrun or srun, from the environment; ray: Ray Train workers",
+    )
+    ray = parser.add_argument_group("Ray Train (--launcher ray; pip install 'hpc-reid[ray]')")
+    ray.add_argument("--num-workers", type=int, help=f"{ranks} processes (ranks)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    ray.add_argument(
+        "--address", help="Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)"
+    )
+    if failures:
+        ray.add_argument(
+            "--max-failures",
+            type=int,
+            help="restarts from the last checkpoint after a worker fails",
+        )
+
+
+def _uses_ray(args: argparse.Namespace, command: str) -> bool:
+    """Whether ``command`` runs on Ray Train workers (``--launcher ray``, checked: this process
+    drives the workers, it is not a rank); Ray options without it are an error."""
+    if args.launcher != "ray":
+        given = [
+            f"--{o.replace('_', '-')}" for o in _RAY_OPTIONS if getattr(args, o, None) is not None
+        ]
+        if given:
+            raise ConfigError(f"{command}: {', '.join(given)} need(s) --launcher ray")
+        return False
+    from hpc_reid.launch.distributed import detect_env
+    from hpc_reid.launch.ray_launcher import require_ray
+
+    if detect_env().distributed:
+        raise ConfigError(
+            f"{command} --launcher ray: start it as one process, not under torchrun/srun"
+        )
+    if args.num_workers is None or args.num_workers < 1:
+        raise ConfigError(f"{command} --launcher ray needs --num-workers N (N >= 1)")
+    require_ray()
+    return True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_reid.engine.trainer import train
     from hpc_reid.launch.slurm import requeue_if_preempted
 
-    if args.launcher == "ray":
+    if _uses_ray(args, "train"):
         return _train_on_ray(args)
-    given = [f"--{o.replace('_', '-')}" for o in _RAY_OPTIONS if getattr(args, o) is not None]
-    if given:
-        raise ConfigError(f"train: {', '.join(given)} need(s) --launcher ray")
     result = train(
         load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps
     )
@@ -154,14 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_on_ray(args: argparse.Namespace) -> int:
     """``train --launcher ray``: this process drives N Ray Train workers (it is not a rank)."""
-    from hpc_reid.launch.distributed import detect_env
-    from hpc_reid.launch.ray_launcher import require_ray, train_on_ray
+    from hpc_reid.launch.ray_launcher import train_on_ray
 
-    if detect_env().distributed:
-        raise ConfigError("train --launcher ray: start it as one process, not under torchrun/srun")
-    if args.num_workers is None or args.num_workers < 1:
-        raise ConfigError("train --launcher ray needs --num-workers N (N >= 1)")
-    require_ray()
     result = train_on_ray(
         load_config(args.config, args.overrides),
         num_workers=args.num_workers,
@@ -283,12 +320,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eval_dim=args.eval_dim,
         command="hpc-reid " + shlex.join(args.argv),
     )
-    if args.launcher == "ray":
+    if _uses_ray(args, "bench"):
         report = _bench_on_ray(args, config, options)
     else:
-        given = [f"--{o.replace('_', '-')}" for o in _RAY_BENCH if getattr(args, o) is not None]
-        if given:
-            raise ConfigError(f"bench: {', '.join(given)} need(s) --launcher ray")
         report = run_bench(config, **options)
     if detect_env().rank == 0:
         print(run_markdown(report), end="")
@@ -296,27 +330,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_RAY_BENCH = ("num_workers", "gpus_per_worker", "cpus_per_worker", "address")
-
-
 def _bench_on_ray(args: argparse.Namespace, config, options: dict) -> dict:
     """``bench --launcher ray``: run_bench on N Ray Train workers (this process is not a rank)."""
     from pathlib import Path
 
     from hpc_reid.bench.runner import run_bench
-    from hpc_reid.launch.distributed import detect_env
-    from hpc_reid.launch.ray_launcher import require_ray, run_on_ray, with_absolute_paths
+    from hpc_reid.launch.ray_launcher import run_on_ray, worker_config
 
-    if detect_env().distributed:
-        raise ConfigError("bench --launcher ray: start it as one process, not under torchrun/srun")
-    if args.num_workers is None or args.num_workers < 1:
-        raise ConfigError("bench --launcher ray needs --num-workers N (N >= 1)")
-    require_ray()
     gpus = args.gpus_per_worker or 0
-    config = with_absolute_paths(config)
-    if config.engine.device == "auto":  # as train_on_ray: a worker has GPUs only if asked for
-        engine = config.engine.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
-        config = config.model_copy(update={"engine": engine})
+    config = worker_config(config, gpus)
     out = Path(options["out_dir"]).resolve()
     return run_on_ray(
         run_bench,
@@ -400,19 +422,7 @@ def _add_bench_parser(commands) -> None:
         help="random query,gallery features for the evaluation timing (0,0 skips it)",
     )
     bench.add_argument("--eval-dim", type=int, help="feature dimension (default: the model's)")
-    bench.add_argument(
-        "--launcher",
-        choices=["auto", "ray"],
-        default="auto",
-        help="auto: one process, torchrun or srun, from the environment; ray: Ray Train workers",
-    )
-    ray = bench.add_argument_group("Ray Train (--launcher ray; pip install 'hpc-reid[ray]')")
-    ray.add_argument("--num-workers", type=int, help="benchmark processes (ranks)")
-    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
-    ray.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
-    ray.add_argument(
-        "--address", help="Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)"
-    )
+    _add_launcher_args(bench, "benchmark", failures=False)
     bench.set_defaults(func=cmd_bench)
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
     summarize = actions.add_parser(
@@ -549,22 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="auto|PATH", help="continue from the run's newest or a given checkpoint"
     )
     train.add_argument("--max-steps", type=int, help="stop after this global step (checkpointed)")
-    train.add_argument(
-        "--launcher",
-        choices=["auto", "ray"],
-        default="auto",
-        help="auto: one process, torchrun or srun, from the environment; ray: Ray Train workers",
-    )
-    ray = train.add_argument_group("Ray Train (--launcher ray; pip install 'hpc-reid[ray]')")
-    ray.add_argument("--num-workers", type=int, help="training processes (ranks)")
-    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0: CPU, gloo)")
-    ray.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
-    ray.add_argument(
-        "--address", help="Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)"
-    )
-    ray.add_argument(
-        "--max-failures", type=int, help="restarts from the last checkpoint after a worker fails"
-    )
+    _add_launcher_args(train, "training", failures=True)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import os
 import platform
@@ -47,20 +48,20 @@ import torch.distributed as dist
 
 import hpc_reid
 from hpc_reid.config import Config, ConfigError
-from hpc_reid.data.build import dataset_from_config
+from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.loaders import BACKENDS as LOADER_BACKENDS
 from hpc_reid.data.loaders import build_backend_train_loader, resolve_backend
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.optim import (
-    build_center_optimizer,
     build_optimizer,
     build_scheduler,
+    center_strategy_args,
     scaled_lr,
 )
 from hpc_reid.engine.strategy import DDPStrategy
 from hpc_reid.engine.trainer import select_device
 from hpc_reid.evaluation.sharded import evaluate_sharded, shard_range
-from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
+from hpc_reid.launch.distributed import barrier, choose_backend, detect_env, init_distributed
 from hpc_reid.losses import ReidLoss
 from hpc_reid.models import build_model
 
@@ -205,20 +206,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eval_gallery, dim):
     local = {"rank": rank, **_local_environment(device)}
 
-    # Data: rank 0 parses (and generates the synthetic set) first, as the trainer does.
-    if rank == 0:
-        dataset = dataset_from_config(config.data, announce=lambda m: print(m, flush=True))
-    _barrier()
-    if rank != 0:
-        dataset = dataset_from_config(config.data, announce=lambda _: None)
+    dataset = dataset_on_ranks(
+        config.data, rank == 0, announce=functools.partial(print, flush=True)
+    )
 
     torch.manual_seed(config.engine.seed)
     num_classes = dataset.num_train_pids
@@ -231,7 +224,6 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
     lr, _ = scaled_lr(config.optimizer, batch * world)
     optimizer = build_optimizer(model, config.optimizer, lr)
     scheduler = build_scheduler(optimizer, config.schedule, 1000)
-    center = getattr(criterion, "center", None)
     strategy = DDPStrategy(
         model,
         optimizer,
@@ -240,9 +232,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         precision=config.engine.precision,
         grad_clip=config.engine.grad_clip,
         find_unused_parameters=config.distributed.find_unused_parameters,
-        extra_params=list(center.parameters()) if center is not None else [],
-        extra_optimizer=build_center_optimizer(center, config.loss.center) if center else None,
-        extra_grad_scale=1.0 / config.loss.center.weight if center else 1.0,
+        **center_strategy_args(criterion, config.loss.center),
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -274,17 +264,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
 
     local["loaders"] = {}
     for backend in backends:
-        sampler = IdentitySampler(
-            [r.pid for r in dataset.train],
-            [r.camid for r in dataset.train],
-            s.num_identities,
-            s.num_instances,
-            rank=rank,
-            world_size=world,
-            seed=config.engine.seed,
-            allow_replacement=s.allow_replacement,
-            passes=s.passes_per_epoch,
-        )
+        sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
         cfg_loader = config.loader.model_copy(update={"backend": backend})
         loader = build_backend_train_loader(
             dataset.train, sampler, cfg_loader, h, w, config.engine.seed, device
@@ -390,7 +370,7 @@ def _train_phase(
         for context in contexts:
             with context():
                 timer.step(*next(batches))
-    _barrier()
+    barrier()
     records: list[list[tuple[float, ...]]] = [[] for _ in contexts]
     for _ in range(steps):
         for context, rec in zip(contexts, records, strict=True):
@@ -424,7 +404,7 @@ def _train_phase(
 def _loader_phase(batches, steps, warmup, device, batch) -> dict[str, float]:
     for _ in range(warmup):
         next(batches)
-    _barrier()
+    barrier()
     _sync(device)
     tic = time.perf_counter()
     for _ in range(steps):
@@ -483,7 +463,7 @@ def _eval_phase(nq, ng, dim, device, config: Config, rank, world) -> dict[str, A
     before, kind = _current_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _barrier()
+    barrier()
     _sync(device)
     tic = time.perf_counter()
     result = evaluate_sharded(

@@ -53,6 +53,19 @@ def check_options(name: str, options: dict) -> None:
             raise ConfigError(f"data.options.{key}: unknown option for data set {name!r}{hint}")
 
 
+def dataset_on_ranks(data: DataConfig, main: bool, announce=print) -> ReidDataset:
+    """``dataset_from_config`` on every rank of a job: rank 0 (``main``) parses first, generating
+    the synthetic set if needed; the others parse after a barrier, silently, and find it ready."""
+    from hpc_reid.launch.distributed import barrier
+
+    if main:
+        dataset = dataset_from_config(data, announce=announce)
+    barrier()
+    if not main:
+        dataset = dataset_from_config(data, announce=lambda _: None)
+    return dataset
+
+
 def dataset_from_config(data: DataConfig, announce=print) -> ReidDataset:
     name, root = dataset_root(data, announce)
     options = {} if data.dataset == SYNTHETIC else dict(data.options)

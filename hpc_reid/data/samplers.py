@@ -40,6 +40,24 @@ class IdentitySampler(torch.utils.data.Sampler[list[int]]):
     ``P * world_size``, so a run can resume at another world size with the same global batch.
     """
 
+    @classmethod
+    def from_config(
+        cls, records, cfg, seed: int, rank: int = 0, world_size: int = 1
+    ) -> IdentitySampler:
+        """The sampler a run's ``sampler`` section (``cfg``) asks for over ``records`` (objects with
+        ``pid`` and ``camid``: a data set's train split), for one rank of ``world_size``."""
+        return cls(
+            [r.pid for r in records],
+            [r.camid for r in records],
+            cfg.num_identities,
+            cfg.num_instances,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            allow_replacement=cfg.allow_replacement,
+            passes=cfg.passes_per_epoch,
+        )
+
     def __init__(
         self,
         pids: Sequence[int],

@@ -176,6 +176,19 @@ def build_center_optimizer(center_loss: CenterLoss, cfg: CenterConfig) -> torch.
     return torch.optim.SGD(center_loss.parameters(), lr=cfg.lr)
 
 
+def center_strategy_args(criterion, cfg: CenterConfig) -> dict:
+    """The strategy's keyword arguments for the criterion's center loss, if it has one: the
+    centers as extra parameters, their own SGD, and the gradient rescaling by 1 / weight."""
+    center = getattr(criterion, "center", None)
+    if center is None:
+        return {"extra_params": [], "extra_optimizer": None, "extra_grad_scale": 1.0}
+    return {
+        "extra_params": list(center.parameters()),
+        "extra_optimizer": build_center_optimizer(center, cfg),
+        "extra_grad_scale": 1.0 / cfg.weight,
+    }
+
+
 def rescale_center_grad(center_loss: CenterLoss, weight: float) -> None:
     """Divide the centers' gradients by the center-loss weight before their optimizer steps.
 

@@ -22,23 +22,22 @@ import torch
 import torch.distributed as dist
 
 from hpc_reid.config import Config, save_resolved, write_atomic
-from hpc_reid.data.build import dataset_from_config
+from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.evaluate import evaluate_model
 from hpc_reid.engine.optim import (
-    build_center_optimizer,
     build_optimizer,
     build_scheduler,
+    center_strategy_args,
     scaled_lr,
 )
 from hpc_reid.engine.run_log import RunLog
 from hpc_reid.engine.strategy import DDPStrategy
 from hpc_reid.evaluation.ranking import BACKENDS as RANKING_BACKENDS
 from hpc_reid.launch.distributed import (
-    barrier,
     choose_backend,
     cleanup,
     detect_env,
@@ -169,26 +168,11 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     lg = config.logging
     log = RunLog(run_dir, enabled=main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar)
 
-    # Data: rank 0 parses first (and generates the synthetic set) so the others find it ready.
-    if main:
-        dataset = dataset_from_config(config.data, announce=log.info)
-    barrier()
-    if not main:
-        dataset = dataset_from_config(config.data, announce=lambda _: None)
+    dataset = dataset_on_ranks(config.data, main, announce=log.info)
     log.info(dataset.statistics())
 
     s = config.sampler
-    sampler = IdentitySampler(
-        [r.pid for r in dataset.train],
-        [r.camid for r in dataset.train],
-        s.num_identities,
-        s.num_instances,
-        rank=rank,
-        world_size=world,
-        seed=config.engine.seed,
-        allow_replacement=s.allow_replacement,
-        passes=s.passes_per_epoch,
-    )
+    sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
     loader = build_backend_train_loader(
         dataset.train,
         sampler,
@@ -216,8 +200,6 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     lr, lr_note = scaled_lr(config.optimizer, global_batch)
     optimizer = build_optimizer(model, config.optimizer, lr)
     scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
-    center = getattr(criterion, "center", None)
-    center_params = list(center.parameters()) if center is not None else []
     strategy_cls, strategy_kwargs = DDPStrategy, {}
     if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
         from hpc_reid.engine.deepspeed_strategy import DeepSpeedStrategy
@@ -234,9 +216,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
         precision=config.engine.precision,
         grad_clip=config.engine.grad_clip,
         find_unused_parameters=config.distributed.find_unused_parameters,
-        extra_params=center_params,
-        extra_optimizer=build_center_optimizer(center, config.loss.center) if center else None,
-        extra_grad_scale=1.0 / config.loss.center.weight if center else 1.0,
+        **center_strategy_args(criterion, config.loss.center),
         **strategy_kwargs,
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
@@ -421,11 +401,7 @@ def saved_model(path: str | Path, config: Config | None = None):
         env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
     )
     try:
-        if env.rank == 0:
-            dataset = dataset_from_config(config.data)
-        barrier()
-        if env.rank != 0:
-            dataset = dataset_from_config(config.data, announce=lambda _: None)
+        dataset = dataset_on_ranks(config.data, env.rank == 0)
         model = build_model(config.model, dataset.num_train_pids).to(device)
         meta = model_meta(config, dataset.num_train_pids, model.feature_dim)
         if state["model_meta"] != meta:

@@ -191,6 +191,20 @@ def with_absolute_paths(config: Config) -> Config:
     return Config.model_validate(data)
 
 
+def worker_config(config: Config, gpus_per_worker: float) -> Config:
+    """``config`` as Ray workers must get it: its paths absolute (they run in folders of their
+    own), and ``engine.device=auto`` made ``cuda`` when a worker has GPUs, else ``cpu``."""
+    config = with_absolute_paths(config)
+    if config.engine.device == "auto":
+        device = "cuda" if gpus_per_worker > 0 else "cpu"
+        config = config.model_copy(
+            update={"engine": config.engine.model_copy(update={"device": device})}
+        )
+    if config.engine.device == "cuda" and gpus_per_worker <= 0:
+        raise TrainingError("engine.device=cuda on Ray needs --gpus-per-worker 1 (or more)")
+    return config
+
+
 def train_on_ray(
     config: Config,
     *,
@@ -217,14 +231,7 @@ def train_on_ray(
     """
     from hpc_reid.engine.trainer import run_dir_of
 
-    config = with_absolute_paths(config)
-    if config.engine.device == "auto":
-        device = "cuda" if gpus_per_worker > 0 else "cpu"
-        config = config.model_copy(
-            update={"engine": config.engine.model_copy(update={"device": device})}
-        )
-    if config.engine.device == "cuda" and gpus_per_worker <= 0:
-        raise TrainingError("engine.device=cuda on Ray needs --gpus-per-worker 1 (or more)")
+    config = worker_config(config, gpus_per_worker)
     backend = config.distributed.backend
     if backend == "auto":
         backend = "nccl" if config.engine.device == "cuda" else "gloo"
