@@ -13,9 +13,9 @@ import difflib
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, BinaryIO, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -416,14 +416,18 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     return build_config(data, source)
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, then rename over ``path``."""
+def write_atomic(path: str | Path, data: str | bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``data`` to a temporary sibling, then rename over ``path``: text (UTF-8), bytes, or
+    a function that writes to the open binary file (e.g. ``lambda f: fig.savefig(f)``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from hpc_reid.config import write_atomic
 from hpc_reid.data.pack import image_file
 
 CELL_HEIGHT, CELL_WIDTH = 128, 64  # the usual person crop aspect ratio (2:1)
@@ -22,21 +20,6 @@ PAD = 2  # between neighbouring cells, so that their borders do not merge
 QUERY_COLOUR = (40, 90, 220)
 MATCH_COLOUR = (30, 170, 60)
 MISMATCH_COLOUR = (210, 40, 40)
-
-
-def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through ``write`` to a temporary sibling, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def plot_cmc(cmc: np.ndarray, path: str | Path, label: str = "CMC") -> Path:
@@ -56,7 +39,7 @@ def plot_cmc(cmc: np.ndarray, path: str | Path, label: str = "CMC") -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _cell(image_path: str | Path, colour: tuple[int, int, int]) -> Image.Image:
@@ -100,4 +83,4 @@ def plot_ranked_lists(
             grid.paste(
                 _cell(gallery_paths[g], colour), (CELL_WIDTH + GAP + i * (CELL_WIDTH + PAD), y)
             )
-    return _write_atomic(path, lambda f: grid.save(f, format="PNG"))
+    return write_atomic(path, lambda f: grid.save(f, format="PNG"))
