@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc_reid.bench.runner import proc_status_gib
 from hpc_reid.evaluation.distances import evaluate_features, pairwise_distance
 from hpc_reid.evaluation.ranking import BACKENDS, rank_metrics
 
@@ -138,14 +139,6 @@ def section_market(args) -> list[str]:
             lines.append(f"| rank_metrics backend={name} | {sec:.3f} | {base / sec:.1f}x |")
         lines += ["", "All backends agree with the argsort evaluation (CMC, AP, mAP, mINP).", ""]
     return lines
-
-
-def proc_status_gib(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak), in GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    raise KeyError(f"/proc/self/status has no {field} line")
 
 
 def msmt_one(args) -> dict:

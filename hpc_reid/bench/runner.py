@@ -33,7 +33,6 @@ import functools
 import importlib
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -490,19 +489,26 @@ def _eval_phase(nq, ng, dim, device, config: Config, rank, world) -> dict[str, A
     }
 
 
+def proc_status_gib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak), in GiB. Not ru_maxrss,
+    which carries the parent's peak across fork + exec (a launcher's, here)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / GIB
+    raise KeyError(f"/proc/self/status has no {field} line")
+
+
 def _current_memory(device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / GIB, "cuda_allocated"
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kib * 1024 / GIB, "rss"
+    return proc_status_gib("VmRSS"), "rss"
 
 
 def _peak_memory(device) -> tuple[float, str]:
     """Peak CUDA memory allocated since the last reset, or the process's high-water RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB, "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "rss"
+    return proc_status_gib("VmHWM"), "rss"
 
 
 def _cpu_model() -> str:
