@@ -16,17 +16,12 @@ import pytest
 from hpc_reid.bench.runner import strong_scaled
 from hpc_reid.cli import main
 from hpc_reid.config import ConfigError, load_config
+from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/synthetic/bot.yaml")
 TINY = [
-    "data.synthetic.ids=16",
-    "data.synthetic.cams=3",
-    "data.synthetic.images_per_id=6",
-    "data.synthetic.distractors=4",
-    "data.synthetic.junk=2",
-    "data.height=64",
-    "data.width=32",
+    *TINY_DATA,
     "sampler.num_identities=4",
     "sampler.num_instances=2",
     "loader.num_workers=0",

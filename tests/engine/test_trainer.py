@@ -17,16 +17,11 @@ from hpc_reid.config import load_config
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "data.synthetic.ids=16",
-    "data.synthetic.cams=3",
-    "data.synthetic.images_per_id=6",
-    "data.synthetic.distractors=4",
-    "data.synthetic.junk=2",
-    "data.height=64",
-    "data.width=32",
+    *TINY_DATA,
     "model.backbone=osnet_x0_25",
     "sampler.num_identities=2",
     "sampler.num_instances=2",

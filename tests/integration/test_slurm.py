@@ -32,6 +32,7 @@ from hpc_reid.data.synthetic import SynthSpec, generate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.trainer import evaluate_checkpoint
 from hpc_reid.launch.distributed import expand_hostlist
+from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 MARKET_FOLDER = "Market-1501-v15.09.15"  # what slurm/train_market.sh expects under $DATA_ROOT
@@ -411,14 +412,8 @@ def test_bench_sh_runs_one_and_two_nodes_and_summarises_their_scaling(two_nodes,
     """`sbatch -N 2 slurm/bench.sh`: nodes-1 (one rank) and nodes-2 (a rank on n1 and on n2),
     then scaling.json/.md/.png beside them."""
     tiny = [
-        "data.synthetic.ids=16",
-        "data.synthetic.cams=3",
-        "data.synthetic.images_per_id=6",
-        "data.synthetic.distractors=4",
-        "data.synthetic.junk=2",
+        *TINY_DATA,
         f"data.synthetic.cache_dir={tmp_path / 'cache'}",
-        "data.height=64",
-        "data.width=32",
         "sampler.num_identities=2",
         "sampler.num_instances=2",
         "loader.num_workers=0",
@@ -453,13 +448,7 @@ def test_bench_sh_runs_one_and_two_nodes_and_summarises_their_scaling(two_nodes,
 
 # A 2-trial search of tiny synthetic trainings (the TINY run of tests/engine/test_trainer.py).
 TUNE_SETS = [
-    "data.synthetic.ids=16",
-    "data.synthetic.cams=3",
-    "data.synthetic.images_per_id=6",
-    "data.synthetic.distractors=4",
-    "data.synthetic.junk=2",
-    "data.height=64",
-    "data.width=32",
+    *TINY_DATA,
     "sampler.num_identities=2",
     "sampler.num_instances=2",
     "loader.num_workers=0",

@@ -17,17 +17,12 @@ import torch
 from hpc_reid.cli import main
 from hpc_reid.config import load_config
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 # 8 training identities, P=2 on 2 workers: 2 iterations an epoch, an evaluation after each epoch
 TINY = [
-    "data.synthetic.ids=16",
-    "data.synthetic.cams=3",
-    "data.synthetic.images_per_id=6",
-    "data.synthetic.distractors=4",
-    "data.synthetic.junk=2",
-    "data.height=64",
-    "data.width=32",
+    *TINY_DATA,
     "model.backbone=osnet_x0_25",
     "sampler.num_identities=2",
     "sampler.num_instances=2",

@@ -20,16 +20,11 @@ import yaml
 
 from hpc_reid.config import Config, load_config
 from hpc_reid.tune.space import load_space
+from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "data.synthetic.ids=16",
-    "data.synthetic.cams=3",
-    "data.synthetic.images_per_id=6",
-    "data.synthetic.distractors=4",
-    "data.synthetic.junk=2",
-    "data.height=64",
-    "data.width=32",
+    *TINY_DATA,
     "sampler.num_identities=2",
     "sampler.num_instances=2",
     "loader.num_workers=0",
