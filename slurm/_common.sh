@@ -1,7 +1,7 @@
-# Shared by slurm/train.sh and slurm/eval.sh (sourced, not run): the interpreter, the tasks per
-# node and the rendezvous of a job's srun'ed tasks. Expects $repo (the repository) and a SLURM
-# job; sets PYTHON, nodes, tasks_per_node, cpus_per_task, MASTER_ADDR, MASTER_PORT and exports
-# PYTHONPATH and OMP_NUM_THREADS. The caller runs with `set -euo pipefail`.
+# Shared by the slurm/ scripts (sourced, not run): the interpreter, the tasks per node and the
+# rendezvous of a job's srun'ed tasks. Expects $repo (the repository) and a SLURM job; sets
+# PYTHON, gpus (per node), nodes, tasks_per_node, cpus_per_task, MASTER_ADDR, MASTER_PORT and
+# exports PYTHONPATH and OMP_NUM_THREADS. The caller runs with `set -euo pipefail`.
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
 fi

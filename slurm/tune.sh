@@ -68,9 +68,7 @@ node_ip() {
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_ip=$(node_ip "${hosts[0]}")
 cpus=${SLURM_CPUS_ON_NODE:-1}
-gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
-gpus=${gpus##*:}
-[ "$gpus" -gt 0 ] 2>/dev/null || gpus=0
+[ "$gpus" -gt 0 ] 2>/dev/null || gpus=0  # GPUs per node, read by _common.sh
 # one token per job, in the environment of every step (srun exports it to all nodes)
 export RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')
