@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hpc_reid.config import AugmentConfig
+from hpc_reid.config import AugmentConfig, ConfigError
 
 #: Colour jitter strength: each factor is uniform in [1 - JITTER, 1 + JITTER].
 JITTER = 0.2
@@ -128,6 +128,11 @@ class TrainTransform:
     def __init__(self, augment: AugmentConfig, height: int, width: int) -> None:
         if height < 1 or width < 1:
             raise ValueError(f"height and width must be >= 1, got {height} x {width}")
+        if augment.pad >= min(height, width):
+            raise ConfigError(
+                f"loader.augment.pad={augment.pad}: must be smaller than the image's height "
+                f"and width ({height} x {width}); a larger padding can crop to pure padding"
+            )
         self.augment, self.height, self.width = augment, int(height), int(width)
         self.mean = torch.tensor(augment.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(augment.std, dtype=torch.float32).view(3, 1, 1)

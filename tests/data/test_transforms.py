@@ -15,7 +15,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from hpc_reid.config import AugmentConfig
+from hpc_reid.config import AugmentConfig, ConfigError
 from hpc_reid.data.transforms import (
     ERASE_ATTEMPTS,
     TestTransform,
@@ -185,3 +185,9 @@ def test_train_transform_is_deterministic_given_the_generator_and_varies_across_
     assert torch.equal(a, t.apply(img, t.sample_params(sample_rng(11, 2, 5))))
     others = [t(img, sample_rng(*key)) for key in ((11, 2, 6), (11, 3, 5), (12, 2, 5))]
     assert not any(torch.equal(a, o) for o in others)
+
+
+def test_padding_as_large_as_the_image_is_refused():
+    with pytest.raises(ConfigError, match=r"loader.augment.pad=32: .*64 x 32"):
+        TrainTransform(AugmentConfig(pad=32), 64, 32)
+    TrainTransform(AugmentConfig(pad=31), 64, 32)
