@@ -254,8 +254,14 @@ def _build_pipeline(
     return pipe
 
 
-def _to_torch(dali_out, device: torch.device) -> torch.Tensor:
+def _to_torch(dali_out, device: torch.device, zero_copy: bool) -> torch.Tensor:
+    """A pipeline output as a torch tensor on ``device``. With DALI's dynamic executor (the
+    default) an output's memory lives as long as a reference to it, so torch takes it over
+    through DLPack, as DALI's own PyTorch iterator does; otherwise it is copied."""
     t = dali_out.as_tensor()
+    if zero_copy:
+        with device:
+            return torch.from_dlpack(t)
     dtype = torch.float32 if t.dtype == types.FLOAT else torch.int64
     arr = torch.empty(t.shape(), dtype=dtype, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
@@ -284,8 +290,9 @@ class _DaliLoader:
             except StopIteration:
                 pipe.reset()
                 return
-            images = _to_torch(outs[0], self.device)
-            labels = [_to_torch(o, cpu) for o in outs[1:4]]
+            zero_copy = bool(getattr(pipe, "exec_dynamic", False))
+            images = _to_torch(outs[0], self.device, zero_copy)
+            labels = [_to_torch(o, cpu, zero_copy) for o in outs[1:4]]
             if len(outs) > 4:
                 erase_(images, outs[4].as_array())
             yield {"images": images, **dict(zip(_OUTPUTS[1:], labels, strict=True))}
