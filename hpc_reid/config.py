@@ -114,6 +114,12 @@ class LoaderConfig(Section):
     backend: Literal["auto", "dali", "torch"] = "auto"
     num_workers: int = Field(4, ge=0)
     prefetch: int = Field(2, ge=1, description="batches prefetched per worker / pipeline depth")
+    dali_pipelines: int = Field(
+        0,
+        ge=0,
+        description="DALI pipelines side by side, dealt batches in turn (0: one per core, "
+        "one thread each, when decoding on the CPU; one on the GPU)",
+    )
     pin_memory: bool = True
     test_batch_size: int = Field(256, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -63,15 +63,21 @@ def pixel_diff(a, b, std):
     return float(((a - b) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs().max())
 
 
-def test_same_batches_and_random_decisions_as_torch_over_epochs_and_resume(data):
+@pytest.mark.parametrize("pipelines", [0, 1, 3])
+def test_same_batches_and_random_decisions_as_torch_over_epochs_and_resume(data, pipelines):
+    """Also with 1 and 3 pipelines dealt batches in turn (0: one per core), whose turns do not
+    line up with the epoch's 8 batches."""
     config, records = data
+    config = config.model_copy(
+        update={"loader": config.loader.model_copy(update={"dali_pipelines": pipelines})}
+    )
     sampler = sampler_of(records)
     torch_l, dali_l = loaders(config, records, sampler)
     assert len(dali_l) == len(sampler) == len(torch_l)
     std = config.loader.augment.std
-    for epoch in (0, 1, 2):  # consecutive epochs reuse the pipeline after its reset
+    for epoch in (0, 1, 2):  # consecutive epochs continue the same pipelines' stream
         sampler.set_epoch(epoch)
-        a, b = list(torch_l), list(dali_l)
+        a, b = list(torch_l), list(dali_l)  # all batches held: DLPack outputs stay valid
         assert labels(a) == labels(b) and len(b) == sampler.batches_per_epoch
         for x, y in zip(a, b, strict=True):
             assert y["images"].shape == (8, 3, H, W) and y["images"].dtype == torch.float32
@@ -92,6 +98,33 @@ def test_same_batches_and_random_decisions_as_torch_over_epochs_and_resume(data)
     next(iter(dali_l))
     sampler.set_epoch(2)
     assert len(list(dali_l)) == sampler.batches_per_epoch
+
+
+def test_rank_batches_stream_runs_through_the_epochs_from_a_resumed_batch(data):
+    """The pipelines' source, shard by shard, against the sampler's own epochs."""
+    _, records = data
+    sampler = sampler_of(records)
+    n = sampler.batches_per_epoch
+    expected = []
+    for epoch in (5, 6, 7):
+        sampler.set_epoch(epoch)
+        expected += [(epoch, b, batch) for b, batch in enumerate(sampler)]
+    expected = expected[3:]  # resumed at batch 3 of epoch 5
+    for shards in (1, 2, 3):
+        got = {}
+        for shard in range(shards):
+            source = dali_loader.RankBatches(
+                records, sampler, None, epoch=5, first=3, shard=shard, shards=shards
+            )
+            for i in range(-(-len(expected) // shards)):
+                b = i * shards + shard
+                if b < len(expected):
+                    epoch, index, batches = source.locate(b)
+                    got[b] = (epoch, index, batches[index])
+        assert [got[b] for b in range(len(expected))] == expected, shards
+    assert len(expected) == 3 * n - 3
+    with pytest.raises(ValueError, match="first batch"):
+        dali_loader.RankBatches(records, sampler, None, first=n)
 
 
 def test_rank_batches_match_torch_with_parallel_workers_and_two_ranks(data):
