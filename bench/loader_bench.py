@@ -1,8 +1,10 @@
 """Loader throughput: the DALI loader vs. the torch (PIL) loader on the same data, batches and
 augmentation, in one process; prints img/s of each, the ratio to the torch loader with 0 workers
-and to the best torch loader, and appends the table to bench/RESULTS.md.
+and to the best torch loader, and appends the table to bench/RESULTS.md. A reference row is the
+loader fast-reid and torchreid users have: PIL and a torchvision ``Compose`` of the same BoT
+transforms in a DataLoader. The loaders are timed in alternating rounds (median round).
 
-    python bench/loader_bench.py --batches 60                  # CPU: DALI decodes on the CPU
+    python bench/loader_bench.py                               # CPU: DALI decodes on the CPU
     python bench/loader_bench.py --batches 300 --device cuda   # GPU: nvJPEG decode, GPU ops
 
 Images are delivered on ``--device`` (the torch loader's are copied there, as the trainer does).
@@ -17,9 +19,11 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,27 +43,77 @@ DEFAULTS = [
 ]
 
 
-def throughput(loader, sampler, device: torch.device, batches: int, warmup: int) -> float:
-    """img/s over ``batches`` batches after ``warmup`` untimed ones, epochs chained."""
+def batches_forever(loader, sampler) -> Iterator[dict]:
+    """The loader's batches, epochs chained as the trainer chains them."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
-    def forever():
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
 
-    stream, seen, tic = forever(), 0, None
-    for i in range(warmup + batches):
-        if i == warmup:
+#: Each round starts with at least this long untimed: a loader with worker processes forks new
+#: ones at each epoch, and the next loader's first writes to memory shared with them pay the
+#: copy-on-write page faults (halving DALI's first 20 batches here).
+WARMUP_SECONDS = 0.75
+
+
+def throughputs(
+    streams: dict[str, Iterator[dict]], device: torch.device, batches: int, warmup: int, rounds: int
+) -> dict[str, float]:
+    """img/s of each stream: ``rounds`` rounds in turn, each at least ``warmup`` untimed batches
+    and WARMUP_SECONDS (more than any loader's prefetch queue, which filled while the others
+    ran) then ``batches / rounds`` timed ones; the median round. Rounds in turn, because on a
+    shared machine the speed drifts over a run and one pass per loader would compare different
+    moments."""
+    rates: dict[str, list[float]] = {name: [] for name in streams}
+    per_round = max(1, batches // rounds)
+    for _ in range(rounds):
+        for name, stream in streams.items():
+            start, n = time.perf_counter(), 0
+            while n < warmup or time.perf_counter() - start < WARMUP_SECONDS:
+                next(stream)
+                n += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             tic, seen = time.perf_counter(), 0
-        images = next(stream)["images"].to(device, non_blocking=True)
-        seen += len(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return seen / (time.perf_counter() - tic)
+            for _ in range(per_round):
+                seen += len(next(stream)["images"].to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[name].append(seen / (time.perf_counter() - tic))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+class TorchvisionReference(torch.utils.data.Dataset):
+    """What fast-reid and torchreid train with: PIL decode and a torchvision ``Compose`` of BoT's
+    transforms (resize, flip, pad 10, random crop, to tensor, normalise, random erasing), for the
+    reference row; its randomness is torchvision's own."""
+
+    def __init__(self, records, height: int, width: int, augment) -> None:
+        from torchvision import transforms as T
+
+        self.records = records
+        self.transform = T.Compose(
+            [
+                T.Resize((height, width)),
+                T.RandomHorizontalFlip(augment.flip_prob),
+                T.Pad(augment.pad),
+                T.RandomCrop((height, width)),
+                T.ToTensor(),
+                T.Normalize(augment.mean, augment.std),
+                T.RandomErasing(augment.random_erasing_prob, value=0),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        with Image.open(self.records[i].path) as img:
+            return {"images": self.transform(img.convert("RGB"))}
 
 
 STAGES = (
@@ -170,8 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/synthetic/bot.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batches", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=120, help="timed batches per loader")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed batches per round")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds, loaders in turn")
+    parser.add_argument(
+        "--reference-workers",
+        type=int,
+        default=2,
+        help="workers of the torchvision-Compose reference loader (fast-reid style); -1: none",
+    )
     parser.add_argument("--torch-workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--dali-workers", type=int, default=0, help="DALI Python workers")
     parser.add_argument("--dali-stages", action="store_true", help="also time each DALI operator")
@@ -187,21 +248,36 @@ def main(argv: list[str] | None = None) -> int:
         pids, camids = [r.pid for r in dataset.train], [r.camid for r in dataset.train]
         return IdentitySampler(pids, camids, s.num_identities, s.num_instances, seed=seed)
 
-    rows = []
+    streams = {}
     for workers in args.torch_workers:
         cfg = config.loader.model_copy(update={"num_workers": workers})
         smp = sampler()
         loader = torch_loader.build_train_loader(dataset.train, smp, cfg, h, w, seed)
-        rate = throughput(loader, smp, device, args.batches, args.warmup)
-        rows.append((f"torch (PIL), {workers} workers", rate))
+        streams[f"torch (PIL), {workers} workers"] = batches_forever(loader, smp)
+    if args.reference_workers >= 0:
+        smp = sampler()
+        reference = TorchvisionReference(dataset.train, h, w, config.loader.augment)
+        loader = torch.utils.data.DataLoader(
+            reference, batch_sampler=smp, num_workers=args.reference_workers
+        )
+        name = f"reference: torchvision Compose (fast-reid style), {args.reference_workers} workers"
+        streams[name] = batches_forever(loader, smp)
     cfg = config.loader.model_copy(update={"num_workers": args.dali_workers})
     smp = sampler()
     loader = dali_loader.build_train_loader(dataset.train, smp, cfg, h, w, seed, device)
-    dali = throughput(loader, smp, device, args.batches, args.warmup)
     decode = "nvJPEG + GPU ops" if device.type == "cuda" else "CPU"
-    rows.append((f"DALI ({decode}), {args.dali_workers} Python workers", dali))
+    pipes, threads, _ = dali_loader.pipeline_layout(cfg, device.type == "cuda")
+    dali_name = (
+        f"DALI ({decode}), {pipes} pipeline(s) x {threads} thread(s), "
+        f"{args.dali_workers} Python workers"
+    )
+    streams[dali_name] = batches_forever(loader, smp)
+    rates = throughputs(streams, device, args.batches, args.warmup, args.rounds)
+    rows = list(rates.items())
+    dali = rates[dali_name]
 
-    base, best = rows[0][1], max(rate for _, rate in rows[:-1])
+    base = rows[0][1]
+    best = max(rate for name, rate in rows[: len(args.torch_workers)])
     lines = [
         f"| loader | img/s | / torch {args.torch_workers[0]} workers |",
         "|---|---|---|",
