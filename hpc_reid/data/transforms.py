@@ -54,7 +54,7 @@ JITTER = 0.2
 #: Random erasing gives up after this many rectangles that do not fit (Zhong et al., Alg. 1).
 ERASE_ATTEMPTS = 100
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
+LUMA = (0.2989, 0.587, 0.114)
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -98,7 +98,7 @@ def color_jitter(
     x: torch.Tensor, brightness: float, contrast: float, saturation: float
 ) -> torch.Tensor:
     """Brightness, contrast, saturation on a [0, 1] float (3, H, W) tensor, torchvision style."""
-    luma = torch.tensor(_LUMA, dtype=x.dtype).view(3, 1, 1)
+    luma = torch.tensor(LUMA, dtype=x.dtype).view(3, 1, 1)
     x = _blend(x, 0.0, brightness)
     x = _blend(x, (x * luma).sum(0).mean(), contrast)
     return _blend(x, (x * luma).sum(0, keepdim=True), saturation)

@@ -62,13 +62,10 @@ def build_backend_train_loader(
 ) -> Iterable[dict[str, torch.Tensor]]:
     """The training loader of ``loader.backend``, with :func:`build_train_loader`'s arguments.
 
-    "auto" picks DALI when it imports and the augmentation is one it implements (no colour
-    jitter), else the torch loader. ``device`` is the training device: DALI decodes there (None:
-    CUDA when available); the torch loader ignores it.
+    "auto" picks DALI when it imports, else the torch loader. ``device`` is the training
+    device: DALI decodes there (None: CUDA when available); the torch loader ignores it.
     """
     backend = resolve_backend(cfg_loader.backend)
-    if backend == "dali" and cfg_loader.backend == "auto" and cfg_loader.augment.color_jitter:
-        backend = "torch"
     if backend == "torch":
         return build_train_loader(records, batch_sampler, cfg_loader, height, width, seed)
     from . import dali_loader  # imports nvidia.dali: only when chosen

@@ -18,9 +18,10 @@ as its normalised value), mirrors flipped samples and normalises to float CHW, o
 erasing fills each sample's rectangle with 0 (the mean pixel) in place on the output batch
 (:func:`erase_`), on the same device: DALI's erase operator copies every image, which on the CPU
 cost as much as the resize. On 2 CPU cores this graph is about 1.5x the one that resized the
-whole image, then sliced, mirrored-normalised and erased in four operators. Colour jitter is
-not implemented here: :func:`build_train_loader` rejects it, and ``loader.backend=auto`` falls
-back to the torch loader when it is on.
+whole image, then sliced, mirrored-normalised and erased in four operators. With colour jitter
+on, whose contrast step blends with the whole image's mean grey, the graph resizes the whole
+image, jitters it with DALI's arithmetic operators (:func:`_color_jitter`), and pads-and-crops it
+with a slice before ``crop_mirror_normalize``.
 
 Pipelines. On the CPU the loader runs one single-threaded pipeline per core side by side and
 takes batches from them in turn (batch b from pipeline ``b % n``; :func:`pipeline_layout`): on
@@ -50,20 +51,22 @@ from typing import Any
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from hpc_reid.config import ConfigError, LoaderConfig
+from hpc_reid.config import LoaderConfig
 from hpc_reid.data.datasets.base import ImageRecord
 from hpc_reid.data.pack import read_image_bytes
 from hpc_reid.data.samplers import IdentitySampler
-from hpc_reid.data.transforms import TrainTransform, sample_rng
+from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
 
 from .torch_loader import CorruptImageError
 
 _OUTPUTS = ("images", "pids", "camids", "indices")
 #: The external source's outputs: the batch's JPEGs, pids, camids and indices, then for training
-#: each sample's erase box, flip, visible size, ROI start and end, and crop position.
-_NUM_SOURCE_TEST, _NUM_SOURCE_TRAIN = 4, 10
+#: each sample's erase box, flip, and either visible size, ROI start and end, and crop position,
+#: or, with colour jitter, the crop window and the jitter factors.
+_NUM_SOURCE_TEST, _NUM_SOURCE_TRAIN, _NUM_SOURCE_JITTER = 4, 10, 8
 
 
 def _read_bytes(path: str) -> np.ndarray:
@@ -155,15 +158,20 @@ class RankBatches:
         height, width, pad = t.height, t.width, t.augment.pad
         flip = np.zeros(n, dtype=np.int32)
         window = np.zeros((n, 2), dtype=np.int32)  # (top, left) of the crop window on the image
+        jitter = np.ones((n, 3), dtype=np.float32)  # brightness, contrast, saturation factors
         for j in range(n):
             p = t.sample_params(sample_rng(self.seed, epoch, base + j))
             flip[j] = p.flip
+            if p.jitter is not None:
+                jitter[j] = p.jitter
             # The pipeline pads, crops and then mirrors (crop_mirror_normalize): the flipped
             # image's window at column c is the mirror of the original's window at column -c.
             left = p.crop_left - pad
             window[j] = (p.crop_top - pad, -left if p.flip else left)
             if p.erase is not None:
                 erase[j] = p.erase
+        if t.augment.color_jitter:
+            return (*out, erase, flip, window, jitter)
         # The part of the resized image inside the window, as a relative ROI of the decoded
         # image, its size, and where crop_mirror_normalize puts it: crop position 1 pads the
         # top (left) when the window starts above (left of) the image, 0 pads the bottom (right).
@@ -220,6 +228,20 @@ def pipeline_layout(cfg: LoaderConfig, gpu: bool) -> tuple[int, int, int]:
     return n, max(1, cores // n), -(-cfg.num_workers // n)
 
 
+def _color_jitter(x, brightness, contrast, saturation):
+    """:func:`hpc_reid.data.transforms.color_jitter` on DALI float HWC images in [0, 255] with
+    per-sample factors: blend with black, with the mean grey (ITU-R 601-2 luma), with each
+    pixel's grey, clamping after each step, as torchvision's tensor ops."""
+
+    def grey(y):
+        return y[:, :, 0] * LUMA[0] + y[:, :, 1] * LUMA[1] + y[:, :, 2] * LUMA[2]
+
+    x = dmath.clamp(x * brightness, 0.0, 255.0)
+    x = dmath.clamp(contrast * x + (1.0 - contrast) * fn.reductions.mean(grey(x)), 0.0, 255.0)
+    grey_px = fn.expand_dims(grey(x), axes=[2], new_axis_names="C")
+    return dmath.clamp(saturation * x + (1.0 - saturation) * grey_px, 0.0, 255.0)
+
+
 def _build_pipeline(
     source: RankBatches,
     cfg: LoaderConfig,
@@ -232,6 +254,7 @@ def _build_pipeline(
     workers: int,
 ):
     train = source.transform is not None
+    jitter = train and source.transform.augment.color_jitter
     mean = [255.0 * m for m in cfg.augment.mean]
     std = [255.0 * s for s in cfg.augment.std]
     black = [-m / s for m, s in zip(mean, std, strict=True)]
@@ -248,7 +271,13 @@ def _build_pipeline(
     def pipeline():
         outs = fn.external_source(
             source=source,
-            num_outputs=_NUM_SOURCE_TRAIN if train else _NUM_SOURCE_TEST,
+            num_outputs=(
+                _NUM_SOURCE_TEST
+                if not train
+                else _NUM_SOURCE_JITTER
+                if jitter
+                else _NUM_SOURCE_TRAIN
+            ),
             batch=True,
             batch_info=True,
             parallel=workers > 0,
@@ -264,6 +293,24 @@ def _build_pipeline(
                 x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
             )
             return x, pids, camids, indices
+        if jitter:
+            erase, flip, window, factors = outs[4:]
+            # Colour jitter's contrast blends with the whole image's mean grey: resize it all,
+            # jitter, then pad-and-crop as a slice with zero fill, mirror and normalise.
+            x = fn.resize(x, resize_x=width, resize_y=height, **resize)
+            x = _color_jitter(x, factors[0], factors[1], factors[2])
+            x = fn.slice(
+                x,
+                start=window,
+                shape=[height, width],
+                axis_names="HW",
+                out_of_bounds_policy="pad",
+                fill_values=0.0,
+            )
+            x = fn.crop_mirror_normalize(
+                x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
+            )
+            return x, pids, camids, indices, erase
         erase, flip, visible, roi_start, roi_end, crop_pos = outs[4:]
         # Resize, zero padding, crop: only the part of the resized image inside the crop
         # window is resized (the same pixel grid as resizing the whole image), then
@@ -443,11 +490,6 @@ def build_train_loader(
         raise ValueError(
             f"the batch sampler was built over {batch_sampler.num_records} records but the "
             f"loader got {len(records)}; build both from the same training split"
-        )
-    if cfg_loader.augment.color_jitter:
-        raise ConfigError(
-            "loader.augment.color_jitter: not implemented by the DALI loader; set "
-            "loader.backend to 'torch' (or 'auto', which then picks torch)"
         )
     return DaliTrainLoader(records, batch_sampler, cfg_loader, height, width, seed, device)
 
