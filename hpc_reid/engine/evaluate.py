@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hpc_reid.config import Config, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
-from hpc_reid.data.loaders.torch_loader import build_test_loader
+from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import evaluate_features, extract_features
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
@@ -46,8 +46,12 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
     part = shard_range(len(records), rank, world)
     if not part:
         return torch.empty(0, 0)
-    loader = build_test_loader(
-        records[part.start : part.stop], config.loader, config.data.height, config.data.width
+    loader = build_backend_test_loader(
+        records[part.start : part.stop],
+        config.loader,
+        config.data.height,
+        config.data.width,
+        device,
     )
     feats, _, _ = extract_features(model, loader, device, flip=config.evaluation.flip_average)
     return feats.float().cpu()

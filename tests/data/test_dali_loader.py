@@ -15,6 +15,7 @@ pytest.importorskip(
 
 from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.loaders import (
+    build_backend_test_loader,
     build_backend_train_loader,
     dali_loader,
     torch_loader,
@@ -218,6 +219,14 @@ def test_backend_choice(data):
     )
     auto = build_backend_train_loader(records, sampler, jitter, H, W, SEED, "cpu")
     assert isinstance(auto, dali_loader.DaliTrainLoader)  # DALI implements colour jitter too
+    # Evaluation's loader follows the same choice.
+    for name, kind in (
+        ("auto", dali_loader.DaliTestLoader),
+        ("dali", dali_loader.DaliTestLoader),
+        ("torch", torch.utils.data.DataLoader),
+    ):
+        cfg = config.loader.model_copy(update={"backend": name})
+        assert isinstance(build_backend_test_loader(records, cfg, H, W, "cpu"), kind)
 
 
 def test_dali_colour_jitter_is_torchvision_s_on_random_images():

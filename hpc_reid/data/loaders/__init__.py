@@ -75,11 +75,28 @@ def build_backend_train_loader(
     )
 
 
+def build_backend_test_loader(
+    records: Sequence[ImageRecord],
+    cfg_loader: LoaderConfig,
+    height: int,
+    width: int,
+    device: torch.device | str | None = None,
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The test loader of ``loader.backend`` (records in order, ``test_batch_size`` each, resize
+    and normalise): DALI's decodes on ``device`` (None: CUDA when available)."""
+    if resolve_backend(cfg_loader.backend) == "torch":
+        return build_test_loader(records, cfg_loader, height, width)
+    from . import dali_loader  # imports nvidia.dali: only when chosen
+
+    return dali_loader.build_test_loader(records, cfg_loader, height, width, device)
+
+
 __all__ = [
     "BACKENDS",
     "CorruptImageError",
     "ReidImageSet",
     "TaggedBatchSampler",
+    "build_backend_test_loader",
     "build_backend_train_loader",
     "build_test_loader",
     "build_train_loader",
