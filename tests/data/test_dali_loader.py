@@ -4,6 +4,8 @@ trainer running on it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -333,3 +335,26 @@ def test_augmented_images_of_mixed_sizes_agree_with_torch(tmp_path):
             diffs.append(pixel_diff(x["images"], y["images"], cfg.augment.std))
     print(f"max pixel difference torch vs DALI, mixed sizes: {max(diffs):.1f} / 255")
     assert max(diffs) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_an_image_dali_cannot_decode_is_named(data, tmp_path, kind):
+    """DALI's decoder error names no file; the loaders raise CorruptImageError naming it, in
+    training (a pipeline of several, mid-epoch) and in evaluation."""
+    from hpc_reid.data.datasets.base import ImageRecord
+    from hpc_reid.data.loaders import CorruptImageError
+
+    config, good = data
+    jpeg = Path(good[0].path).read_bytes()
+    bad = tmp_path / f"{kind}.jpg"
+    bad.write_bytes(jpeg[: len(jpeg) // 2] if kind == "truncated" else b"not a jpeg" * 20)
+    records = [*good[:13], ImageRecord(str(bad), good[13].pid, good[13].camid), *good[14:]]
+    sampler = sampler_of(records)
+    loader = dali_loader.build_train_loader(records, sampler, config.loader, H, W, SEED, "cpu")
+    with pytest.raises(CorruptImageError, match=rf"{kind}\.jpg"):
+        for _ in range(3):  # the bad image is drawn in one of the first epochs
+            list(loader)
+            sampler.set_epoch(sampler.epoch + 1)
+    cfg = config.loader.model_copy(update={"test_batch_size": 8})
+    with pytest.raises(CorruptImageError, match=rf"cannot decode image .*{kind}\.jpg"):
+        list(dali_loader.build_test_loader(records, cfg, H, W, device="cpu"))

@@ -60,7 +60,7 @@ from hpc_reid.data.pack import read_image_bytes
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
 
-from .torch_loader import CorruptImageError
+from .torch_loader import CorruptImageError, load_rgb
 
 _OUTPUTS = ("images", "pids", "camids", "indices")
 #: The external source's outputs: the batch's JPEGs, pids, camids and indices, then for training
@@ -202,6 +202,26 @@ def erase_(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         top, left, h, w = boxes[j].tolist()
         target[j, :, top : top + h, left : left + w] = 0.0
     return images
+
+
+def _decode_error(error: RuntimeError, source: RankBatches, b: int) -> CorruptImageError | None:
+    """The error naming the image for DALI's decoding ``error`` at stream batch ``b`` (DALI's
+    message names only the operator and, sometimes, the sample's place in the batch): the
+    batch's images are decoded again with PIL, and the first that fails is reported as the torch
+    loader reports it. None for any other error."""
+    if "decoders.image" not in str(error):
+        return None
+    _, index, batches = source.locate(b)
+    paths = [source.paths[i] for i in batches[index]]
+    for path in paths:
+        try:
+            load_rgb(path)
+        except CorruptImageError as e:
+            return e
+    return CorruptImageError(
+        f"DALI could not decode an image of the batch {paths} (PIL decodes them all): "
+        f"{str(error).strip().splitlines()[-3:]}"
+    )
 
 
 def _dali_device(device: torch.device | str | None) -> tuple[bool, int | None]:
@@ -361,12 +381,14 @@ class _DaliLoader:
         self.gpu, self.device_id = _dali_device(device)
         self.device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
 
-    def _pipelines(self, **source_args) -> list:
-        """This loader's pipelines, each fed by a :class:`RankBatches` over its shard."""
+    def _pipelines(self, **source_args) -> list[tuple[Any, RankBatches]]:
+        """This loader's pipelines, each with the :class:`RankBatches` of its shard."""
         n, threads, workers = pipeline_layout(self.cfg, self.gpu)
-        return [
-            _build_pipeline(
-                RankBatches(self.records, shard=k, shards=n, **source_args),
+        pipes = []
+        for k in range(n):
+            source = RankBatches(self.records, shard=k, shards=n, **source_args)
+            pipe = _build_pipeline(
+                source,
                 self.cfg,
                 self.height,
                 self.width,
@@ -376,15 +398,15 @@ class _DaliLoader:
                 threads,
                 workers,
             )
-            for k in range(n)
-        ]
+            pipes.append((pipe, source))
+        return pipes
 
     def _take(self, pipes: list, start: int, count: int) -> Iterator[dict[str, torch.Tensor]]:
         """Stream batches ``start`` .. ``start + count - 1``; batch b is pipeline b's turn,
         ``b % len(pipes)``."""
         cpu = torch.device("cpu")
         for b in range(start, start + count):
-            pipe = pipes[b % len(pipes)]
+            pipe, source = pipes[b % len(pipes)]
             try:
                 outs = pipe.run()
             except StopIteration:
@@ -392,6 +414,11 @@ class _DaliLoader:
                     f"DALI pipeline {b % len(pipes)} of {len(pipes)} stopped at batch {b} of "
                     f"{start + count}; its source and the loader's length disagree"
                 ) from None
+            except RuntimeError as e:
+                named = _decode_error(e, source, b)
+                if named is None:
+                    raise
+                raise named from e
             zero_copy = bool(getattr(pipe, "exec_dynamic", False))
             images = _to_torch(outs[0], self.device, zero_copy)
             labels = [_to_torch(o, cpu, zero_copy) for o in outs[1:4]]
