@@ -266,7 +266,14 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
         cfg_loader = config.loader.model_copy(update={"backend": backend})
         loader = build_backend_train_loader(
-            dataset.train, sampler, cfg_loader, h, w, config.engine.seed, device
+            dataset.train,
+            sampler,
+            cfg_loader,
+            h,
+            w,
+            config.engine.seed,
+            device,
+            channels_last=config.engine.channels_last,
         )
         stream = _loader_batches(loader, sampler, device, config.engine.channels_last)
         local["loaders"][backend] = {

@@ -181,6 +181,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
         config.data.width,
         config.engine.seed,
         device,
+        channels_last=config.engine.channels_last,
     )
 
     # Model, losses, optimizers: the same initial weights on every rank.

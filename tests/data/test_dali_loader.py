@@ -189,9 +189,14 @@ def test_flip_and_erase_rates_match_their_probabilities(data):
         assert abs(rate - prob) < 4 * np.sqrt(prob * (1 - prob) / n), (rate, prob, n)
 
 
-def test_trainer_trains_with_the_dali_backend(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_trainer_trains_with_the_dali_backend(tmp_path, channels_last):
     config = tiny_config(
-        tmp_path, "loader.backend=dali", "schedule.epochs=2", "logging.run_name=dali"
+        tmp_path,
+        "loader.backend=dali",
+        "schedule.epochs=2",
+        "logging.run_name=dali",
+        f"engine.channels_last={str(channels_last).lower()}",
     )
     summary = train(config)
     assert 0.0 <= summary["mAP"] <= 1.0
@@ -358,3 +363,19 @@ def test_an_image_dali_cannot_decode_is_named(data, tmp_path, kind):
     cfg = config.loader.model_copy(update={"test_batch_size": 8})
     with pytest.raises(CorruptImageError, match=rf"cannot decode image .*{kind}\.jpg"):
         list(dali_loader.build_test_loader(records, cfg, H, W, device="cpu"))
+
+
+def test_channels_last_output_has_the_same_images(data):
+    """With channels_last the pipeline writes NHWC, seen as NCHW in torch's channels_last
+    format (no transposing copy); the images equal the NCHW loader's, erasures included."""
+    config, records = data
+    sampler = sampler_of(records)
+    nchw = dali_loader.build_train_loader(records, sampler, config.loader, H, W, SEED, "cpu")
+    nhwc = dali_loader.build_train_loader(
+        records, sampler, config.loader, H, W, SEED, "cpu", channels_last=True
+    )
+    for x, y in zip(nchw, nhwc, strict=True):
+        assert y["images"].shape == x["images"].shape == (8, 3, H, W)
+        assert y["images"].is_contiguous(memory_format=torch.channels_last)
+        assert not y["images"].is_contiguous()
+        assert torch.equal(x["images"], y["images"])

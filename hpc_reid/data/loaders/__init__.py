@@ -59,11 +59,14 @@ def build_backend_train_loader(
     width: int,
     seed: int,
     device: torch.device | str | None = None,
+    channels_last: bool = False,
 ) -> Iterable[dict[str, torch.Tensor]]:
     """The training loader of ``loader.backend``, with :func:`build_train_loader`'s arguments.
 
     "auto" picks DALI when it imports, else the torch loader. ``device`` is the training
     device: DALI decodes there (None: CUDA when available); the torch loader ignores it.
+    ``channels_last``: DALI returns images in that memory format (the torch loader's stay
+    contiguous NCHW; the trainer converts them).
     """
     backend = resolve_backend(cfg_loader.backend)
     if backend == "torch":
@@ -71,7 +74,7 @@ def build_backend_train_loader(
     from . import dali_loader  # imports nvidia.dali: only when chosen
 
     return dali_loader.build_train_loader(
-        records, batch_sampler, cfg_loader, height, width, seed, device
+        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last
     )
 
 

@@ -272,6 +272,7 @@ def _build_pipeline(
     device_id: int | None,
     threads: int,
     workers: int,
+    layout: str = "CHW",
 ):
     train = source.transform is not None
     jitter = train and source.transform.augment.color_jitter
@@ -310,7 +311,7 @@ def _build_pipeline(
         if not train:
             x = fn.resize(x, resize_x=width, resize_y=height, **resize)
             x = fn.crop_mirror_normalize(
-                x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
+                x, dtype=types.FLOAT, output_layout=layout, mean=mean, std=std
             )
             return x, pids, camids, indices
         if jitter:
@@ -328,7 +329,7 @@ def _build_pipeline(
                 fill_values=0.0,
             )
             x = fn.crop_mirror_normalize(
-                x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
+                x, mirror=flip, dtype=types.FLOAT, output_layout=layout, mean=mean, std=std
             )
             return x, pids, camids, indices, erase
         erase, flip, visible, roi_start, roi_end, crop_pos = outs[4:]
@@ -348,7 +349,7 @@ def _build_pipeline(
             fill_values=black,
             mirror=flip,
             dtype=types.FLOAT,
-            output_layout="CHW",
+            output_layout=layout,
             mean=mean,
             std=std,
         )
@@ -375,8 +376,10 @@ def _to_torch(dali_out, device: torch.device, zero_copy: bool) -> torch.Tensor:
 
 
 class _DaliLoader:
-    def __init__(self, records, cfg, height, width, device, batch_size) -> None:
-        self.records, self.cfg = list(records), cfg
+    def __init__(
+        self, records, cfg, height, width, device, batch_size, channels_last: bool = False
+    ) -> None:
+        self.records, self.cfg, self.channels_last = list(records), cfg, bool(channels_last)
         self.height, self.width, self.batch_size = int(height), int(width), int(batch_size)
         self.gpu, self.device_id = _dali_device(device)
         self.device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
@@ -397,6 +400,7 @@ class _DaliLoader:
                 self.device_id,
                 threads,
                 workers,
+                "HWC" if self.channels_last else "CHW",
             )
             pipes.append((pipe, source))
         return pipes
@@ -421,6 +425,8 @@ class _DaliLoader:
                 raise named from e
             zero_copy = bool(getattr(pipe, "exec_dynamic", False))
             images = _to_torch(outs[0], self.device, zero_copy)
+            if self.channels_last:  # NHWC memory seen as NCHW: torch's channels_last
+                images = images.permute(0, 3, 1, 2)
             labels = [_to_torch(o, cpu, zero_copy) for o in outs[1:4]]
             if len(outs) > 4:
                 erase_(images, outs[4].as_array())
@@ -439,10 +445,10 @@ class DaliTrainLoader(_DaliLoader):
         width: int,
         seed: int,
         device: torch.device | str | None = None,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__(
-            records, cfg, height, width, device, sampler.num_identities * sampler.num_instances
-        )
+        batch = sampler.num_identities * sampler.num_instances
+        super().__init__(records, cfg, height, width, device, batch, channels_last)
         self.sampler, self.seed = sampler, int(seed)
         self.transform = TrainTransform(cfg.augment, height, width)
         self._pipes: list | None = None
@@ -503,10 +509,13 @@ def build_train_loader(
     width: int,
     seed: int,
     device: torch.device | str | None = None,
+    channels_last: bool = False,
 ) -> DaliTrainLoader:
     """DALI training loader with the torch loader's arguments, batches and augmentation.
 
     ``device``: where images are decoded and returned; None means CUDA when available.
+    ``channels_last``: the pipeline writes NHWC, returned as NCHW tensors in torch's
+    channels_last memory format (the model's, without a transposing copy per step).
     """
     if not isinstance(batch_sampler, IdentitySampler):
         raise TypeError(
@@ -518,7 +527,9 @@ def build_train_loader(
             f"the batch sampler was built over {batch_sampler.num_records} records but the "
             f"loader got {len(records)}; build both from the same training split"
         )
-    return DaliTrainLoader(records, batch_sampler, cfg_loader, height, width, seed, device)
+    return DaliTrainLoader(
+        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last
+    )
 
 
 def build_test_loader(
