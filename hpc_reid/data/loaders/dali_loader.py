@@ -319,6 +319,8 @@ def _build_pipeline(
             # Colour jitter's contrast blends with the whole image's mean grey: resize it all,
             # jitter, then pad-and-crop as a slice with zero fill, mirror and normalise.
             x = fn.resize(x, resize_x=width, resize_y=height, **resize)
+            if gpu:  # arithmetic takes its tensor inputs from the image's device
+                factors = factors.gpu()
             x = _color_jitter(x, factors[0], factors[1], factors[2])
             x = fn.slice(
                 x,
