@@ -379,3 +379,33 @@ def test_channels_last_output_has_the_same_images(data):
         assert y["images"].is_contiguous(memory_format=torch.channels_last)
         assert not y["images"].is_contiguous()
         assert torch.equal(x["images"], y["images"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("jitter", [False, True])
+def test_gpu_pipeline_agrees_with_torch(data, tmp_path, jitter):
+    """On a GPU (nvJPEG decode, GPU resize / crop-mirror-normalise / arithmetic, erase on the
+    CUDA batch, DLPack outputs, channels_last): the torch loader's batches and pixels up to the
+    decoders' rounding, as on the CPU."""
+    config, records = data
+    sampler = sampler_of(records)
+    cfg = config.loader.model_copy(update={"augment": replace_augment(config, color_jitter=jitter)})
+    torch_l = torch_loader.build_train_loader(records, sampler, cfg, H, W, SEED)
+    gpu_l = dali_loader.build_train_loader(
+        records, sampler, cfg, H, W, SEED, device="cuda", channels_last=True
+    )
+    bound = 2 * MAX_PIXEL_DIFF if jitter else MAX_PIXEL_DIFF
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        a, b = list(torch_l), list(gpu_l)
+        assert labels(a) == labels(b)
+        for x, y in zip(a, b, strict=True):
+            images = y["images"]
+            assert images.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+            images = images.cpu()
+            assert torch.equal(x["images"] == 0, images == 0)
+            assert pixel_diff(x["images"], images, cfg.augment.std) <= bound
+    cfg = cfg.model_copy(update={"test_batch_size": 10})
+    test = list(dali_loader.build_test_loader(records[:25], cfg, H, W, device="cuda"))
+    assert [len(t["pids"]) for t in test] == [10, 10, 5] and test[0]["images"].is_cuda
