@@ -17,19 +17,14 @@ from hpc_reid.config import load_config
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
-from tests.tiny import TINY_DATA
+from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     *TINY_DATA,
     "model.backbone=osnet_x0_25",
-    "sampler.num_identities=2",
-    "sampler.num_instances=2",
-    "loader.num_workers=0",
-    "loader.test_batch_size=32",
-    "schedule.epochs=3",
-    "schedule.milestones=[2]",
-    "schedule.warmup_epochs=1",
+    *TINY_BATCH,
+    *TINY_SCHEDULE,
     "evaluation.every_epochs=0",
     "logging.progress_bar=false",
     "logging.log_every=1",

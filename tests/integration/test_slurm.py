@@ -32,7 +32,7 @@ from hpc_reid.data.synthetic import SynthSpec, generate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.trainer import evaluate_checkpoint
 from hpc_reid.launch.distributed import expand_hostlist
-from tests.tiny import TINY_DATA
+from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 MARKET_FOLDER = "Market-1501-v15.09.15"  # what slurm/train_market.sh expects under $DATA_ROOT
@@ -449,13 +449,8 @@ def test_bench_sh_runs_one_and_two_nodes_and_summarises_their_scaling(two_nodes,
 # A 2-trial search of tiny synthetic trainings (the TINY run of tests/engine/test_trainer.py).
 TUNE_SETS = [
     *TINY_DATA,
-    "sampler.num_identities=2",
-    "sampler.num_instances=2",
-    "loader.num_workers=0",
-    "loader.test_batch_size=32",
-    "schedule.epochs=3",
-    "schedule.milestones=[2]",
-    "schedule.warmup_epochs=1",
+    *TINY_BATCH,
+    *TINY_SCHEDULE,
     "evaluation.every_epochs=1",
     "evaluation.at_start=false",
     "evaluation.plots=false",

@@ -17,20 +17,15 @@ import torch
 from hpc_reid.cli import main
 from hpc_reid.config import load_config
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
-from tests.tiny import TINY_DATA
+from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 # 8 training identities, P=2 on 2 workers: 2 iterations an epoch, an evaluation after each epoch
 TINY = [
     *TINY_DATA,
     "model.backbone=osnet_x0_25",
-    "sampler.num_identities=2",
-    "sampler.num_instances=2",
-    "loader.num_workers=0",
-    "loader.test_batch_size=32",
-    "schedule.epochs=3",
-    "schedule.milestones=[2]",
-    "schedule.warmup_epochs=1",
+    *TINY_BATCH,
+    *TINY_SCHEDULE,
     "evaluation.every_epochs=1",
     "evaluation.at_start=false",
     "logging.progress_bar=false",

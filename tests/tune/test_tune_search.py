@@ -20,15 +20,12 @@ import yaml
 
 from hpc_reid.config import Config, load_config
 from hpc_reid.tune.space import load_space
-from tests.tiny import TINY_DATA
+from tests.tiny import TINY_BATCH, TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     *TINY_DATA,
-    "sampler.num_identities=2",
-    "sampler.num_instances=2",
-    "loader.num_workers=0",
-    "loader.test_batch_size=32",
+    *TINY_BATCH,
     "schedule.epochs=4",
     "schedule.milestones=[3]",
     "schedule.warmup_epochs=1",
