@@ -54,8 +54,8 @@ from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
-    center_strategy_args,
     scaled_lr,
+    strategy_args,
 )
 from hpc_reid.engine.strategy import DDPStrategy
 from hpc_reid.engine.trainer import select_device
@@ -228,10 +228,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         optimizer,
         scheduler,
         device=device,
-        precision=config.engine.precision,
-        grad_clip=config.engine.grad_clip,
-        find_unused_parameters=config.distributed.find_unused_parameters,
-        **center_strategy_args(criterion, config.loss.center),
+        **strategy_args(config, criterion),
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

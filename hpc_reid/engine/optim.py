@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from hpc_reid.config import CenterConfig, OptimizerConfig, ScheduleConfig
+from hpc_reid.config import CenterConfig, Config, OptimizerConfig, ScheduleConfig
 from hpc_reid.losses.center import CenterLoss
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
@@ -176,13 +176,22 @@ def build_center_optimizer(center_loss: CenterLoss, cfg: CenterConfig) -> torch.
     return torch.optim.SGD(center_loss.parameters(), lr=cfg.lr)
 
 
-def center_strategy_args(criterion, cfg: CenterConfig) -> dict:
-    """The strategy's keyword arguments for the criterion's center loss, if it has one: the
-    centers as extra parameters, their own SGD, and the gradient rescaling by 1 / weight."""
+def strategy_args(config: Config, criterion) -> dict:
+    """The keyword arguments a strategy (DDP or DeepSpeed) takes from the config besides the
+    model, optimizer, scheduler and device: precision, gradient clipping, DDP's search for unused
+    parameters, and the criterion's center loss if it has one (the centers as extra parameters,
+    their own SGD, and the gradient rescaling by 1 / weight)."""
+    kwargs = {
+        "precision": config.engine.precision,
+        "grad_clip": config.engine.grad_clip,
+        "find_unused_parameters": config.distributed.find_unused_parameters,
+    }
     center = getattr(criterion, "center", None)
     if center is None:
-        return {"extra_params": [], "extra_optimizer": None, "extra_grad_scale": 1.0}
+        return {**kwargs, "extra_params": [], "extra_optimizer": None, "extra_grad_scale": 1.0}
+    cfg = config.loss.center
     return {
+        **kwargs,
         "extra_params": list(center.parameters()),
         "extra_optimizer": build_center_optimizer(center, cfg),
         "extra_grad_scale": 1.0 / cfg.weight,

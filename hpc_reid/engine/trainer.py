@@ -31,8 +31,8 @@ from hpc_reid.engine.evaluate import evaluate_model
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
-    center_strategy_args,
     scaled_lr,
+    strategy_args,
 )
 from hpc_reid.engine.run_log import RunLog
 from hpc_reid.engine.strategy import DDPStrategy
@@ -214,10 +214,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
         optimizer,
         scheduler,
         device=device,
-        precision=config.engine.precision,
-        grad_clip=config.engine.grad_clip,
-        find_unused_parameters=config.distributed.find_unused_parameters,
-        **center_strategy_args(criterion, config.loss.center),
+        **strategy_args(config, criterion),
         **strategy_kwargs,
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
