@@ -242,12 +242,10 @@ def scaling_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """img/s and efficiency against nodes, per scaling mode (compute-only and end-to-end), with
     the linear ideal; written atomically."""
-    import matplotlib
+    from hpc_reid.evaluation.plots import new_figure  # imports matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ips, ax_eff) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    ax_ips, ax_eff = fig.subplots(1, 2)
     for mode in sorted({r["mode"] for r in rows}):
         same = [r for r in rows if r["mode"] == mode]
         nodes = [r["nodes"] for r in same]
@@ -269,10 +267,7 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def write_scaling(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:

@@ -22,12 +22,19 @@ MATCH_COLOUR = (30, 170, 60)
 MISMATCH_COLOUR = (210, 40, 40)
 
 
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib figure drawn by the Agg canvas, outside pyplot: no process-wide backend
+    switch, nothing to close; ``kwargs`` go to :class:`~matplotlib.figure.Figure`."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_cmc(cmc: np.ndarray, path: str | Path, label: str = "CMC") -> Path:
     """CMC curve, matching rate in % against rank 1..len(cmc), as a PNG at ``path``."""
     cmc = np.asarray(cmc, dtype=np.float64)
     ranks = np.arange(1, cmc.size + 1)
-    fig = Figure(figsize=(5, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(5, 4), dpi=100)
     ax = fig.add_subplot()
     ax.plot(
         ranks, 100 * cmc, marker="o", markersize=3, label=f"{label} (rank-1 {100 * cmc[0]:.1f}%)"

@@ -118,12 +118,10 @@ def write_best_yaml(
 
 def plot_progress(rows: Sequence[dict[str, Any]], path: Path, objective: str) -> Path:
     """Objective against trial index (by status), with the best-so-far of completed trials."""
-    import matplotlib
+    from hpc_reid.evaluation.plots import new_figure  # imports matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
     styles = {"completed": "o", "early-stopped": "x", "failed": "s"}
     for status, marker in styles.items():
         pts = [(r["trial"], r["objective"]) for r in rows if r["status"] == status]
@@ -143,26 +141,22 @@ def plot_progress(rows: Sequence[dict[str, Any]], path: Path, objective: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def plot_params(
     rows: Sequence[dict[str, Any]], space: SearchSpace, path: Path, objective: str
 ) -> Path:
     """One panel per parameter: each trial's objective against that parameter's value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
+    from hpc_reid.evaluation.plots import new_figure  # imports matplotlib
 
     keys = list(space.params)
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    fig = new_figure(figsize=(4 * cols, 3 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         param = space.params[key]
         for status, marker in (("completed", "o"), ("early-stopped", "x")):
@@ -182,10 +176,7 @@ def plot_params(
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    try:
-        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def _categorical(param) -> bool:
