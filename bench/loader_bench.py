@@ -282,15 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         if phase:
             rates.update(throughputs(phase, device, args.batches, args.warmup, args.rounds))
         phase.clear()  # ends the loaders (and their workers) before the next phase
-    # Rows: the torch loaders, the reference, DALI.
-    rates = {name: rates[name] for name in sorted(rates, key=lambda n: n == dali_name)}
-    order = [f"torch (PIL), {w} workers" for w in args.torch_workers]
-    rates = {name: rates[name] for name in [*order, *(n for n in rates if n not in order)]}
-    rows = list(rates.items())
+    # Rows: the torch loaders in the order asked, the reference, DALI.
+    torch_names = [f"torch (PIL), {w} workers" for w in args.torch_workers]
+    reference = [n for n in rates if n not in torch_names and n != dali_name]
+    rows = [(name, rates[name]) for name in [*torch_names, *reference, dali_name]]
     dali = rates[dali_name]
 
     base = rows[0][1]
-    best = max(rate for name, rate in rows[: len(args.torch_workers)])
+    best = max(rates[name] for name in torch_names)
     lines = [
         f"| loader | img/s | / torch {args.torch_workers[0]} workers |",
         "|---|---|---|",
