@@ -133,23 +133,16 @@ def dali_stage_rates(records, height: int, width: int, batch: int, batches: int)
     raw = [np.fromfile(str(r.path), dtype=np.uint8) for r in records]
     rng = np.random.default_rng(0)
     mean, std = [124.0] * 3, [58.0] * 3
-    size = np.array([height, width], np.float32)
 
     def source(info):
         window = rng.integers(-10, 11, (batch, 2)).astype(np.int32)
-        visible = (size - np.abs(window)).astype(np.float32)
-        roi_start = (np.maximum(window, 0) / size).astype(np.float32)
-        roi_end = (roi_start + visible / size).astype(np.float32)
         at = np.tile(np.array([[height / 4, width / 4]], np.float32), (batch, 1))
         shape = np.tile(np.array([[height / 3, width / 3]], np.float32), (batch, 1))
         return (
             [raw[j] for j in rng.integers(0, len(raw), batch)],
             rng.integers(0, 2, batch).astype(np.int32),
             window,
-            visible,
-            roi_start,
-            roi_end,
-            (window < 0).astype(np.float32),
+            *dali_loader.window_roi(window, height, width),
             at,
             shape,
         )
@@ -172,31 +165,10 @@ def dali_stage_rates(records, height: int, width: int, batch: int, batches: int)
                 x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std
             )
             return fn.erase(x, anchor=at, shape=shape, axis_names="HW", fill_value=0.0)
-        x = fn.resize(
-            x,
-            size=visible,
-            roi_start=roi_start,
-            roi_end=roi_end,
-            roi_relative=True,
-            interp_type=types.INTERP_LINEAR,
-            antialias=True,
-            dtype=types.FLOAT,
-        )
+        x = dali_loader.resize_window(x, visible, roi_start, roi_end)  # the loader's operators
         if stage == STAGES[1]:
             return x
-        return fn.crop_mirror_normalize(
-            x,
-            crop=[height, width],
-            crop_pos_y=crop_pos[0],
-            crop_pos_x=crop_pos[1],
-            out_of_bounds_policy="pad",
-            fill_values=[-m / s for m, s in zip(mean, std, strict=True)],
-            mirror=flip,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=mean,
-            std=std,
-        )
+        return dali_loader.pad_mirror_normalise(x, crop_pos, flip, height, width, mean, std)
 
     threads = len(os.sched_getaffinity(0))  # as the loader
     pipes = {}

@@ -172,23 +172,7 @@ class RankBatches:
                 erase[j] = p.erase
         if t.augment.color_jitter:
             return (*out, erase, flip, window, jitter)
-        # The part of the resized image inside the window, as a relative ROI of the decoded
-        # image, its size, and where crop_mirror_normalize puts it: crop position 1 pads the
-        # top (left) when the window starts above (left of) the image, 0 pads the bottom (right).
-        size = np.array([height, width], dtype=np.float32)
-        visible = (size - np.abs(window)).astype(np.float32)
-        roi_start = np.maximum(window, 0) / size
-        roi_end = roi_start + visible / size
-        crop_pos = (window < 0).astype(np.float32)
-        return (
-            *out,
-            erase,
-            flip,
-            visible,
-            roi_start.astype(np.float32),
-            roi_end.astype(np.float32),
-            crop_pos,
-        )
+        return (*out, erase, flip, *window_roi(window, height, width))
 
 
 def erase_(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
@@ -248,6 +232,52 @@ def pipeline_layout(cfg: LoaderConfig, gpu: bool) -> tuple[int, int, int]:
     return n, max(1, cores // n), -(-cfg.num_workers // n)
 
 
+#: Bilinear with antialiasing when shrinking, as PIL's resize; float output, unrounded (faster on
+#: the CPU than rounding to uint8 and converting again).
+_RESIZE = dict(interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+
+
+def window_roi(window: np.ndarray, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """For (n, 2) crop windows' (top, left) on the (height, width) resized image (negative or
+    beyond it by up to the padding): the part of the resized image inside each window, as its
+    size (visible), a relative ROI of the decoded image (start, end), and where
+    crop_mirror_normalize puts it (crop position 1 pads the top (left) when the window starts
+    above (left of) the image, 0 pads the bottom (right)); float32, for :func:`resize_window`
+    and :func:`pad_mirror_normalise`."""
+    size = np.array([height, width], dtype=np.float32)
+    visible = (size - np.abs(window)).astype(np.float32)
+    roi_start = (np.maximum(window, 0) / size).astype(np.float32)
+    roi_end = (roi_start + visible / size).astype(np.float32)
+    return visible, roi_start, roi_end, (window < 0).astype(np.float32)
+
+
+def resize_window(x, visible, roi_start, roi_end):
+    """Resize only the part of the image inside the crop window (:func:`window_roi`): the same
+    pixel grid as resizing the whole image, then cutting the window."""
+    return fn.resize(
+        x, size=visible, roi_start=roi_start, roi_end=roi_end, roi_relative=True, **_RESIZE
+    )
+
+
+def pad_mirror_normalise(x, crop_pos, flip, height, width, mean, std, layout="CHW"):
+    """Pad :func:`resize_window`'s part to the (height, width) window with black (pixel 0,
+    written as its normalised value: BoT's zero padding), mirror flipped samples and normalise
+    to float, one pass. ``mean`` and ``std`` per channel on the 0-255 scale."""
+    return fn.crop_mirror_normalize(
+        x,
+        crop=[height, width],
+        crop_pos_y=crop_pos[0],
+        crop_pos_x=crop_pos[1],
+        out_of_bounds_policy="pad",
+        fill_values=[-m / s for m, s in zip(mean, std, strict=True)],
+        mirror=flip,
+        dtype=types.FLOAT,
+        output_layout=layout,
+        mean=mean,
+        std=std,
+    )
+
+
 def _color_jitter(x, brightness, contrast, saturation):
     """:func:`hpc_reid.data.transforms.color_jitter` on DALI float HWC images in [0, 255] with
     per-sample factors: blend with black, with the mean grey (ITU-R 601-2 luma), with each
@@ -278,7 +308,6 @@ def _build_pipeline(
     jitter = train and source.transform.augment.color_jitter
     mean = [255.0 * m for m in cfg.augment.mean]
     std = [255.0 * s for s in cfg.augment.std]
-    black = [-m / s for m, s in zip(mean, std, strict=True)]
 
     @pipeline_def(
         batch_size=batch_size,
@@ -305,11 +334,8 @@ def _build_pipeline(
         )
         jpegs, pids, camids, indices = outs[:4]
         x = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        # Bilinear with antialiasing when shrinking, as PIL's resize; float output, unrounded
-        # (faster on the CPU than rounding to uint8 and converting again).
-        resize = dict(interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
         if not train:
-            x = fn.resize(x, resize_x=width, resize_y=height, **resize)
+            x = fn.resize(x, resize_x=width, resize_y=height, **_RESIZE)
             x = fn.crop_mirror_normalize(
                 x, dtype=types.FLOAT, output_layout=layout, mean=mean, std=std
             )
@@ -318,7 +344,7 @@ def _build_pipeline(
             erase, flip, window, factors = outs[4:]
             # Colour jitter's contrast blends with the whole image's mean grey: resize it all,
             # jitter, then pad-and-crop as a slice with zero fill, mirror and normalise.
-            x = fn.resize(x, resize_x=width, resize_y=height, **resize)
+            x = fn.resize(x, resize_x=width, resize_y=height, **_RESIZE)
             if gpu:  # arithmetic takes its tensor inputs from the image's device
                 factors = factors.gpu()
             x = _color_jitter(x, factors[0], factors[1], factors[2])
@@ -335,26 +361,8 @@ def _build_pipeline(
             )
             return x, pids, camids, indices, erase
         erase, flip, visible, roi_start, roi_end, crop_pos = outs[4:]
-        # Resize, zero padding, crop: only the part of the resized image inside the crop
-        # window is resized (the same pixel grid as resizing the whole image), then
-        # crop_mirror_normalize pads it to the window with black (pixel 0, written as its
-        # normalised value), mirrors flipped samples and normalises, in one pass.
-        x = fn.resize(
-            x, size=visible, roi_start=roi_start, roi_end=roi_end, roi_relative=True, **resize
-        )
-        x = fn.crop_mirror_normalize(
-            x,
-            crop=[height, width],
-            crop_pos_y=crop_pos[0],
-            crop_pos_x=crop_pos[1],
-            out_of_bounds_policy="pad",
-            fill_values=black,
-            mirror=flip,
-            dtype=types.FLOAT,
-            output_layout=layout,
-            mean=mean,
-            std=std,
-        )
+        x = resize_window(x, visible, roi_start, roi_end)
+        x = pad_mirror_normalise(x, crop_pos, flip, height, width, mean, std, layout)
         return x, pids, camids, indices, erase
 
     pipe = pipeline()
