@@ -381,6 +381,30 @@ def test_channels_last_output_has_the_same_images(data):
         assert torch.equal(x["images"], y["images"])
 
 
+def test_copied_outputs_equal_the_zero_copy_ones(data, monkeypatch):
+    """The copy path of _to_torch (taken when a pipeline has no dynamic executor) gives the
+    batches that DLPack's zero-copy path gives, erasures included; the zero-copy batches, all
+    held until the end, stay intact while the pipelines run on."""
+    config, records = data
+    sampler = sampler_of(records)
+
+    def epoch():
+        loader = dali_loader.build_train_loader(records, sampler, config.loader, H, W, SEED, "cpu")
+        return list(loader)
+
+    shared = epoch()
+    zero_copy = dali_loader._to_torch
+    monkeypatch.setattr(
+        dali_loader, "_to_torch", lambda out, device, _: zero_copy(out, device, False)
+    )
+    copied = epoch()
+    assert len(shared) == len(copied) > 2
+    for x, y in zip(shared, copied, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("jitter", [False, True])
