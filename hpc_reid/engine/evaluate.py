@@ -31,7 +31,7 @@ from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
 from hpc_reid.evaluation.rerank import rerank_blocks
 from hpc_reid.evaluation.sharded import (
-    _Group,
+    all_gather_rows,
     evaluate_sharded,
     ranked_candidates,
     shard_range,
@@ -59,10 +59,9 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
 
 def _all_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's contiguous shard concatenated in rank order (N, D), on every rank."""
-    comm = _Group(None)
-    dims = torch.cat(comm.all_gather_rows(torch.tensor([local.shape[1]])))
+    dims = torch.cat(all_gather_rows(torch.tensor([local.shape[1]])))
     local = local.reshape(len(local), int(dims.max()))  # an empty shard comes as (0, 0)
-    return torch.cat(comm.all_gather_rows(local))
+    return torch.cat(all_gather_rows(local))
 
 
 def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:

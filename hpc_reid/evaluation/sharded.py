@@ -41,6 +41,7 @@ from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 
 __all__ = [
     "TilePositives",
+    "all_gather_rows",
     "count_negatives_before",
     "evaluate_sharded",
     "find_positives",
@@ -226,6 +227,14 @@ class _Group:
             tensor = tensor.to(self.device)
             dist.all_reduce(tensor, group=self.group)
         return tensor.cpu()
+
+
+def all_gather_rows(
+    local: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> list[torch.Tensor]:
+    """Every rank's ``local`` rows (any number, same trailing shape and dtype) in rank order, on
+    the CPU of every rank; ``[local]`` when torch.distributed is not initialised."""
+    return _Group(group).all_gather_rows(local)
 
 
 @dataclass(frozen=True)
