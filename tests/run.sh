@@ -15,17 +15,17 @@ fi
 # DeepSpeed (test extra): no op is compiled at install; its run-time op builds go to a cache
 export DS_BUILD_OPS=0
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-# A fresh .venv with the test extras takes about 7.5 GiB (torch's CUDA build alone 5.5); pip's cache
+# A fresh .venv with the test extras takes about 7.2 GiB (torch's CUDA build alone 5.5); pip's cache
 # is off so that nothing is kept twice. Say so up front when the disk cannot hold it.
+python=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
     free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
     if [ "${free_kib:-0}" -lt $((9 * 1024 * 1024)) ]; then
         echo "tests/run.sh: only $((free_kib / 1024)) MiB free under $PWD; a new .venv needs about" \
-            "7.5 GiB (torch, DALI, DeepSpeed, Ray): the install below may fail for lack of space" >&2
+            "7.2 GiB (torch, DALI, DeepSpeed, Ray): the install below may fail for lack of space" >&2
     fi
+    "$python" -m venv .venv
 fi
-python=${PYTHON:-python3.11}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -e '.[test]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
