@@ -1,6 +1,7 @@
 """VIPeR, PRID 2011 and i-LIDS parsers: protocols on the real images, release layouts, errors.
 
-The real images are the PETA copies in ``../shared/data`` (override with HPC_REID_SHARED_DATA);
+The real images are the PETA copies in ``../shared/data`` (override with HPC_REID_SHARED_DATA;
+missing, they skip these tests, or fail them under CI: ``tests/shared_data.py``);
 the reference every check compares against is built here from the folder listing with
 ``str.split``, never with the parsers' code. Release layouts are generated as empty files.
 """
@@ -15,20 +16,13 @@ import numpy as np
 import pytest
 
 from hpc_reid.data.datasets import DatasetError, available_datasets, build_dataset
+from tests.shared_data import require_shared_data
 
-SHARED_DATA = Path(
-    os.environ.get(
-        "HPC_REID_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    )
-)
 FOLDERS = {"viper": "viper", "prid2011": "prid2011_single_shot", "ilids": "ilids"}
 
 
 def real_root(name: str) -> Path:
-    root = SHARED_DATA / FOLDERS[name]
-    if not (root / "images").is_dir():
-        pytest.skip(f"real {name} images not found at {root}/images (set HPC_REID_SHARED_DATA)")
-    return root
+    return require_shared_data(f"{FOLDERS[name]}/images", directory=True).parent
 
 
 def listing(root: Path) -> dict[str, list[str]]:
