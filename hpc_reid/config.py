@@ -272,7 +272,19 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: int = Field(1800, ge=10)
     find_unused_parameters: bool = False
-    sync_bn: bool = False
+    sync_bn: Literal["auto"] | bool = Field(
+        "auto",
+        description="BatchNorm statistics over the global batch (torch's SyncBatchNorm) rather "
+        "than each rank's own: auto, on with CUDA and 2+ processes, else off; true, the same "
+        "but an error on the CPU (torch's SyncBatchNorm runs only on CUDA); false, never",
+    )
+    stop_check_every: int = Field(
+        10,
+        ge=1,
+        description="steps between the ranks' agreements on a pre-emption signal (one "
+        "all-reduce, a host-device sync); every rank checks at the same steps (multiples of "
+        "this, at an accumulation boundary, and an epoch's last step), so all stop together",
+    )
 
 
 class Config(Section):

@@ -57,7 +57,7 @@ from hpc_reid.engine.optim import (
     scaled_lr,
     strategy_args,
 )
-from hpc_reid.engine.strategy import DDPStrategy
+from hpc_reid.engine.strategy import DDPStrategy, prepare_model
 from hpc_reid.engine.trainer import select_device
 from hpc_reid.evaluation.sharded import evaluate_sharded, shard_range
 from hpc_reid.launch.distributed import barrier, choose_backend, detect_env, init_distributed
@@ -215,8 +215,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
     torch.manual_seed(config.engine.seed)
     num_classes = dataset.num_train_pids
     model = build_model(config.model, num_classes).to(device)
-    if config.engine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, _ = prepare_model(model, config, device, world)  # as the trainer: SyncBN, channels_last
     criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
     s = config.sampler
     batch = s.num_identities * s.num_instances

@@ -198,19 +198,6 @@ def strategy_args(config: Config, criterion) -> dict:
     }
 
 
-def rescale_center_grad(center_loss: CenterLoss, weight: float) -> None:
-    """Divide the centers' gradients by the center-loss weight before their optimizer steps.
-
-    The total loss holds ``weight * L_C``, so the centers' gradient is ``weight * dL_C/dc``; BoT
-    undoes the factor so the center update is ``center.lr * dL_C/dc`` whatever the weight.
-    """
-    if weight <= 0:
-        raise ValueError(f"loss.center.weight must be > 0 to rescale its gradient, got {weight}")
-    for p in center_loss.parameters():
-        if p.grad is not None:
-            p.grad.div_(weight)
-
-
 class WarmupScheduler(LRScheduler):
     """Per-iteration LR: ``group base lr * factor(iteration)`` for every parameter group, so the
     groups keep their ratios (bias_lr_factor) throughout.

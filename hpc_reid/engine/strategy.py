@@ -3,19 +3,77 @@
 A strategy owns the wrapped model, mixed precision and the optimizer step, so the trainer's loop
 reads the same whatever runs underneath (DeepSpeed plugs in behind the same methods). torch's native
 AMP is used (bf16 needs no loss scaling; fp16 uses a GradScaler); apex is never required.
+:func:`prepare_model` applies what must happen to the bare model before any strategy wraps it and
+before the optimizer collects its parameters (SyncBatchNorm, channels_last).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hpc_reid.engine.errors import TrainingError
+
+if TYPE_CHECKING:
+    from hpc_reid.config import Config
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync_bn_applies(setting: Literal["auto"] | bool, device: torch.device, world: int) -> bool:
+    """Whether ``distributed.sync_bn=setting`` converts the model's BatchNorm layers to
+    SyncBatchNorm for ``world`` processes on ``device``.
+
+    SyncBatchNorm (Ioffe and Szegedy's statistics over the global batch rather than each rank's
+    P x K images) matters when the per-GPU batch is small; with one process there is nothing to
+    synchronise, and torch runs it only on CUDA, so ``true`` on the CPU is refused here, before
+    any work, instead of failing at the first forward.
+    """
+    if setting is True and device.type != "cuda":
+        raise TrainingError(
+            f"distributed.sync_bn=true needs CUDA devices, but this run trains on {device}: "
+            "torch's SyncBatchNorm runs only on CUDA. Set distributed.sync_bn=auto (on only "
+            "for CUDA with 2+ processes) or false"
+        )
+    return setting is not False and device.type == "cuda" and world > 1
+
+
+def prepare_model(
+    model: nn.Module, config: Config, device: torch.device, world: int
+) -> tuple[nn.Module, str]:
+    """``model`` as it trains under ``config`` on ``world`` processes on ``device``, and one line
+    for the run log saying whether BatchNorm is synchronised.
+
+    Call it after moving the model to ``device`` and before building the optimizer: the
+    conversion keeps the parameter objects, but the optimizer's norm-layer group
+    (:data:`hpc_reid.engine.optim.NORM_LAYERS`) is chosen by the layers' types. The model is not
+    moved here.
+    """
+    setting = config.distributed.sync_bn
+    if sync_bn_applies(setting, device, world):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        layers = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        note = (
+            f"distributed.sync_bn={setting}: {layers} BatchNorm layers synchronised across "
+            f"{world} ranks (SyncBatchNorm)"
+        )
+    elif world == 1:
+        note = f"distributed.sync_bn={setting}: one process, nothing to synchronise"
+    elif setting is False:
+        note = "distributed.sync_bn=false: each rank's BatchNorm uses its own batch statistics"
+    else:
+        note = (
+            f"distributed.sync_bn={setting}: off on {device.type} (torch's SyncBatchNorm runs "
+            "only on CUDA); each rank's BatchNorm uses its own batch statistics"
+        )
+    if config.engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, note
 
 
 class DDPStrategy:
@@ -65,10 +123,11 @@ class DDPStrategy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
-    def step(self, loss: torch.Tensor) -> float | None:
+    def step(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Backward, optional clipping, optimizer steps and the per-iteration LR update.
 
-        Returns the gradient norm before clipping when clipping is on.
+        Returns the gradient norm before clipping (a tensor on the device, so that reading it is
+        the caller's choice of a host sync) when clipping is on.
         """
         self.optimizer.zero_grad(set_to_none=True)
         if self.extra_optimizer is not None:
@@ -77,8 +136,7 @@ class DDPStrategy:
         grad_norm = None
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-            grad_norm = float(norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         if self.extra_optimizer is not None:
             self._step_extra()
@@ -87,21 +145,28 @@ class DDPStrategy:
         return grad_norm
 
     def _step_extra(self) -> None:
+        """The centers' step: their gradient summed over ranks (they are outside DDP), unscaled
+        by the GradScaler, times ``extra_grad_scale / world`` (the rank mean and BoT's 1/weight),
+        then an SGD step that the scaler skips on an fp16 overflow.
+
+        The scaler decides per optimizer, as torch's AMP recipe for several optimizers does
+        (https://pytorch.org/docs/stable/notes/amp_examples.html): an overflow in the centers'
+        gradients skips their step, one in the model's skips the model's. The summed gradient is
+        the same on every rank, so every rank makes the same decision. No host sync here outside
+        fp16, where the scaler's own check is one.
+        """
         grads = [p.grad for p in self.extra_params if p.grad is not None]
         if not grads:
             return
-        factor = self.extra_grad_scale
-        if self.scaler.is_enabled():
-            factor /= self.scaler.get_scale()
+        world = 1
         if self.distributed:
             for g in grads:
                 dist.all_reduce(g)
-            factor /= dist.get_world_size()
-        if not all(torch.isfinite(g).all() for g in grads):
-            return  # fp16 overflow step: the scaler skips the main step too
+            world = dist.get_world_size()
+        self.scaler.unscale_(self.extra_optimizer)
         for g in grads:
-            g.mul_(factor)
-        self.extra_optimizer.step()
+            g.mul_(self.extra_grad_scale / world)
+        self.scaler.step(self.extra_optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         state = {

@@ -11,8 +11,9 @@ CVPRW 2019, Eq. 6 and its ``center_loss.py``: no 1/2, and the sum divided by the
 (C - 1) * 1e-12 per sample; we clamp only the B distances that enter the loss.) The centers are a
 parameter of this module, trained as in BoT by their own SGD optimizer (lr ``loss.center.lr``)
 rather than by Wen et al.'s moving-average rule, with their gradient divided by the loss weight
-before that step so the center update does not depend on the weight (see
-:func:`hpc_reid.engine.optim.rescale_center_grad`).
+before that step so the center update does not depend on the weight (the strategies do it:
+``extra_grad_scale`` of :class:`hpc_reid.engine.strategy.DDPStrategy`, also averaging the
+centers' gradient over ranks, as they are outside DDP).
 """
 
 from __future__ import annotations

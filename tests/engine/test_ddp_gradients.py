@@ -80,6 +80,8 @@ def test_two_ranks_of_b_match_one_process_of_2b():
     assert len(got) > 50  # the whole backbone, not just the head
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-7, atol=1e-10, msg=name)
-    # the centers live outside DDP: the strategy averages their gradients over ranks
+    # the centers live outside DDP, so each rank holds its own gradient; their mean is the
+    # one-process gradient (what DDPStrategy._step_extra relies on: tests/engine/test_strategy.py
+    # checks that path itself)
     center = (out["center0"] + out["center1"]) / 2
     torch.testing.assert_close(center, expected_center, rtol=1e-7, atol=1e-12)
