@@ -35,11 +35,12 @@ from hpc_reid.engine.optim import (
     strategy_args,
 )
 from hpc_reid.engine.run_log import RunLog
-from hpc_reid.engine.strategy import DDPStrategy
+from hpc_reid.engine.strategy import DDPStrategy, prepare_model, sync_bn_applies
 from hpc_reid.evaluation.ranking import BACKENDS as RANKING_BACKENDS
 from hpc_reid.launch.distributed import (
     choose_backend,
     cleanup,
+    cuda_device_index,
     detect_env,
     init_distributed,
 )
@@ -48,11 +49,17 @@ from hpc_reid.models import build_model
 
 
 def select_device(requested: str, local_rank: int) -> torch.device:
+    """The device ``engine.device=requested`` means for local rank ``local_rank``, made current.
+
+    On CUDA the index comes from the visible device count (:func:`cuda_device_index`): under
+    SLURM's per-task GPU binding each task sees its own GPU as ``cuda:0``.
+    """
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise TrainingError("engine.device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -74,10 +81,15 @@ def model_meta(config: Config, num_classes: int, feature_dim: int) -> dict[str, 
 
 
 class _StopSignal:
-    """Records SIGUSR1/SIGTERM; every rank agrees on stopping through one all-reduce per step."""
+    """Records SIGUSR1/SIGTERM; the ranks agree on stopping through one all-reduce per check.
+
+    ``agreed`` is a collective (and a host sync): the trainer calls it on every rank at the same
+    steps. ``stopping`` tells whether an agreement said stop, on every rank, whichever received it.
+    """
 
     def __init__(self):
         self.received = False
+        self.stopping = False
         self._previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             # signal.signal raises ValueError outside the main thread (e.g. a Ray actor thread)
@@ -89,40 +101,54 @@ class _StopSignal:
 
     def agreed(self, device: torch.device) -> bool:
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.received
+            self.stopping = self.received
+            return self.stopping
         flag = torch.tensor([float(self.received)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.stopping = bool(flag.item())
+        return self.stopping
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's generators. On CUDA only its own device's: the visible devices differ between
+    jobs (per-task GPU binding shows one), and the others' generators are not this rank's."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device, log: Callable[[str], None]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list | tuple):  # checkpoints before 2026-12 held every visible device's
+        if device.index is None or device.index >= len(cuda):
+            log(
+                f"checkpoint holds CUDA generator states of {len(cuda)} devices, none for "
+                f"{device}: its CUDA generator is not restored"
+            )
+            return
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
-def _all_rng_states() -> list[dict[str, Any]]:
+def _all_rng_states(device: torch.device) -> list[dict[str, Any]]:
     if not dist.is_initialized():
-        return [_rng_state()]
+        return [_rng_state(device)]
     states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, _rng_state())
+    dist.all_gather_object(states, _rng_state(device))
     return states
 
 
@@ -157,6 +183,7 @@ def train(
 
 def _train(config, rank, world, device, resume, max_steps, reporter):
     main = rank == 0
+    sync_bn_applies(config.distributed.sync_bn, device, world)  # refuses an impossible setting
     if config.evaluation.backend not in ("auto", *RANKING_BACKENDS):
         raise TrainingError(
             f"evaluation.backend={config.evaluation.backend!r} is not available here; "
@@ -188,8 +215,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     torch.manual_seed(config.engine.seed)
     num_classes = dataset.num_train_pids
     model = build_model(config.model, num_classes).to(device)
-    if config.engine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, sync_bn_note = prepare_model(model, config, device, world)  # before the optimizer
     criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
     accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
     if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
@@ -224,7 +250,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     epoch, step, best = 0, 0, None
     if resume_path is not None:
         epoch, step, best = _restore(
-            resume_path, meta, strategy, criterion, sampler, rank, world, log
+            resume_path, meta, strategy, criterion, sampler, rank, world, device, log
         )
     else:
         sampler.set_epoch(0)
@@ -235,7 +261,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
         f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
         f"x {world} ranks"
         + (f" x {accum} accumulated micro-batches per optimizer step" if accum > 1 else "")
-        + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch"
+        + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch; {sync_bn_note}"
     )
 
     if resume_path is None and config.evaluation.at_start:
@@ -246,6 +272,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
             write_atomic(run_dir / "results_start.json", json.dumps(start, indent=2) + "\n")
 
     stop = _StopSignal()
+    check_every = config.distributed.stop_check_every
     epochs = config.schedule.epochs
     summary: dict[str, Any] = {}
     last_saved_step = -1
@@ -256,7 +283,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
             "strategy": strategy.state_dict(),
             "criterion": criterion.state_dict(),
             "sampler": sampler.state_dict(batches_consumed=consumed),
-            "rng": _all_rng_states(),
+            "rng": _all_rng_states(device),
             "epoch": epoch,
             "step": step,
             "best": best,
@@ -276,7 +303,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
             consumed = sampler.batches_per_epoch - len(sampler)
             model.train()
             log.start_epoch(epoch, epochs, sampler.batches_per_epoch, consumed)
-            tic, seen = time.perf_counter(), 0
+            tic, seen, postfix = time.perf_counter(), 0, {}
             for batch in loader:
                 images = batch["images"].to(device, non_blocking=True)
                 if config.engine.channels_last:
@@ -288,20 +315,26 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
                 total, parts = criterion(outputs, pids)
                 strategy.step(total)
                 step, consumed, seen = step + 1, consumed + 1, seen + len(images)
-                rate = seen * world / (time.perf_counter() - tic)
-                values = {k: float(v) for k, v in parts.items()}
-                loss_value = float(total.detach())
-                values.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
-                log.advance({"loss": f"{loss_value:.3f}", "img/s": f"{rate:.0f}"})
+                # Reading a loss waits for the GPU: only on logging steps, so the host can queue
+                # the next steps' kernels meanwhile (the progress bar shows the last logged loss).
                 if step % config.logging.log_every == 0:
+                    rate = seen * world / (time.perf_counter() - tic)
+                    values = {k: v.item() for k, v in parts.items()}
+                    values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"])
                     log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
-                # a pre-emption stops at an accumulation boundary, where resuming is exact
+                    postfix = {"loss": f"{values['loss']:.3f}", "img/s": f"{rate:.0f}"}
+                log.advance(postfix)
+                # The ranks agree on a pre-emption every check_every steps and at an epoch's end
+                # (the same steps on every rank), at an accumulation boundary where resuming is
+                # exact; the agreement is a collective and a host sync, hence not every step.
                 at_boundary = step % accum == 0
                 at_max = max_steps is not None and step >= max_steps
-                if (at_boundary and stop.agreed(device)) or at_max:
+                at_check = step % check_every == 0 or consumed == sampler.batches_per_epoch
+                at_check = at_check or at_max
+                if (at_boundary and at_check and stop.agreed(device)) or at_max:
                     log.end_epoch()
-                    save("stop" if stop.received else "max steps")
-                    return {"stopped_at_step": step, "preempted": stop.received}
+                    save("stop" if stop.stopping else "max steps")
+                    return {"stopped_at_step": step, "preempted": stop.stopping}
             log.end_epoch()
             epoch += 1
             sampler.set_epoch(epoch)
@@ -358,7 +391,7 @@ def _resume_path(resume: str | None, checkpoints: CheckpointManager) -> Path | N
     return None
 
 
-def _restore(path, meta, strategy, criterion, sampler, rank, world, log):
+def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log):
     state = load_checkpoint(path)
     if state["model_meta"] != meta:
         diff = {
@@ -375,7 +408,7 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, log):
     strategy.load_state_dict(state["strategy"])
     criterion.load_state_dict(state["criterion"])
     if state["world_size"] == world:
-        _set_rng_state(state["rng"][rank])
+        _set_rng_state(state["rng"][rank], device, log.info)
     log.info(
         f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}, "
         f"world size {state['world_size']} -> {world}"

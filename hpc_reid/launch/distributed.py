@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -111,6 +112,33 @@ def detect_env(env: Mapping[str, str] | None = None) -> DistEnv:
             launcher="slurm",
         )
     return DistEnv()
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device (among the ``visible`` ones) that local rank ``local_rank`` trains on.
+
+    With every GPU of the node visible to every task (torchrun, ``srun`` without GPU binding),
+    local rank r takes ``cuda:r``. Under SLURM's per-task binding (``--gpus-per-task=1``,
+    ``--gpu-bind=single:1``, ``map_gpu``) each task sees only its own GPU, as ``cuda:0``, whatever
+    its SLURM_LOCALID: asking for ``cuda:LOCAL_RANK`` there fails with "invalid device ordinal".
+    So the index is ``local_rank % visible``; with more than one visible GPU but fewer than the
+    local ranks, several ranks then share a GPU, which is warned about, not refused (it may be
+    meant, e.g. a CPU-bound debugging run), and NCCL refuses it anyway.
+    """
+    if visible < 1:
+        raise ValueError(f"no CUDA device is visible (device count {visible})")
+    if local_rank < 0:
+        raise ValueError(f"local rank must be >= 0, got {local_rank}")
+    if 1 < visible <= local_rank:
+        warnings.warn(
+            f"local rank {local_rank} sees only {visible} CUDA devices: it takes "
+            f"cuda:{local_rank % visible}, which another local rank also uses. Give each task "
+            "its own GPU (srun --gpus-per-task=1) or every GPU of the node "
+            "(CUDA_VISIBLE_DEVICES unset), or start one task per visible GPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return local_rank % visible
 
 
 def choose_backend(requested: str, device: torch.device) -> str:

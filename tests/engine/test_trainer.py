@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from hpc_reid.config import load_config
+from hpc_reid.engine import trainer
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.trainer import evaluate_checkpoint, select_device, train
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,3 +158,158 @@ def test_two_gloo_ranks_train_and_resume_as_one_rank_with_the_same_global_batch(
     )
     summary = train(resumed, resume="auto")
     assert 0.0 <= summary["mAP"] <= 1.0
+
+
+def test_sync_bn_true_on_cpu_is_refused_at_start_naming_the_key(tmp_path):
+    config = tiny_config(tmp_path, "distributed.sync_bn=true")
+    with pytest.raises(TrainingError, match=r"distributed\.sync_bn=true .* runs only on CUDA"):
+        train(config)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # before work
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA API with ``visible`` devices that only records what it is asked (no GPU here)."""
+    calls: dict = {"visible": 1, "set_device": [], "set_rng_state": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: calls["visible"])
+    monkeypatch.setattr(torch.cuda, "set_device", calls["set_device"].append)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device: torch.full((4,), device.index, dtype=torch.uint8),
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_rng_state",
+        lambda state, device: calls["set_rng_state"].append((state, device)),
+    )
+    return calls
+
+
+@pytest.mark.parametrize(("visible", "local_rank", "index"), [(1, 3, 0), (8, 3, 3), (4, 0, 0)])
+def test_select_device_takes_the_visible_gpu_under_per_task_binding(
+    fake_cuda, visible, local_rank, index
+):
+    """SLURM --gpus-per-task=1 shows each task its own GPU as cuda:0, whatever SLURM_LOCALID."""
+    fake_cuda["visible"] = visible
+    for requested in ("cuda", "auto"):
+        assert select_device(requested, local_rank) == torch.device("cuda", index)
+    assert fake_cuda["set_device"] == [index, index]
+
+
+def test_rng_state_holds_and_restores_only_this_ranks_cuda_generator(fake_cuda):
+    state = trainer._rng_state(torch.device("cuda", 1))
+    assert torch.equal(state["cuda"], torch.full((4,), 1, dtype=torch.uint8))
+    assert "cuda" not in trainer._rng_state(torch.device("cpu"))
+    lines: list[str] = []
+    trainer._set_rng_state(state, torch.device("cuda", 0), lines.append)  # another visible index
+    ((restored, device),) = fake_cuda["set_rng_state"]
+    assert restored is state["cuda"] and device == torch.device("cuda", 0) and lines == []
+
+
+def test_rng_state_of_an_old_checkpoint_restores_this_devices_entry_or_says_it_cannot(fake_cuda):
+    old = {**trainer._rng_state(torch.device("cpu")), "cuda": [torch.zeros(4), torch.ones(4)]}
+    lines: list[str] = []
+    trainer._set_rng_state(old, torch.device("cuda", 1), lines.append)
+    ((restored, device),) = fake_cuda["set_rng_state"]
+    assert restored is old["cuda"][1] and device == torch.device("cuda", 1)
+    trainer._set_rng_state(old, torch.device("cuda", 2), lines.append)
+    assert len(fake_cuda["set_rng_state"]) == 1
+    assert lines == [
+        "checkpoint holds CUDA generator states of 2 devices, none for cuda:2: its CUDA "
+        "generator is not restored"
+    ]
+
+
+def test_losses_are_read_on_the_host_only_on_logging_steps(tmp_path, monkeypatch):
+    """Reading a loss (item / float) waits for the GPU: the loop does it every log_every steps."""
+    live: dict = {"step": 0, "ptrs": set()}
+    reads: list[int] = []
+
+    class SpiedLoss(trainer.ReidLoss):
+        def forward(self, outputs, pids):
+            total, parts = super().forward(outputs, pids)
+            live["step"] += 1
+            live["ptrs"] = {t.data_ptr() for t in (total, *parts.values())}
+            return total, parts
+
+    real_item, real_float = torch.Tensor.item, torch.Tensor.__float__
+
+    def item(self):
+        if self.data_ptr() in live["ptrs"]:
+            reads.append(live["step"])
+        return real_item(self)
+
+    def to_float(self):
+        if self.data_ptr() in live["ptrs"]:
+            reads.append(live["step"])
+        return real_float(self)
+
+    monkeypatch.setattr(trainer, "ReidLoss", SpiedLoss)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "__float__", to_float)
+    extra = ["logging.run_name=spy", "logging.log_every=3", "evaluation.at_start=false"]
+    train(tiny_config(tmp_path, *extra), max_steps=7)
+    assert live["step"] == 7 and sorted(set(reads)) == [3, 6]
+    lines = (tmp_path / "runs/spy/metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [3, 6]
+    assert all(r["loss"] > 0 and r["triplet"] >= 0 for r in logged)
+
+
+SIGNAL_STEP, CHECK_EVERY = 4, 3  # 2 ranks, passes_per_epoch=4: 8 steps an epoch
+
+
+def _stop_rank_main(rank: int, port: int, tmp: str, out: dict) -> None:
+    """One rank of a 2-rank gloo run in which only rank 1 receives SIGUSR1, during step 4."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    flag_reduces = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        if tensor.numel() == 1:  # the stop flag (the centers' gradients are a matrix)
+            flag_reduces.append(1)
+        return all_reduce(tensor, *args, **kwargs)
+
+    class SignalledStrategy(trainer.DDPStrategy):
+        steps = 0
+
+        def step(self, loss):
+            norm = super().step(loss)
+            SignalledStrategy.steps += 1
+            if rank == 1 and SignalledStrategy.steps == SIGNAL_STEP:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return norm
+
+    dist.all_reduce = counting_all_reduce
+    trainer.DDPStrategy = SignalledStrategy
+    config = tiny_config(
+        Path(tmp),
+        "logging.run_name=stop",
+        "sampler.passes_per_epoch=4",
+        f"distributed.stop_check_every={CHECK_EVERY}",
+        "evaluation.at_start=false",
+    )
+    result = trainer.train(config, max_steps=20)
+    out[rank] = {**result, "flag_reduces": len(flag_reduces), "steps": SignalledStrategy.steps}
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_at_the_next_check_step(tmp_path):
+    """Only rank 1 is signalled (during step 4); the ranks agree every 3 steps, so both stop
+    after step 6 with one checkpoint, both report the pre-emption, and the stop flag was
+    all-reduced twice (steps 3 and 6), not every step."""
+    out = mp.Manager().dict()
+    mp.spawn(_stop_rank_main, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert out[rank] == {
+            "stopped_at_step": 6,
+            "preempted": True,
+            "flag_reduces": 2,
+            "steps": 6,
+        }, rank
+    state = load_checkpoint(CheckpointManager(tmp_path / "runs/stop").latest())
+    assert state["step"] == 6 and state["world_size"] == 2

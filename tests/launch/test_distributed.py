@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpc_reid.launch.distributed import DistEnv, detect_env, expand_hostlist
+from hpc_reid.launch.distributed import DistEnv, cuda_device_index, detect_env, expand_hostlist
 
 
 @pytest.mark.parametrize(
@@ -81,3 +81,33 @@ def test_cleanup_leaves_a_group_it_found_to_its_creator(tmp_path):
     dist.init_process_group("gloo", init_method=f"{store}2", rank=0, world_size=1)
     cleanup()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "index"),
+    [
+        (0, 8, 0),  # every GPU of the node visible to every task (torchrun)
+        (5, 8, 5),
+        (0, 1, 0),  # SLURM --gpus-per-task=1 / --gpu-bind: each task sees its own GPU as cuda:0
+        (3, 1, 0),
+        (7, 1, 0),
+    ],
+)
+def test_cuda_device_index_takes_the_visible_device_of_the_local_rank(local_rank, visible, index):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these is a misconfiguration
+        assert cuda_device_index(local_rank, visible) == index
+
+
+def test_cuda_device_index_warns_when_local_ranks_outnumber_several_visible_gpus():
+    with pytest.warns(
+        RuntimeWarning, match="local rank 3 sees only 2 CUDA devices: it takes cuda:1"
+    ):
+        assert cuda_device_index(3, 2) == 1
+
+
+def test_cuda_device_index_refuses_no_visible_device():
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        cuda_device_index(0, 0)
