@@ -40,14 +40,23 @@ import torch.nn.functional as F
 
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 
-__all__ = ["evaluate_features_cuda", "fused_kernel", "pair_distances", "query_ranks_cuda"]
+__all__ = [
+    "evaluate_features_cuda",
+    "fused_kernel",
+    "kernel_for",
+    "pair_distances",
+    "query_ranks_cuda",
+    "require_kernel",
+]
 
 SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "rank_fused.cu"
 BLOCK_K = 8  # BK in rank_fused.cu: features are zero-padded to a multiple of it
 MAX_QUERY_TILE = 65535 * 128  # grid.y limit x BM
 
 _kernel: ModuleType | None = None
-_load_error: str | None = None
+_load_error: str | None = None  # why the build failed, once it has
+_load_exception: BaseException | None = None
+_warned = False  # fused_kernel's one warning about the fallback
 
 
 def extension_dir() -> Path:
@@ -81,36 +90,64 @@ def load_kernel() -> ModuleType:
     )
 
 
-def fused_kernel() -> ModuleType | None:
-    """The compiled extension, built on the first call; None, with one warning, when it cannot be
-    built (no nvcc or ninja, a compiler error), so that callers fall back to the torch ranker."""
-    global _kernel, _load_error
+def _try_load() -> None:
+    """Build or import the extension once; a failure is remembered (``_load_error``), not raised."""
+    global _kernel, _load_error, _load_exception
     if _kernel is None and _load_error is None:
         try:
             _kernel = load_kernel()
         except (OSError, RuntimeError, ImportError) as exc:  # what cpp_extension.load raises
             _load_error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"the fused CUDA ranking kernel ({SOURCE.name}) could not be built, so evaluation "
-                f"computes distance tiles and ranks them with the torch ranker instead; "
-                f"{_load_error}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _load_exception = exc
+
+
+def fused_kernel() -> ModuleType | None:
+    """The compiled extension, built on the first call; None, with one warning, when it cannot be
+    built (no nvcc or ninja, a compiler error), so that callers fall back to the torch ranker."""
+    global _warned
+    _try_load()
+    if _kernel is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"the fused CUDA ranking kernel ({SOURCE.name}) could not be built, so evaluation "
+            f"computes distance tiles and ranks them with the torch ranker instead; "
+            f"{_load_error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return _kernel
 
 
-def _require_kernel() -> ModuleType:
-    kernel = fused_kernel()
-    if kernel is None:
-        raise RuntimeError(f"the fused CUDA ranking kernel is not available: {_load_error}")
-    return kernel
+def require_kernel() -> ModuleType:
+    """The compiled extension; raises RuntimeError with the build error when it cannot be built."""
+    _try_load()
+    if _kernel is None:
+        raise RuntimeError(
+            f"the fused CUDA ranking kernel ({SOURCE}) could not be built: {_load_error}"
+        ) from _load_exception
+    return _kernel
 
 
-def _prepare(features: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_for(backend: str) -> ModuleType | None:
+    """The fused kernel that ranks CUDA features under evaluation backend ``backend``.
+
+    "cuda" asks for it explicitly: a kernel that cannot be built raises (RuntimeError with the
+    build error) rather than silently ranking another way. "auto" takes it when it can be built and
+    otherwise returns None after one warning (the caller falls back to distance tiles and the torch
+    ranker). Any other backend names a CPU ranker: None, nothing is built.
+    """
+    if backend == "cuda":
+        return require_kernel()
+    if backend == "auto":
+        return fused_kernel()
+    return None
+
+
+def kernel_features(features: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 features as the kernel reads them (L2-normalised for cosine, zero-padded to a
-    multiple of BLOCK_K, contiguous) and their squared norms (euclidean; empty for cosine), made
-    as :func:`~hpc_reid.evaluation.distances.pairwise_distance` makes them."""
+    multiple of BLOCK_K, contiguous, 16-byte aligned) and their squared norms (euclidean; empty for
+    cosine), made as :func:`~hpc_reid.evaluation.distances.pairwise_distance` makes them. Not
+    checked for NaN or inf (see :func:`all_finite`)."""
     x = features.float()
     if metric == "cosine":
         x = F.normalize(x, dim=1)
@@ -121,9 +158,20 @@ def _prepare(features: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     x = F.pad(x, (0, pad)) if pad else x.contiguous()
     if x.data_ptr() % 16:  # the kernel reads rows as float4
         x = x.clone()
-    if not (torch.isfinite(x).all() and torch.isfinite(sq).all()):
-        raise ValueError("features contain NaN or inf (or overflow); ranks are undefined")
     return x, sq.contiguous()
+
+
+def all_finite(x: torch.Tensor, sq: torch.Tensor) -> bool:
+    """Whether prepared features and squared norms hold no NaN or inf (ranks are undefined)."""
+    return bool(torch.isfinite(x).all() and torch.isfinite(sq).all())
+
+
+def _prepare(features: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kernel_features`, raising ValueError on NaN or inf."""
+    x, sq = kernel_features(features, metric)
+    if not all_finite(x, sq):
+        raise ValueError("features contain NaN or inf (or overflow); ranks are undefined")
+    return x, sq
 
 
 def _check_inputs(qf: torch.Tensor, gf: torch.Tensor, metric: str) -> None:
@@ -169,7 +217,7 @@ def pair_distances(
             raise ValueError(
                 f"{name} must lie in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]"
             )
-    return _require_kernel().pair_distances(
+    return require_kernel().pair_distances(
         qx, gx, q_sq, g_sq, qi.contiguous(), gi.contiguous(), metric == "euclidean"
     )
 
@@ -193,6 +241,53 @@ def ranks_from_sorted(ranks: np.ndarray, npos: np.ndarray) -> QueryRanks:
     return QueryRanks(first_rank=first[:, None], ap=ap, inp=inp, valid=first > 0)
 
 
+def kept_positives(
+    q_pids: torch.Tensor,
+    q_cams: torch.Tensor,
+    g_cams: torch.Tensor,
+    pid_sorted: torch.Tensor,
+    by_pid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query row, gallery index) of every kept positive of a tile of queries: the query pid's
+    gallery members on another camera, found from the gallery grouped by pid (``pid_sorted``,
+    ``by_pid`` = a stable sort of the gallery pids), so the cost is O(B log G + positives).
+    Gallery indices ascend within a row."""
+    b, device = q_pids.shape[0], q_pids.device
+    lo = torch.searchsorted(pid_sorted, q_pids, side="left")
+    n_same = torch.searchsorted(pid_sorted, q_pids, side="right") - lo
+    row = torch.repeat_interleave(torch.arange(b, device=device), n_same)
+    slot = torch.arange(row.numel(), device=device) - (torch.cumsum(n_same, 0) - n_same)[row]
+    g = by_pid[lo[row] + slot]
+    kept = g_cams[g] != q_cams[row]
+    return row[kept], g[kept]
+
+
+def sort_positives(
+    row: torch.Tensor, index: torch.Tensor, dist: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positives in (query row, distance, gallery index) order, whatever their order before, and
+    the row offsets (num_rows + 1): row t's positives are ``[pos_off[t], pos_off[t + 1])``."""
+    order = torch.sort(index, stable=True).indices
+    order = order[torch.sort(dist[order], stable=True).indices]
+    order = order[torch.sort(row[order], stable=True).indices]
+    row, index, dist = row[order], index[order], dist[order]
+    pos_off = torch.searchsorted(row, torch.arange(num_rows + 1, device=row.device))
+    return row, index, dist, pos_off
+
+
+def ranks_from_histogram(
+    row: torch.Tensor, pos_off: torch.Tensor, hist: torch.Tensor
+) -> QueryRanks:
+    """QueryRanks of a tile from its sorted positives' rows and offsets and the histogram of the
+    kept negatives over them (bin k of a row: negatives with exactly k positives before them):
+    the rank of the positive at place k of its row is k + 1 + the row's bins 0..k."""
+    cum = torch.cumsum(hist, 0)  # int64
+    start = pos_off[row]
+    below = (cum - hist)[start]  # bins of the rows before this one
+    ranks = torch.arange(row.numel(), device=row.device) - start + 1 + cum - below
+    return ranks_from_sorted(ranks.cpu().numpy(), torch.diff(pos_off).cpu().numpy())
+
+
 def _rank_tile(
     kernel,
     qx: torch.Tensor,
@@ -203,31 +298,16 @@ def _rank_tile(
     euclidean: bool,
 ) -> QueryRanks:
     gx, g_sq, g_pids, g_cams, pid_sorted, by_pid = gallery
-    b, device = qx.shape[0], qx.device
-    # 1. Kept positives: the query pid's gallery members (indices ascending) on another camera.
-    lo = torch.searchsorted(pid_sorted, q_pids, side="left")
-    n_same = torch.searchsorted(pid_sorted, q_pids, side="right") - lo
-    row = torch.repeat_interleave(torch.arange(b, device=device), n_same)
-    slot = torch.arange(row.numel(), device=device) - (torch.cumsum(n_same, 0) - n_same)[row]
-    g = by_pid[lo[row] + slot]
-    kept = g_cams[g] != q_cams[row]
-    row, g = row[kept], g[kept]
+    # 1. Kept positives and their distances from the kernel's pair routine, sorted.
+    row, g = kept_positives(q_pids, q_cams, g_cams, pid_sorted, by_pid)
     d = kernel.pair_distances(qx, gx, q_sq, g_sq, row, g, euclidean)
-    # (row, distance, index) order: g ascends within a row, so two stable sorts give it.
-    order = torch.sort(d, stable=True).indices
-    order = order[torch.sort(row[order], stable=True).indices]
-    row, g, d = row[order], g[order], d[order]
-    pos_off = torch.searchsorted(row, torch.arange(b + 1, device=device))  # rows are sorted
+    row, g, d, pos_off = sort_positives(row, g, d, qx.shape[0])
     # 2. Kept negatives before each positive, counted in the GEMM's epilogue.
     hist = kernel.count_negatives(
         qx, gx, q_sq, g_sq, q_pids, g_pids, pos_off, d.contiguous(), g.int(), euclidean
     )
-    # 3. rank of the positive at place k of its row: k + 1 + the row's bins 0..k.
-    cum = torch.cumsum(hist, 0)  # int64
-    start = pos_off[row]
-    below = (cum - hist)[start]  # bins of the rows before this one
-    ranks = torch.arange(row.numel(), device=device) - start + 1 + cum - below
-    return ranks_from_sorted(ranks.cpu().numpy(), torch.diff(pos_off).cpu().numpy())
+    # 3. Ranks, then first rank, AP and INP.
+    return ranks_from_histogram(row, pos_off, hist)
 
 
 def query_ranks_cuda(
@@ -245,7 +325,7 @@ def query_ranks_cuda(
     _check_inputs(qf, gf, metric)
     if not 1 <= query_tile <= MAX_QUERY_TILE:
         raise ValueError(f"query_tile must be in [1, {MAX_QUERY_TILE}], got {query_tile}")
-    kernel = _require_kernel()
+    kernel = require_kernel()
     device, num_q, num_g = qf.device, qf.shape[0], gf.shape[0]
     q_pids_t = _ids(q_pids, "q_pids", num_q, device)
     q_cams_t = _ids(q_camids, "q_camids", num_q, device)

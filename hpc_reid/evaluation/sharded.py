@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpc_reid.evaluation import ranking_cuda
 from hpc_reid.evaluation.distances import Metric, pairwise_distance
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 
@@ -49,6 +50,10 @@ __all__ = [
     "shard_range",
     "tile_query_ranks",
 ]
+
+
+# evaluation.backend's values; here they only choose between the fused kernel and distance tiles.
+BACKEND_NAMES = ("auto", "numpy", "torch", "cython", "cuda")
 
 
 def shard_range(n: int, rank: int, world: int) -> range:
@@ -201,11 +206,13 @@ class _Group:
             torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         )
 
-    def all_gather_rows(self, local: torch.Tensor) -> list[torch.Tensor]:
+    def all_gather_rows(self, local: torch.Tensor, device=None) -> list[torch.Tensor]:
         """Every rank's ``local`` (any number of rows, same trailing shape and dtype), in rank
-        order."""
+        order, on ``device`` (default: the CPU); ``[local]`` (moved to ``device`` if one is given)
+        when torch.distributed is not initialised."""
         if not self.active:
-            return [local]
+            return [local if device is None else local.to(device)]
+        target = torch.device("cpu") if device is None else torch.device(device)
         local = local.to(self.device)
         sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
         dist.all_gather(sizes, torch.tensor([len(local)], device=self.device), group=self.group)
@@ -214,7 +221,7 @@ class _Group:
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
-        return [part[:n].cpu() for part, n in zip(parts, rows, strict=True)]
+        return [part[:n].to(target) for part, n in zip(parts, rows, strict=True)]
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """In place; ``tensor`` must be contiguous and on ``self.device``."""
@@ -222,19 +229,22 @@ class _Group:
             src_global = src if self.group is None else dist.get_global_rank(self.group, src)
             dist.broadcast(tensor, src=src_global, group=self.group)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce_sum(self, tensor: torch.Tensor, device=None) -> torch.Tensor:
+        """The sum over ranks, on ``device`` (default: the CPU)."""
         if self.active:
             tensor = tensor.to(self.device)
             dist.all_reduce(tensor, group=self.group)
-        return tensor.cpu()
+        return tensor.to("cpu" if device is None else device)
 
 
 def all_gather_rows(
-    local: torch.Tensor, group: dist.ProcessGroup | None = None
+    local: torch.Tensor, group: dist.ProcessGroup | None = None, device=None
 ) -> list[torch.Tensor]:
     """Every rank's ``local`` rows (any number, same trailing shape and dtype) in rank order, on
-    the CPU of every rank; ``[local]`` when torch.distributed is not initialised."""
-    return _Group(group).all_gather_rows(local)
+    ``device`` of every rank: the CPU by default; ``local.device`` keeps an NCCL gather of CUDA
+    tensors on the GPU. ``[local]`` when torch.distributed is not initialised (moved to
+    ``device`` if one is given)."""
+    return _Group(group).all_gather_rows(local, device)
 
 
 @dataclass(frozen=True)
@@ -293,30 +303,148 @@ def _layout(comm: _Group, qf, gf, q_pids, g_pids, q_camids, g_camids) -> _Layout
     )
 
 
-def _query_tile(comm: _Group, layout: _Layout, qf: torch.Tensor, start: int, stop: int):
-    """Global query rows ``[start, stop)``, broadcast by the ranks that own them."""
-    tile = torch.empty((stop - start, layout.dim), dtype=torch.float32, device=comm.device)
+def broadcast_rows(
+    comm: _Group,
+    offsets: np.ndarray,
+    local: torch.Tensor,
+    start: int,
+    stop: int,
+    tail: tuple[int, ...],
+    device: torch.device,
+) -> torch.Tensor:
+    """Global rows ``[start, stop)`` (float32, trailing shape ``tail``) of a tensor sharded over
+    the ranks as ``offsets`` says, broadcast by the ranks that own them; returned on ``device``
+    (the features' own: with NCCL and CUDA features nothing leaves the GPU)."""
+    tile = torch.empty((stop - start, *tail), dtype=torch.float32, device=comm.device)
     for r in range(comm.world):
-        lo = max(start, int(layout.q_offsets[r]))
-        hi = min(stop, int(layout.q_offsets[r + 1]))
+        lo = max(start, int(offsets[r]))
+        hi = min(stop, int(offsets[r + 1]))
         if lo >= hi:
             continue
         rows = tile[lo - start : hi - start]
         if r == comm.rank:
-            own = int(layout.q_offsets[r])
-            rows.copy_(qf[lo - own : hi - own])
+            own = int(offsets[r])
+            rows.copy_(local[lo - own : hi - own])
         comm.broadcast_(rows, src=r)
-    return tile
+    return tile.to(device)
+
+
+def _query_tile(comm: _Group, layout: _Layout, qf: torch.Tensor, start: int, stop: int, device):
+    """Global query rows ``[start, stop)``, broadcast by the ranks that own them."""
+    return broadcast_rows(comm, layout.q_offsets, qf, start, stop, (layout.dim,), device)
 
 
 def _distances(q: torch.Tensor, gf: torch.Tensor, metric: Metric, tile: int) -> np.ndarray:
+    """(tile, G_local) distances on the gallery's device (``q`` is there already), to the host
+    for the numpy counting."""
     if len(gf) == 0:
         return np.empty((len(q), 0), dtype=np.float32)
-    return pairwise_distance(q.to(gf.device), gf, metric=metric, tile=tile).cpu().numpy()
+    return pairwise_distance(q, gf, metric=metric, tile=tile).cpu().numpy()
 
 
 def _as_labels(x) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _feature_device(qf: torch.Tensor, gf: torch.Tensor) -> torch.device:
+    """Where this rank's work happens: the gallery shard's device, or the queries' without one."""
+    return gf.device if gf.numel() or not qf.numel() else qf.device
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """What every sharded evaluation starts from: the process group, the layout, and this rank's
+    gallery labels as numpy arrays."""
+
+    comm: _Group
+    layout: _Layout
+    g_pids: np.ndarray
+    g_camids: np.ndarray
+
+
+def _setup(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, query_tile, group) -> _Shards:
+    """Check the arguments and agree on the layout (collective); every rank raises alike."""
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
+    if query_tile < 1:
+        raise ValueError(f"query_tile must be >= 1, got {query_tile}")
+    comm = _Group(group)
+    q_pids, q_camids = _as_labels(q_pids), _as_labels(q_camids)
+    g_pids, g_camids = _as_labels(g_pids), _as_labels(g_camids)
+    layout = _layout(comm, qf, gf, q_pids, g_pids, q_camids, g_camids)
+    if layout.q_offsets[-1] == 0:
+        raise ValueError("no query features on any rank")
+    return _Shards(comm, layout, g_pids, g_camids)
+
+
+def _agreed_kernel(comm: _Group, qf: torch.Tensor, gf: torch.Tensor, backend: str):
+    """(whether every rank ranks with the fused CUDA kernel, the kernel where this rank has a
+    gallery shard to run it on), agreed through one all-gather so that no rank takes another path.
+
+    The kernel ranks when the features of every rank that holds some are on CUDA, ``backend`` is
+    "auto" or "cuda", and every rank with a gallery shard could build it. Where one could not,
+    "cuda" raises on every rank (the failing ones with their build error) and "auto" ranks
+    distance tiles instead (the failing ones have warned once).
+    """
+    held = [f for f in (qf, gf) if f.numel()]
+    vote = int(all(f.is_cuda for f in held)) if held else -1  # -1: no features, no vote
+    wanted = backend in ("auto", "cuda")
+    needs = wanted and vote == 1 and gf.numel() > 0
+    kernel, error = None, None
+    if needs:
+        try:
+            kernel = ranking_cuda.kernel_for(backend)
+        except RuntimeError as exc:  # raised below on every rank at once
+            error = exc
+    status = torch.tensor([[vote, needs and kernel is None]], dtype=torch.int64)
+    status = torch.cat(comm.all_gather_rows(status)).numpy()
+    if not wanted or set(status[:, 0].tolist()) - {-1} != {1}:
+        return False, None
+    failed = np.flatnonzero(status[:, 1])
+    if failed.size == 0:
+        return True, kernel
+    if backend == "cuda":
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            f"evaluation backend 'cuda': the fused CUDA ranking kernel could not be built on "
+            f"rank(s) {failed.tolist()}; see their error"
+        )
+    return False, None
+
+
+def _tile_ranks(shards: _Shards, qf, gf, metric: Metric, query_tile: int) -> list[QueryRanks]:
+    """The three steps of the module docstring on distance tiles: (tile, G_local) distances on the
+    features' device, positives and negatives counted on the host."""
+    comm, layout = shards.comm, shards.layout
+    num_q, num_g = int(layout.q_offsets[-1]), int(layout.g_offsets[-1])
+    g_start = int(layout.g_offsets[comm.rank])
+    device = _feature_device(qf, gf)
+    parts: list[QueryRanks] = []
+    for start in range(0, num_q, query_tile):
+        stop = min(start + query_tile, num_q)
+        q_pids, q_cams = layout.q_pids[start:stop], layout.q_camids[start:stop]
+        q = _query_tile(comm, layout, qf, start, stop, device)
+        d = _distances(q, gf, metric, query_tile)
+        rows, index, pos_d = find_positives(
+            d, q_pids, q_cams, shards.g_pids, shards.g_camids, g_start
+        )
+        packed = np.stack([rows, index, pos_d.view(np.int32).astype(np.int64)], axis=1)
+        gathered = torch.cat(comm.all_gather_rows(torch.from_numpy(packed))).numpy()
+        positives = TilePositives.from_unsorted(
+            gathered[:, 0],
+            gathered[:, 1],
+            gathered[:, 2].astype(np.int32).view(np.float32),
+            stop - start,
+        )
+        counts = count_negatives_before(d, q_pids, shards.g_pids, g_start, positives, num_g)
+        # The last entry counts NaN distances, so that every rank raises together.
+        local = torch.from_numpy(np.append(counts, np.isnan(d).sum()).astype(np.int64))
+        total = comm.all_reduce_sum(local).numpy()
+        if total[-1]:
+            raise ValueError(f"{total[-1]} NaN distances for queries {start}..{stop - 1}")
+        parts.append(tile_query_ranks(positives, total[:-1]))
+    return parts
 
 
 def evaluate_sharded(
@@ -331,12 +459,18 @@ def evaluate_sharded(
     query_tile: int = 1024,
     cuhk03_old_protocol: bool = False,
     group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
 ) -> RankResult:
     """CMC, mAP and mINP of queries against a gallery, both sharded over the ranks of ``group``.
 
     Collective: every rank of ``group`` calls it, with its shard (any sizes, empty included), and
     every rank gets the same :class:`RankResult`, equal to ``evaluate_features`` on the rank-major
     concatenation of the shards. Without an initialised process group it evaluates one process.
+
+    ``backend`` (``evaluation.backend``): with CUDA features, "auto" and "cuda" rank with the
+    fused kernel (:mod:`~hpc_reid.evaluation.sharded_fused`); where it cannot be built "cuda"
+    raises and "auto" warns once and ranks distance tiles computed on the GPU. Any other backend,
+    and CPU features, rank distance tiles on the host.
     """
     if cuhk03_old_protocol:
         raise NotImplementedError(
@@ -344,44 +478,17 @@ def evaluate_sharded(
             "galleries pick members by pid across all shards; gather the features and use "
             "evaluate_features(..., cuhk03_old_protocol=True) instead"
         )
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
-    if query_tile < 1:
-        raise ValueError(f"query_tile must be >= 1, got {query_tile}")
-    comm = _Group(group)
-    q_pids_local, q_camids_local = _as_labels(q_pids_local), _as_labels(q_camids_local)
-    g_pids_local, g_camids_local = _as_labels(g_pids_local), _as_labels(g_camids_local)
-    layout = _layout(
-        comm, qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local
-    )
-    num_q, num_g = int(layout.q_offsets[-1]), int(layout.g_offsets[-1])
-    if num_q == 0:
-        raise ValueError("no query features on any rank")
-    g_start = int(layout.g_offsets[comm.rank])
-    parts: list[QueryRanks] = []
-    for start in range(0, num_q, query_tile):
-        stop = min(start + query_tile, num_q)
-        q_pids, q_cams = layout.q_pids[start:stop], layout.q_camids[start:stop]
-        q = _query_tile(comm, layout, qf_local, start, stop)
-        d = _distances(q, gf_local, metric, query_tile)
-        rows, index, pos_d = find_positives(
-            d, q_pids, q_cams, g_pids_local, g_camids_local, g_start
-        )
-        packed = np.stack([rows, index, pos_d.view(np.int32).astype(np.int64)], axis=1)
-        gathered = torch.cat(comm.all_gather_rows(torch.from_numpy(packed))).numpy()
-        positives = TilePositives.from_unsorted(
-            gathered[:, 0],
-            gathered[:, 1],
-            gathered[:, 2].astype(np.int32).view(np.float32),
-            stop - start,
-        )
-        counts = count_negatives_before(d, q_pids, g_pids_local, g_start, positives, num_g)
-        # The last entry counts NaN distances, so that every rank raises together.
-        local = torch.from_numpy(np.append(counts, np.isnan(d).sum()).astype(np.int64))
-        total = comm.all_reduce_sum(local).numpy()
-        if total[-1]:
-            raise ValueError(f"{total[-1]} NaN distances for queries {start}..{stop - 1}")
-        parts.append(tile_query_ranks(positives, total[:-1]))
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+    args = (qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local)
+    shards = _setup(*args, metric, query_tile, group)
+    use_kernel, kernel = _agreed_kernel(shards.comm, qf_local, gf_local, backend)
+    if use_kernel:
+        from hpc_reid.evaluation.sharded_fused import fused_tile_ranks  # it imports this module
+
+        parts = fused_tile_ranks(kernel, shards, qf_local, gf_local, metric, query_tile)
+    else:
+        parts = _tile_ranks(shards, qf_local, gf_local, metric, query_tile)
     return combine(parts, max_rank)
 
 
@@ -413,7 +520,8 @@ def ranked_candidates(
         comm, qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local
     )
     n = min(num_queries, int(layout.q_offsets[-1]))
-    d = _distances(_query_tile(comm, layout, qf_local, 0, n), gf_local, metric, max(n, 1))
+    q = _query_tile(comm, layout, qf_local, 0, n, _feature_device(qf_local, gf_local))
+    d = _distances(q, gf_local, metric, max(n, 1))
     g_start = int(layout.g_offsets[comm.rank])
     local: list[np.ndarray] = []
     for t in range(n):

@@ -24,7 +24,16 @@ import torch
 
 from hpc_reid.evaluation import ranking_cuda
 from hpc_reid.evaluation.ranking import BACKENDS, QueryRanks, _ranks_numpy
-from tests.evaluation.reference import make_case, reference_metrics, reference_query
+from tests.evaluation.dense_kernel import DenseKernel
+from tests.evaluation.reference import (
+    assert_within_rank_bounds,
+    float32_tolerance,
+    float64_distances,
+    make_case,
+    rank_bounds,
+    reference_metrics,
+    reference_query,
+)
 
 SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "rank_fused.cu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -104,42 +113,6 @@ def test_rank_fused_cu_compiles_with_nvcc_for_sm90(tmp_path):
     print(f"nvcc compiled {SOURCE.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
-class DenseKernel:
-    """The extension's two functions on the CPU, densely and plainly: the contract of
-    rank_fused.cu (same distance for a pair in both; histogram of the kept negatives over the
-    number of sorted positives before them, negatives after every positive not counted)."""
-
-    @staticmethod
-    def _distances(qx, gx, q_sq, g_sq, euclidean):
-        dot = qx.double() @ gx.double().T
-        if euclidean:
-            return (q_sq.double()[:, None] + g_sq.double()[None, :] - 2 * dot).clamp(min=0).sqrt()
-        return 1 - dot
-
-    @classmethod
-    def pair_distances(cls, qx, gx, q_sq, g_sq, qi, gi, euclidean):
-        return cls._distances(qx, gx, q_sq, g_sq, euclidean)[qi, gi].float()
-
-    @classmethod
-    def count_negatives(cls, qx, gx, q_sq, g_sq, q_pids, g_pids, pos_off, pos_d, pos_g, euclidean):
-        dist = cls._distances(qx, gx, q_sq, g_sq, euclidean).float()
-        hist = torch.zeros(pos_d.numel(), dtype=torch.int32)
-        for q in range(qx.shape[0]):
-            lo, hi = int(pos_off[q]), int(pos_off[q + 1])
-            pd, pg = pos_d[lo:hi], pos_g[lo:hi].long()
-            neg = torch.nonzero(g_pids != q_pids[q]).flatten()
-            d = dist[q, neg][:, None]
-            before = (pd < d) | ((pd == d) & (pg < neg[:, None]))  # (negatives, positives)
-            counts = before.sum(dim=1)
-            for c in counts[counts < hi - lo].tolist():
-                hist[lo + c] += 1
-        return hist
-
-    @classmethod
-    def distmat(cls, qx, gx, q_sq, g_sq, euclidean):
-        return cls._distances(qx, gx, q_sq, g_sq, euclidean).float().numpy()
-
-
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("query_tile", [1, 7, 1024])
 def test_host_side_with_a_dense_stand_in_kernel_equals_full_sort_and_numpy(metric, query_tile):
@@ -185,6 +158,7 @@ def test_kernel_that_cannot_be_built_warns_once_and_is_none(monkeypatch):
 
     monkeypatch.setattr(ranking_cuda, "_kernel", None)
     monkeypatch.setattr(ranking_cuda, "_load_error", None)
+    monkeypatch.setattr(ranking_cuda, "_warned", False)
     monkeypatch.setattr(ranking_cuda, "load_kernel", fail)
     with pytest.warns(RuntimeWarning, match="torch ranker"):
         assert ranking_cuda.fused_kernel() is None
@@ -211,8 +185,14 @@ def kernel_distmat(qf, gf, metric):
 
 # (num_q, num_g, num_pids, dim): tiny galleries; blocks cut at 128 queries / gallery items; more
 # than HIST_SMEM = 8192 positives in a block of 128 queries (global-memory histogram, asserted
-# below); a deep feature.
-GPU_PROBLEMS = [(9, 4, 3, 3), (150, 300, 12, 5), (200, 3000, 3, 4), (40, 500, 20, 96)]
+# below); a deep feature; a ResNet-50 feature (2048).
+GPU_PROBLEMS = [
+    (9, 4, 3, 3),
+    (150, 300, 12, 5),
+    (200, 3000, 3, 4),
+    (40, 500, 20, 96),
+    (60, 700, 20, 2048),
+]
 
 
 @pytest.mark.gpu
@@ -239,9 +219,9 @@ def test_fused_kernel_equals_full_sort_and_cpu_backends_on_its_distances(metric,
     for query_tile in (1024, 33):
         ranks = ranking_cuda.query_ranks_cuda(qf, gf, *ids, metric=metric, query_tile=query_tile)
         assert_equals_full_sort(ranks, problem)
-        for backend in ("numpy", "cython"):
-            if backend in BACKENDS:
-                assert_bit_identical(ranks, BACKENDS[backend](*problem))
+        for backend in ("numpy", "cython"):  # declared: an unbuilt Cython kernel fails here
+            assert backend in BACKENDS, f"ranking backend {backend!r} is not built"
+            assert_bit_identical(ranks, BACKENDS[backend](*problem))
 
 
 @pytest.mark.gpu
@@ -290,3 +270,165 @@ def test_fused_kernel_rejects_non_finite_features_and_mixed_devices():
         ranking_cuda.query_ranks_cuda(qf * float("nan"), gf, *ids)
     with pytest.raises(ValueError, match="one device"):
         ranking_cuda.query_ranks_cuda(qf, gf.cpu(), *ids)
+
+
+# --- float64 reference ------------------------------------------------------------------------
+
+# Stated tolerance of a float32 distance against the float64 one (reference.float32_tolerance):
+# the kernel accumulates D products in order with fma; at D = 2048 its error, emulated on the CPU,
+# stays under 2 ulps of the distances' scale, and torch.mm's too. 16 leaves room for a GPU's
+# normalisation and norm reductions rounding otherwise.
+ULPS = 16
+
+
+def clustered_features(seed, ids, dim, noise=4.0):
+    """float32 features of a half-trained model: a random prototype per pid plus Gaussian noise,
+    so that positives and negatives overlap (mAP about 0.5-0.65 at D = 2048) without exact ties."""
+    q_pids, g_pids, _, _ = ids
+    rng = np.random.default_rng(seed)
+    proto = rng.standard_normal((int(max(q_pids.max(), g_pids.max())) + 1, dim), dtype=np.float32)
+    qf = proto[q_pids] + noise * rng.standard_normal((len(q_pids), dim), dtype=np.float32)
+    gf = proto[g_pids] + noise * rng.standard_normal((len(g_pids), dim), dtype=np.float32)
+    return torch.from_numpy(qf), torch.from_numpy(gf)
+
+
+def test_float64_rank_bounds_at_zero_tolerance_are_the_full_sort_reference():
+    # The bounds collapse to the exact ranks of the float64 distances when nothing is near a tie.
+    ids = ids_problem(4, 30, 200, 8)
+    qf, gf = clustered_features(4, ids, 16)
+    d64 = float64_distances(qf, gf, "cosine")
+    bounds = rank_bounds(d64, 0.0, *ids)
+    _, mAP, mINP, ap, inp, valid = reference_metrics(d64, *ids, max_rank=20)
+    first = full_sort_ranks(d64, *ids)[0]
+    np.testing.assert_array_equal(bounds["valid"], valid)
+    np.testing.assert_array_equal(bounds["first_lo"][valid], first[valid])
+    np.testing.assert_array_equal(bounds["first_hi"][valid], first[valid])
+    np.testing.assert_allclose(bounds["ap_lo"][valid], ap[valid], rtol=1e-12)
+    np.testing.assert_allclose(bounds["ap_hi"][valid], ap[valid], rtol=1e-12)
+    np.testing.assert_allclose(bounds["inp_hi"][valid], inp[valid], rtol=1e-12)
+    assert np.mean(bounds["ap_lo"][valid]) == pytest.approx(mAP, rel=1e-12)
+    assert np.mean(bounds["inp_lo"][valid]) == pytest.approx(mINP, rel=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_cpu_float32_evaluation_at_2048_dims_lies_within_the_float64_bounds(metric):
+    # The reference the GPU tests below hold the kernel to, checked here on the CPU's float32
+    # evaluation (torch.mm distances): it holds, and it is not vacuous (most bounds are tight).
+    from hpc_reid.evaluation import evaluate_features
+
+    ids = ids_problem(11, 150, 1200, 40)
+    qf, gf = clustered_features(11, ids, 2048)
+    d64 = float64_distances(qf, gf, metric)
+    bounds = rank_bounds(d64, float32_tolerance(qf, gf, metric, ULPS), *ids)
+    result = evaluate_features(qf, gf, *ids, metric=metric, max_rank=50)
+    assert assert_within_rank_bounds(result, bounds) > 0.2
+    width = np.mean(bounds["ap_hi"] - bounds["ap_lo"], where=bounds["valid"])
+    assert 0.2 < result.mAP < 0.9 and width < 0.005
+
+
+# --- which kernel, if any: the dispatch --------------------------------------------------------
+
+
+class ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, so that the CUDA dispatch runs without a GPU (the
+    operations it reaches after the dispatch run on the CPU)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.fixture
+def unbuildable_kernel(monkeypatch):
+    def fail():
+        raise RuntimeError("Error building extension 'hpc_reid_rank_fused': nvcc exited 1")
+
+    monkeypatch.setattr(ranking_cuda, "_kernel", None)
+    monkeypatch.setattr(ranking_cuda, "_load_error", None)
+    monkeypatch.setattr(ranking_cuda, "_load_exception", None)
+    monkeypatch.setattr(ranking_cuda, "_warned", False)
+    monkeypatch.setattr(ranking_cuda, "load_kernel", fail)
+
+
+def test_kernel_for_cuda_raises_the_build_error_auto_warns_once_cpu_backends_build_nothing(
+    unbuildable_kernel, monkeypatch
+):
+    with pytest.raises(RuntimeError, match=r"could not be built.*nvcc exited 1"):
+        ranking_cuda.kernel_for("cuda")
+    with pytest.warns(RuntimeWarning, match="torch ranker"):
+        assert ranking_cuda.kernel_for("auto") is None
+    with pytest.raises(RuntimeError, match="nvcc exited 1"):  # "cuda" stays loud afterwards
+        ranking_cuda.kernel_for("cuda")
+
+    def must_not_build():
+        raise AssertionError("a CPU backend built the CUDA kernel")
+
+    monkeypatch.setattr(ranking_cuda, "load_kernel", must_not_build)
+    monkeypatch.setattr(ranking_cuda, "_load_error", None)
+    for backend in ("numpy", "cython", "torch"):
+        assert ranking_cuda.kernel_for(backend) is None
+
+
+def _claims_cuda_problem():
+    ids = ids_problem(6, 20, 90, 6)
+    qf, gf = clustered_features(6, ids, 12)
+    return qf, gf, ids
+
+
+@pytest.mark.parametrize("where", ["evaluate_features", "evaluate_sharded"])
+def test_explicit_cuda_backend_with_an_unbuildable_kernel_raises_instead_of_falling_back(
+    unbuildable_kernel, where
+):
+    from hpc_reid.evaluation import evaluate_features, evaluate_sharded
+
+    qf, gf, ids = _claims_cuda_problem()
+    fn = evaluate_features if where == "evaluate_features" else evaluate_sharded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(RuntimeError, match="nvcc exited 1"):
+            fn(qf.as_subclass(ClaimsCuda), gf.as_subclass(ClaimsCuda), *ids, backend="cuda")
+
+
+@pytest.mark.parametrize("where", ["evaluate_features", "evaluate_sharded"])
+def test_auto_backend_with_an_unbuildable_kernel_warns_once_and_ranks_exactly(
+    unbuildable_kernel, where
+):
+    from hpc_reid.evaluation import evaluate_features, evaluate_sharded
+
+    qf, gf, ids = _claims_cuda_problem()
+    fn = evaluate_features if where == "evaluate_features" else evaluate_sharded
+    expected = evaluate_features(qf, gf, *ids, backend="numpy")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        got = fn(qf.as_subclass(ClaimsCuda), gf.as_subclass(ClaimsCuda), *ids, backend="auto")
+    for field in ("cmc", "ap", "inp", "valid"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("dim", [96, 2048])
+def test_fused_kernel_distances_within_stated_ulps_of_float64_and_metrics_within_its_bounds(
+    metric, dim
+):
+    # Truth independent of the kernel: float64 distances of the same float32 features. Each of
+    # the kernel's distances is within ULPS of them, so its ranks can differ from float64's only
+    # among items that close; its metrics lie within the bounds that allows (mostly tight).
+    from hpc_reid.evaluation import evaluate_features
+
+    ids = ids_problem(11, 150, 1200, 40)
+    qf, gf = clustered_features(11, ids, dim)
+    delta = float32_tolerance(qf, gf, metric, ULPS)
+    d64 = float64_distances(qf, gf, metric)
+    err = np.abs(kernel_distmat(qf.cuda(), gf.cuda(), metric) - d64)
+    assert err.max() <= delta, f"kernel distance error {err.max():.3g} > {ULPS} ulps ({delta:.3g})"
+    bounds = rank_bounds(d64, delta, *ids)
+    for query_tile in (1024, 64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fused kernel, not the fallback
+            result = evaluate_features(
+                qf.cuda(), gf.cuda(), *ids, metric=metric, max_rank=50, query_tile=query_tile
+            )
+        tight = assert_within_rank_bounds(result, bounds)
+        if dim == 2048:  # calibrated on the CPU's float32 evaluation (0.31 euclidean, 0.65 cosine)
+            assert tight > 0.2

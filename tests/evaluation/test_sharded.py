@@ -13,8 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hpc_reid.evaluation import evaluate_features, sharded
+from hpc_reid.evaluation import evaluate_features, ranking_cuda, sharded
+from hpc_reid.evaluation.ranking import combine
 from hpc_reid.evaluation.sharded import evaluate_sharded, ranked_candidates, shard_range
+from hpc_reid.evaluation.sharded_fused import evaluate_sharded_fused
+from tests.evaluation.dense_kernel import DenseKernel
 from tests.evaluation.reference import reference_metrics
 
 TOL = 1e-6
@@ -228,3 +231,123 @@ def test_both_negative_counting_methods_equal_the_reference(monkeypatch, direct_
         args = (torch.from_numpy(qf).float(), torch.from_numpy(gf).float())
         r = evaluate_sharded(*args, q_pids, g_pids, q_cams, g_cams, metric, MAX_RANK, 9)
         assert_same_result(r, *expected)
+
+
+# --- the fused kernel's sharded path, with the CPU stand-in kernel ---------------------------
+
+
+def continuous_case(seed: int, num_q: int = 37, num_g: int = 170):
+    """Gaussian features (no exact ties) with make_case's awkward labels."""
+    _, _, q_pids, g_pids, q_cams, g_cams = make_case(seed, "euclidean", num_q, num_g)
+    rng = np.random.default_rng(seed + 100)
+    qf = rng.standard_normal((num_q, 13)).astype(np.float32)
+    gf = rng.standard_normal((num_g, 13)).astype(np.float32)
+    return qf, gf, q_pids, g_pids, q_cams, g_cams
+
+
+FUSED_CASES = [*((*c, "exact") for c in CASES), (7, "cosine", "even", "last-heavy", 5, "normal")]
+FUSED_CASES += [(8, "euclidean", "first-empty", "even", 1024, "normal")]
+
+
+def fused_case(seed, metric, kind):
+    return make_case(seed, metric) if kind == "exact" else continuous_case(seed)
+
+
+def _fused_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        results = []
+        for seed, metric, q_layout, g_layout, tile, kind in FUSED_CASES:
+            qf, gf, q_pids, g_pids, q_cams, g_cams = fused_case(seed, metric, kind)
+            qc, gc = cuts(len(qf), world, q_layout), cuts(len(gf), world, g_layout)
+            qs, gs = slice(qc[rank], qc[rank + 1]), slice(gc[rank], gc[rank + 1])
+            local = (torch.from_numpy(qf[qs]).float(), torch.from_numpy(gf[gs]).float())
+            local += (q_pids[qs], g_pids[gs], q_cams[qs], g_cams[gs])
+            # An empty shard arrives as (0, 0), as engine.evaluate.shard_features makes it.
+            local = tuple(
+                torch.empty(0, 0) if torch.is_tensor(x) and not len(x) else x for x in local
+            )
+            results.append(
+                evaluate_sharded_fused(
+                    DenseKernel, *local, metric=metric, max_rank=MAX_RANK, query_tile=tile
+                )
+            )
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fused_ranks(tmp_path_factory) -> list[list]:
+    tmp = tmp_path_factory.mktemp("fused_gloo2")
+    mp.spawn(_fused_worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def stand_in_single_process(qf, gf, q_pids, g_pids, q_cams, g_cams, metric, tile):
+    """The single-process fused path (ranking_cuda._query_ranks) with the same stand-in kernel."""
+    qx, q_sq = ranking_cuda._prepare(torch.from_numpy(qf).float(), metric)
+    gx, g_sq = ranking_cuda._prepare(torch.from_numpy(gf).float(), metric)
+    ids = [torch.from_numpy(np.asarray(a)).long() for a in (q_pids, g_pids, q_cams, g_cams)]
+    ranks = ranking_cuda._query_ranks(
+        DenseKernel, qx, q_sq, gx, g_sq, *ids, metric == "euclidean", tile
+    )
+    return combine(ranks, MAX_RANK), DenseKernel.distmat(qx, gx, q_sq, g_sq, metric == "euclidean")
+
+
+def test_fused_sharded_path_on_two_gloo_ranks_equals_the_single_process_kernel_path(fused_ranks):
+    # Every rank's result equals, bit for bit, the single-process fused path with the same kernel
+    # and the numpy backend on the kernel's distances; on features whose distances are exact it
+    # also equals the CPU evaluate_features and the full-sort reference.
+    for i, (seed, metric, _, _, tile, kind) in enumerate(FUSED_CASES):
+        qf, gf, q_pids, g_pids, q_cams, g_cams = fused_case(seed, metric, kind)
+        ids = (q_pids, g_pids, q_cams, g_cams)
+        single, distmat = stand_in_single_process(qf, gf, *ids, metric, tile)
+        numpy = evaluate_features_on(distmat, ids)
+        exact = kind == "exact"
+        if exact:
+            d = reference_distances(qf, gf, metric)
+            expected = reference_metrics(d, *ids, MAX_RANK)
+            assert not expected[-1].all() and expected[-1].any()  # invalid queries, and valid ones
+            cpu = evaluate_features(
+                torch.from_numpy(qf).float(),
+                torch.from_numpy(gf).float(),
+                *ids,
+                metric=metric,
+                max_rank=MAX_RANK,
+            )
+        for rank in fused_ranks:
+            r = rank[i]
+            for field in ("cmc", "ap", "inp", "valid"):
+                np.testing.assert_array_equal(getattr(r, field), getattr(single, field))
+                np.testing.assert_array_equal(getattr(r, field), getattr(numpy, field))
+                if exact:
+                    np.testing.assert_array_equal(getattr(r, field), getattr(cpu, field))
+            if exact:
+                assert_same_result(r, *expected)
+
+
+def evaluate_features_on(distmat, ids):
+    from hpc_reid.evaluation.ranking import rank_metrics
+
+    return rank_metrics(distmat, *ids, max_rank=MAX_RANK, backend="numpy")
+
+
+def test_fused_sharded_path_without_process_group_and_nan_features():
+    qf, gf, q_pids, g_pids, q_cams, g_cams = continuous_case(3)
+    args = (torch.from_numpy(qf), torch.from_numpy(gf), q_pids, g_pids, q_cams, g_cams)
+    single, _ = stand_in_single_process(qf, gf, q_pids, g_pids, q_cams, g_cams, "cosine", 8)
+    r = evaluate_sharded_fused(DenseKernel, *args, max_rank=MAX_RANK, query_tile=8)
+    np.testing.assert_array_equal(r.ap, single.ap)
+    np.testing.assert_array_equal(r.cmc, single.cmc)
+    bad = args[0].clone()
+    bad[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf .* rank\(s\) \[0\]"):
+        evaluate_sharded_fused(DenseKernel, bad, *args[1:])
