@@ -120,6 +120,15 @@ class LoaderConfig(Section):
         description="DALI pipelines side by side, dealt batches in turn (0: one per core, "
         "one thread each, when decoding on the CPU; one on the GPU)",
     )
+    dali_hw_decoder_load: float = Field(
+        0.65,
+        ge=0.0,
+        le=1.0,
+        description="share of each batch's JPEGs that DALI's GPU decoder sends to the hardware "
+        "JPEG decoder (A100, H100 and later; ignored elsewhere and on the CPU); the rest go to "
+        "nvJPEG's CUDA decoder. 0.65 is DALI's default, for throughput; 0 decodes every image "
+        "the same way, for bit-stable comparisons",
+    )
     pin_memory: bool = True
     test_batch_size: int = Field(256, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
