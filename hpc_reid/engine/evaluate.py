@@ -1,16 +1,20 @@
 """Evaluation of a model during and after training: features, exact metrics, results and plots.
 
 Each rank extracts features for its contiguous shard of the query and gallery images and keeps
-them: on several ranks the metrics come from :func:`~hpc_reid.evaluation.sharded.evaluate_sharded`
-(no rank ever holds Q x G nor the whole gallery; exact, as on one process), and the ranked-list
-plot from the few gallery columns :func:`~hpc_reid.evaluation.sharded.ranked_candidates` finds.
-One process ranks with ``evaluate_features`` and its configured backend.
+them on the device that computed them (float32; on a GPU run, the GPU): on several ranks the
+metrics come from :func:`~hpc_reid.evaluation.sharded.evaluate_sharded` (no rank ever holds Q x G
+nor the whole gallery; exact, as on one process; on CUDA the fused kernel's two passes, NCCL moving
+the small per-tile tensors), and the ranked-list plot from the few gallery columns
+:func:`~hpc_reid.evaluation.sharded.ranked_candidates` finds (copied to the host). One process
+ranks with ``evaluate_features`` and its configured backend: on CUDA features with "auto" or
+"cuda", the fused kernel (kernels/rank_fused.cu).
 
 With ``evaluation.rerank.enabled`` the metrics are those of k-reciprocal re-ranking
 (:func:`~hpc_reid.evaluation.rerank.rerank_blocks`: sparse, O(N k) memory, ranked block by block so
 Q x G is never held). Re-ranking needs every query's and gallery item's neighbours, so there each
-rank gathers all features (N x D, not N x N) and computes the same result; the metrics without
-re-ranking are reported beside it as ``without_rerank/mAP`` etc.
+rank gathers all features (N x D, not N x N; on the device) and computes the same result, its
+blocks ranked where they are (the torch ranker on a GPU); the metrics without re-ranking are
+reported beside it as ``without_rerank/mAP`` etc.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import evaluate_features, extract_features
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
+from hpc_reid.evaluation.ranking_torch import query_ranks_torch
 from hpc_reid.evaluation.rerank import rerank_blocks
 from hpc_reid.evaluation.sharded import (
     all_gather_rows,
@@ -39,13 +44,14 @@ from hpc_reid.evaluation.sharded import (
 
 
 def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
-    """Features (n, D) float32 on the CPU of this rank's contiguous shard of ``records``
-    (:func:`~hpc_reid.evaluation.sharded.shard_range`); (0, 0) for an empty shard."""
+    """Features (n, D) float32 of this rank's contiguous shard of ``records``
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`), on the device the model computed them on
+    (``device``); (0, 0) there for an empty shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     part = shard_range(len(records), rank, world)
     if not part:
-        return torch.empty(0, 0)
+        return torch.empty(0, 0, device=device)
     loader = build_backend_test_loader(
         records[part.start : part.stop],
         config.loader,
@@ -54,21 +60,35 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
         device,
     )
     feats, _, _ = extract_features(model, loader, device, flip=config.evaluation.flip_average)
-    return feats.float().cpu()
+    return feats.float()  # a no-op: extract_features gives float32 on the model's device
 
 
 def _all_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's contiguous shard concatenated in rank order (N, D), on every rank."""
+    """Every rank's contiguous shard concatenated in rank order (N, D), on every rank, on the
+    device of ``local`` (an NCCL gather of CUDA features stays on the GPU)."""
     dims = torch.cat(all_gather_rows(torch.tensor([local.shape[1]])))
     local = local.reshape(len(local), int(dims.max()))  # an empty shard comes as (0, 0)
-    return torch.cat(all_gather_rows(local))
+    return torch.cat(all_gather_rows(local, device=local.device))
+
+
+def _block_ranks(block: torch.Tensor, q_pids, g_pids, q_cams, g_cams, backend: str, start: int):
+    """Per-query results of a (B, G) block of re-ranked distances, ranked where it is: a CUDA
+    block with backend "auto" or "cuda" by the torch ranker on the GPU (the same numbers as every
+    backend, without copying B x G to the host), any other on the host by ``backend``."""
+    if block.is_cuda and backend in ("auto", "cuda"):
+        if torch.isnan(block).any():
+            raise ValueError(f"re-ranked distances of queries from {start} contain NaN")
+        return query_ranks_torch(block, q_pids, g_pids, q_cams, g_cams)
+    return query_ranks(
+        block.cpu().numpy(), q_pids, g_pids, q_cams, g_cams, backend=backend, query_start=start
+    )
 
 
 def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:
     ev = config.evaluation
     parts = []
     blocks = rerank_blocks(
-        qf.to(device),
+        qf.to(device),  # no-op: the features are on the model's device already
         gf.to(device),
         ev.rerank.k1,
         ev.rerank.k2,
@@ -77,17 +97,8 @@ def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) ->
     )
     for start, block in blocks:
         stop = start + len(block)
-        parts.append(
-            query_ranks(
-                block.cpu().numpy(),
-                q_pids[start:stop],
-                g_pids,
-                q_cams[start:stop],
-                g_cams,
-                backend=ev.backend,
-                query_start=start,
-            )
-        )
+        ids = (q_pids[start:stop], g_pids, q_cams[start:stop], g_cams)
+        parts.append(_block_ranks(block, *ids, ev.backend, start))
     return combine(parts, ev.max_rank)
 
 
@@ -120,7 +131,9 @@ def evaluate_model(
             *local, metric=ev.metric, max_rank=ev.max_rank, backend=ev.backend
         )
     else:
-        result = evaluate_sharded(*local, metric=ev.metric, max_rank=ev.max_rank)
+        result = evaluate_sharded(
+            *local, metric=ev.metric, max_rank=ev.max_rank, backend=ev.backend
+        )
     summary = result.summary()
     if ev.rerank.enabled:
         plain = summary

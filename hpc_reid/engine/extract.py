@@ -36,7 +36,7 @@ def extract_checkpoint(
         for split, records in splits.items():
             shard = shard_range(len(records), env.rank, env.world_size)
             mine = records[shard.start : shard.stop]
-            feats = shard_features(model, records, config, device)
+            feats = shard_features(model, records, config, device).cpu()  # to the HDF5 file
             parts[split] = [
                 out / f".{split}.part{r}-of-{env.world_size}.h5" for r in range(env.world_size)
             ]

@@ -1,4 +1,9 @@
-"""Feature extraction for evaluation: one pass of a model over a test loader, in loader order."""
+"""Feature extraction for evaluation: one pass of a model over a test loader, in loader order.
+
+The features stay on the model's device: a GPU run ranks them there (the fused kernel of
+:mod:`~hpc_reid.evaluation.ranking_cuda`); whoever needs them on the host (HDF5 files, plots)
+copies them.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ def extract_features(
     device: torch.device | str,
     flip: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Features (N, D) float32 on the CPU, pids (N,) and camids (N,), in the loader's order.
+    """Features (N, D) float32 on ``device`` (where the model runs: on a GPU run they stay on the
+    GPU for evaluation), pids (N,) and camids (N,) as numpy arrays, in the loader's order.
 
     The model runs in eval mode under ``torch.inference_mode`` (its previous mode is restored) and
     returns a dict with "global" and "bn" features; the retrieval feature is
@@ -62,7 +68,7 @@ def extract_features(
                 f = _embed(model, images).float()
                 if flip:
                     f = f + _embed(model, torch.flip(images, dims=[-1])).float()
-                feats.append(f.cpu())
+                feats.append(f)
                 pids.append(_as_numpy(batch_pids).reshape(-1))
                 camids.append(_as_numpy(batch_camids).reshape(-1))
     finally:

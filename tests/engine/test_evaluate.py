@@ -1,14 +1,20 @@
 """The trainer's evaluation sharded over two gloo ranks (features never gathered) writes the results
-and ranked-list plot of one process."""
+and ranked-list plot of one process; the features are ranked on the device that computed them."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
+from hpc_reid.data.datasets.base import ImageRecord
+from hpc_reid.engine import evaluate
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.evaluation.ranking import QueryRanks, combine
 from tests.engine.test_trainer import _torchrun, tiny_config
 
 
@@ -58,3 +64,62 @@ def test_rerank_in_evaluation_matches_between_one_and_two_ranks(tmp_path):
     b = json.loads((two / "results.json").read_text())
     assert b.pop("cmc") == pytest.approx(a.pop("cmc"), abs=1e-6)
     assert b == pytest.approx(a, abs=1e-6) and a["mAP"] == pytest.approx(summary["mAP"])
+
+
+# --- features stay on their device ("meta" stands in for a GPU: copying it to the host fails) ---
+
+
+def records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(f"{i}.jpg", pid=i % 3, camid=i % 2) for i in range(n)]
+
+
+@pytest.fixture
+def meta_extraction(monkeypatch):
+    """The loader and extraction of engine.evaluate replaced: features (n, 4) on the device asked
+    for, one row per record, as extract_features now returns them."""
+    monkeypatch.setattr(evaluate, "build_backend_test_loader", lambda recs, *args: recs)
+
+    def extract(model, loader, device, flip=False):
+        n = len(loader)
+        return torch.empty(n, 4, device=device), np.zeros(n), np.zeros(n)
+
+    monkeypatch.setattr(evaluate, "extract_features", extract)
+
+
+def test_shard_features_keeps_the_features_on_the_device_that_computed_them(
+    tmp_path, meta_extraction
+):
+    config = tiny_config(tmp_path)
+    feats = evaluate.shard_features(None, records(5), config, "meta")
+    assert feats.device.type == "meta" and feats.dtype == torch.float32 and feats.shape == (5, 4)
+    empty = evaluate.shard_features(None, [], config, "meta")
+    assert empty.device.type == "meta" and empty.shape == (0, 0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_evaluate_model_ranks_device_features_with_the_configured_backend(
+    tmp_path, meta_extraction, monkeypatch, world
+):
+    # One process hands its features to evaluate_features, several to evaluate_sharded (world 2
+    # faked for rank 0, the collectives replaced by the spy), on the model's device, with
+    # evaluation.backend, so that CUDA features reach the fused kernel.
+    config = tiny_config(tmp_path, "evaluation.backend=numpy")
+    dataset = SimpleNamespace(query=records(6), gallery=records(10))
+    seen = {}
+
+    def spy(qf, gf, q_pids, g_pids, q_cams, g_cams, *, metric, max_rank, backend):
+        seen.update(devices={qf.device.type, gf.device.type}, backend=backend, sizes=len(qf))
+        n = len(q_pids)
+        ones = np.ones(n)
+        return combine(QueryRanks(np.ones((n, 1), np.int64), ones, ones, ones > 0), max_rank)
+
+    if world == 2:
+        monkeypatch.setattr(evaluate.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(evaluate.dist, "get_rank", lambda: 0)
+        monkeypatch.setattr(evaluate.dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(evaluate, "evaluate_sharded", spy)
+    else:
+        monkeypatch.setattr(evaluate, "evaluate_features", spy)
+    summary = evaluate.evaluate_model(None, dataset, config, torch.device("meta"))
+    assert seen == {"devices": {"meta"}, "backend": "numpy", "sizes": 6 // world}
+    assert summary["mAP"] == 1.0

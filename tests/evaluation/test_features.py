@@ -82,3 +82,14 @@ def test_extract_features_prefers_the_models_retrieval_feature():
 def test_extract_features_rejects_batches_without_the_keys():
     with pytest.raises(KeyError, match="camids"):
         extract_features(TinyReid(), [{"images": torch.zeros(1, 3, 4, 6), "pids": [1]}], "cpu")
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
+def test_extract_features_keeps_the_features_on_the_models_device(flip):
+    # "meta" stands in for a GPU: the features must come back where the model computed them (a
+    # copy to the host, as before, fails on meta tensors), float32, one row per image in order.
+    model, loader = TinyReid().to("meta"), batches(True)
+    feats, pids, camids = extract_features(model, loader, "meta", flip=flip)
+    assert feats.device.type == "meta" and feats.dtype == torch.float32 and feats.shape == (8, 5)
+    np.testing.assert_array_equal(pids, np.arange(8) * 10)
+    np.testing.assert_array_equal(camids, np.arange(8) % 2)
