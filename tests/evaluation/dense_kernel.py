@@ -1,6 +1,6 @@
-"""A CPU stand-in for the fused CUDA kernel (kernels/rank_fused.cu): its two functions, densely
-and plainly, with the extension's contract, so that the host-side logic around the kernel (single
-process and sharded) runs in CI without a GPU."""
+"""CPU stand-ins for the fused CUDA kernel (kernels/rank_fused.cu) and for CUDA tensors, so that
+the host-side logic around the kernel (single process and sharded) and the dispatch to it run in
+CI without a GPU."""
 
 from __future__ import annotations
 
@@ -45,3 +45,12 @@ class DenseKernel:
     @classmethod
     def distmat(cls, qx, gx, q_sq, g_sq, euclidean):
         return cls._distances(qx, gx, q_sq, g_sq, euclidean).float().numpy()
+
+
+class ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, so that the CUDA dispatch runs without a GPU (the
+    operations it reaches after the dispatch run on the CPU)."""
+
+    @property
+    def is_cuda(self):
+        return True

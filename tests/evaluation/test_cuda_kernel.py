@@ -24,7 +24,7 @@ import torch
 
 from hpc_reid.evaluation import ranking_cuda
 from hpc_reid.evaluation.ranking import BACKENDS, QueryRanks, _ranks_numpy
-from tests.evaluation.dense_kernel import DenseKernel
+from tests.evaluation.dense_kernel import ClaimsCuda, DenseKernel
 from tests.evaluation.reference import (
     assert_within_rank_bounds,
     float32_tolerance,
@@ -329,15 +329,6 @@ def test_cpu_float32_evaluation_at_2048_dims_lies_within_the_float64_bounds(metr
 # --- which kernel, if any: the dispatch --------------------------------------------------------
 
 
-class ClaimsCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA, so that the CUDA dispatch runs without a GPU (the
-    operations it reaches after the dispatch run on the CPU)."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-
 @pytest.fixture
 def unbuildable_kernel(monkeypatch):
     def fail():
@@ -423,9 +414,10 @@ def test_fused_kernel_distances_within_stated_ulps_of_float64_and_metrics_within
     err = np.abs(kernel_distmat(qf.cuda(), gf.cuda(), metric) - d64)
     assert err.max() <= delta, f"kernel distance error {err.max():.3g} > {ULPS} ulps ({delta:.3g})"
     bounds = rank_bounds(d64, delta, *ids)
+    assert ranking_cuda.fused_kernel() is not None, ranking_cuda._load_error  # so no fallback
     for query_tile in (1024, 64):
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the fused kernel, not the fallback
+            warnings.filterwarnings("error", message=".*fused CUDA ranking kernel")
             result = evaluate_features(
                 qf.cuda(), gf.cuda(), *ids, metric=metric, max_rank=50, query_tile=query_tile
             )

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hpc_reid.evaluation import evaluate_features, ranking_cuda, sharded
+from hpc_reid.evaluation import evaluate_features, ranking_cuda, sharded, sharded_fused
 from hpc_reid.evaluation.ranking import combine
 from hpc_reid.evaluation.sharded import evaluate_sharded, ranked_candidates, shard_range
 from hpc_reid.evaluation.sharded_fused import evaluate_sharded_fused
-from tests.evaluation.dense_kernel import DenseKernel
+from tests.evaluation.dense_kernel import ClaimsCuda, DenseKernel
 from tests.evaluation.reference import reference_metrics
 
 TOL = 1e-6
@@ -351,3 +351,29 @@ def test_fused_sharded_path_without_process_group_and_nan_features():
     bad[3, 2] = float("inf")
     with pytest.raises(ValueError, match=r"NaN or inf .* rank\(s\) \[0\]"):
         evaluate_sharded_fused(DenseKernel, bad, *args[1:])
+
+
+def test_cuda_features_go_to_the_fused_sharded_path_equal_to_the_fused_single_process_path(
+    monkeypatch,
+):
+    # The dispatch of evaluate_sharded and evaluate_features for CUDA features, with the stand-in
+    # kernel as the built extension and tensors that claim CUDA: both reach the fused paths and
+    # agree bit for bit (what the gpu test does with the real kernel on a 1-rank NCCL group).
+    monkeypatch.setattr(ranking_cuda, "kernel_for", lambda backend: DenseKernel)
+    monkeypatch.setattr(ranking_cuda, "require_kernel", lambda: DenseKernel)
+    calls = []
+    real = sharded_fused.fused_tile_ranks
+
+    def spy(kernel, *args):
+        calls.append(kernel)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(sharded_fused, "fused_tile_ranks", spy)
+    qf, gf, *ids = continuous_case(9)
+    qf, gf = (torch.from_numpy(f).as_subclass(ClaimsCuda) for f in (qf, gf))
+    for metric, tile in (("cosine", 1024), ("euclidean", 6)):
+        got = evaluate_sharded(qf, gf, *ids, metric=metric, query_tile=tile, backend="cuda")
+        want = evaluate_features(qf, gf, *ids, metric=metric, query_tile=tile, backend="cuda")
+        for field in ("cmc", "ap", "inp", "valid"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert calls == [DenseKernel, DenseKernel]
