@@ -31,7 +31,8 @@ STEPS = [
 ]
 GPU_STEPS = STEPS[3:]
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU behaviour")
+#: These check what happens where no GPU is; on a GPU machine the same call runs the GPU steps.
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 
 
 @pytest.fixture
@@ -59,6 +60,7 @@ def run_check(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
     return proc, json.loads((out / "gpu_check.json").read_text())
 
 
+@no_gpu
 def test_cpu_machine_exits_0_says_no_gpu_and_why_each_gpu_step_was_skipped(tmp_path):
     out = tmp_path / "out"
     proc, report = run_check(out, "--skip-build", "--wheels", str(tmp_path / "none"))
@@ -105,6 +107,7 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
     return wheel
 
 
+@no_gpu
 def test_carried_wheel_parts_are_joined_installed_offline_and_seen_by_later_steps(tmp_path):
     # As ../shared/tools/gpu-wheels.sh packs them: a tar stream of the wheels, split into parts.
     staging, wheels = tmp_path / "staging", tmp_path / "gw"
@@ -298,6 +301,14 @@ def test_kernel_steps_run_on_a_cpu_stand_in_and_their_cross_checks_catch_a_wrong
     assert r["check_ok"] and r["check_mAP_abs_diff"] == 0 and r["check_queries"] == 20
     assert r["fused_over_gemm_fp32"] == pytest.approx(r["fused_s"] / r["gemm_fp32_s"])
     assert 0 < r["fused_mAP"] < 1
+    import gpu_check_report
+
+    step = {"name": "fused-vs-gemm", "status": "ok", "seconds": 1.0, "summary": "s", "results": r}
+    report = {"started": "2026-12-06T02:00:00+00:00", "device": "X", "command": "c"}
+    report.update(elapsed_s=1.0, budget_s=450.0, headline="h", steps=[step])
+    md = gpu_check_report.markdown(report, {})
+    row = next(line for line in md.splitlines() if line.startswith("| fused kernel"))
+    assert row.endswith(f"| {r['fused_s']:.4f} | {r['fused_over_gemm_fp32']:.2f} |")
     assert gpu_check_steps.main(small) == 0
     r = json.loads(result.read_text())
     assert r["equals_cpu"] and len(r["cases"]) == 4
