@@ -20,10 +20,18 @@ in the last bit, so on continuous features two items a few ulps apart may swap p
 :func:`~hpc_reid.evaluation.distances.pairwise_distance`. :func:`pair_distances` gives the kernel's
 distances for any pairs, e.g. to rank them with another backend.
 
+The same three steps run over a gallery sharded across ranks in
+:mod:`~hpc_reid.evaluation.sharded_fused` (positives all-gathered between the passes, histograms
+all-reduced after the second), from the building blocks here: :func:`kernel_features`,
+:func:`kept_positives`, :func:`sort_positives`, :func:`ranks_from_histogram`. Both take the kernel
+as an argument, so a CPU stand-in with its two functions runs the host-side logic in tests.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc and ninja
 needed) and cached under ``$HPC_REID_CACHE/torch_extensions`` or
-``~/.cache/hpc_reid/torch_extensions``. Nothing here compiles or imports CUDA code until a function
-is called.
+``~/.cache/hpc_reid/torch_extensions``. :func:`kernel_for` says what an evaluation backend gets:
+"cuda" the kernel or a RuntimeError with the build error (never a silent fallback), "auto" the
+kernel or None after one warning (the caller ranks distance tiles with the torch ranker), any other
+backend None. Nothing here compiles or imports CUDA code until a function is called.
 """
 
 from __future__ import annotations

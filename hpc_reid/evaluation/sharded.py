@@ -26,6 +26,13 @@ The ranks are exact given the distances. The distances are those of ``evaluate_f
 BLAS computes a dot product independently of the matrix shape around it; MKL does so except for
 very thin products (under about 16 gallery rows in a shard or 4 queries in a tile), where a
 distance may differ in its last bit and so reorder two items whose distances differ by one ulp.
+
+Devices: every query tile is broadcast to and used on the features' device (with NCCL and CUDA
+features it never leaves the GPU). With CUDA features and ``backend`` "auto" or
+"cuda", steps 1 and 2 are the fused kernel's two passes (:mod:`~hpc_reid.evaluation.sharded_fused`:
+no distance tile is stored; positives gathered and histograms reduced over NCCL on the device);
+every rank agrees on that path through one all-gather before the first tile. Otherwise the steps
+above run on distance tiles computed on the features' device and counted on the host, as on CPUs.
 """
 
 from __future__ import annotations
@@ -217,7 +224,8 @@ class _Group:
         sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
         dist.all_gather(sizes, torch.tensor([len(local)], device=self.device), group=self.group)
         rows = [int(s) for s in sizes]
-        padded = local.new_zeros((max(rows), *local.shape[1:]))
+        # At least one row: no collective on an empty tensor (which NCCL may not accept).
+        padded = local.new_zeros((max(*rows, 1), *local.shape[1:]))
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)

@@ -140,7 +140,8 @@ def fused_tile_ranks(
             )
         else:
             hist = torch.zeros(pos_d.numel(), dtype=torch.int32, device=device)
-        hist = comm.all_reduce_sum(hist.long(), device=device)
+        if pos_d.numel():  # the same on every rank: no collective on an empty tensor
+            hist = comm.all_reduce_sum(hist.long(), device=device)
         # 3. Ranks, first rank, AP and INP.
         parts.append(ranks_from_histogram(row, pos_off, hist))
     return parts
