@@ -318,9 +318,9 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
                 # Reading a loss waits for the GPU: only on logging steps, so the host can queue
                 # the next steps' kernels meanwhile (the progress bar shows the last logged loss).
                 if step % config.logging.log_every == 0:
-                    rate = seen * world / (time.perf_counter() - tic)
                     values = {k: v.item() for k, v in parts.items()}
                     values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"])
+                    rate = seen * world / (time.perf_counter() - tic)  # timed after that wait
                     log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
                     postfix = {"loss": f"{values['loss']:.3f}", "img/s": f"{rate:.0f}"}
                 log.advance(postfix)
