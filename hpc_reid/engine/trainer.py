@@ -63,6 +63,24 @@ def select_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def check_evaluation_backend(backend: str, device: torch.device) -> None:
+    """Refuse, before any training, an evaluation backend that the first evaluation would refuse:
+    one not available here, or ``cuda`` on a CUDA device whose fused ranking kernel cannot be built
+    (compiled now, once, rather than after hours of training)."""
+    if backend not in ("auto", *RANKING_BACKENDS):
+        raise TrainingError(
+            f"evaluation.backend={backend!r} is not available here; "
+            f"available: auto, {', '.join(RANKING_BACKENDS)}"
+        )
+    if backend == "cuda" and device.type == "cuda":
+        from hpc_reid.evaluation import ranking_cuda  # compiles the kernel on first use only
+
+        try:
+            ranking_cuda.kernel_for("cuda")
+        except RuntimeError as exc:
+            raise TrainingError(f"evaluation.backend=cuda, but {exc}") from exc
+
+
 def run_dir_of(config: Config) -> Path:
     return Path(config.logging.output_dir) / (config.logging.run_name or config.name)
 
@@ -184,11 +202,7 @@ def train(
 def _train(config, rank, world, device, resume, max_steps, reporter):
     main = rank == 0
     sync_bn_applies(config.distributed.sync_bn, device, world)  # refuses an impossible setting
-    if config.evaluation.backend not in ("auto", *RANKING_BACKENDS):
-        raise TrainingError(
-            f"evaluation.backend={config.evaluation.backend!r} is not available here; "
-            f"available: auto, {', '.join(RANKING_BACKENDS)}"
-        )
+    check_evaluation_backend(config.evaluation.backend, device)
     run_dir = run_dir_of(config)
     checkpoints = CheckpointManager(run_dir, config.logging.keep_last, config.logging.keep_best)
     resume_path = _resume_path(resume, checkpoints)

@@ -167,6 +167,29 @@ def test_sync_bn_true_on_cpu_is_refused_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # before work
 
 
+def test_evaluation_backend_cuda_whose_kernel_cannot_build_is_refused_before_training(
+    monkeypatch,
+):
+    """An explicit evaluation.backend=cuda on a CUDA run compiles the fused kernel at start: a
+    failed build stops the run with the build error, not at the first evaluation hours later."""
+    from hpc_reid.evaluation import ranking_cuda
+
+    def fail():
+        raise OSError("nvcc: not found")
+
+    monkeypatch.setitem(trainer.RANKING_BACKENDS, "cuda", trainer.RANKING_BACKENDS["numpy"])
+    monkeypatch.setattr(ranking_cuda, "_kernel", None)
+    monkeypatch.setattr(ranking_cuda, "_load_error", None)
+    monkeypatch.setattr(ranking_cuda, "load_kernel", fail)
+    with pytest.raises(TrainingError, match=r"evaluation\.backend=cuda.*nvcc: not found"):
+        trainer.check_evaluation_backend("cuda", torch.device("cuda", 0))
+    # On the CPU, or with another backend, nothing is compiled (load_kernel would raise).
+    trainer.check_evaluation_backend("cuda", torch.device("cpu"))
+    trainer.check_evaluation_backend("auto", torch.device("cuda", 0))
+    with pytest.raises(TrainingError, match="not available here"):
+        trainer.check_evaluation_backend("cython-gpu", torch.device("cpu"))
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """A CUDA API with ``visible`` devices that only records what it is asked (no GPU here)."""
