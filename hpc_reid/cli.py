@@ -224,11 +224,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_feature_files(args)
     if not args.checkpoint:
         raise ConfigError("eval: give --checkpoint, or --query-features and --gallery-features")
-    config = load_config(args.config, args.overrides) if args.config else None
-    if args.overrides and config is None:
-        raise ConfigError("eval: --set needs --config (the checkpoint's own config is used as is)")
-    evaluate_checkpoint(args.checkpoint, config, args.out)
+    evaluate_checkpoint(args.checkpoint, _checkpoint_config(args), args.out)
     return 0
+
+
+def _checkpoint_config(args: argparse.Namespace):
+    """The config to evaluate or extract ``args.checkpoint`` with: ``--config`` with ``--set``;
+    without ``--config``, the resolved config the checkpoint stores with ``--set`` applied and
+    validated as a file's would be; None (the stored config as it is) when neither is given."""
+    if args.config:
+        return load_config(args.config, args.overrides)
+    if not args.overrides:
+        return None
+    from hpc_reid.config import config_with_overrides
+    from hpc_reid.engine.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(args.checkpoint).get("config")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"checkpoint {args.checkpoint} stores no config to apply --set to")
+    return config_with_overrides(stored, args.overrides, f"of checkpoint {args.checkpoint}")
 
 
 def _eval_feature_files(args: argparse.Namespace) -> int:
@@ -271,10 +285,7 @@ def _eval_feature_files(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from hpc_reid.engine.extract import extract_checkpoint
 
-    config = load_config(args.config, args.overrides) if args.config else None
-    if args.overrides and config is None:
-        raise ConfigError("extract: --set needs --config")
-    extract_checkpoint(args.checkpoint, args.out_dir, config)
+    extract_checkpoint(args.checkpoint, args.out_dir, _checkpoint_config(args))
     return 0
 
 

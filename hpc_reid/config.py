@@ -9,6 +9,7 @@ then validated like the file. Every error names the key path, the bad value and 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import os
@@ -431,6 +432,18 @@ def build_config(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         return Config.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+
+
+def config_with_overrides(
+    data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "<dict>"
+) -> Config:
+    """``data`` (a config mapping already read, e.g. the resolved config a checkpoint stores) with
+    ``--set`` overrides applied and validated like a file; ``data`` itself is left unchanged."""
+    data = copy.deepcopy(dict(data))
+    overrides = list(overrides)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_config(data, source + (f" with --set {' '.join(overrides)}" if overrides else ""))
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:

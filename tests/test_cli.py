@@ -1,0 +1,68 @@
+"""`hpc-reid eval|extract --checkpoint CKPT --set KEY=VALUE` without `--config`: the checkpoint's
+stored config with the overrides, validated as a config file is (an unknown key is refused)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+
+from hpc_reid.cli import main
+from hpc_reid.engine.checkpoint import CheckpointManager
+from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from tests.engine.test_trainer import tiny_config
+
+NO_PLOTS = "evaluation.plots=false"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run trained one step (flip_average off, cosine) and its latest checkpoint."""
+    tmp = tmp_path_factory.mktemp("cli")
+    train(tiny_config(tmp, "logging.run_name=x", NO_PLOTS), max_steps=1)
+    return tmp, CheckpointManager(tmp / "runs/x").latest()
+
+
+def results(folder) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_eval_set_without_config_evaluates_the_stored_config_with_the_override(run, tmp_path):
+    tmp, checkpoint = run
+    argv = ["eval", "--checkpoint", str(checkpoint)]
+    assert main([*argv, "--set", "evaluation.flip_average=true", "--out", str(tmp_path / "f")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    flipped, plain = results(tmp_path / "f"), results(tmp_path / "plain")
+    # the reference: the training config rebuilt from its YAML and --set list, flip averaging on
+    config = tiny_config(tmp, "logging.run_name=x", NO_PLOTS, "evaluation.flip_average=true")
+    expected = evaluate_checkpoint(checkpoint, config, out_dir=tmp_path / "reference")
+    assert {k: flipped[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert flipped["cmc"] == pytest.approx(results(tmp_path / "reference")["cmc"], abs=1e-9)
+    # flip-averaged features rank differently from the plain ones the stored config gives
+    assert flipped["mAP"] != plain["mAP"]
+
+
+def test_eval_set_without_config_refuses_an_unknown_key_naming_it(run, tmp_path, capsys):
+    _, checkpoint = run
+    argv = ["eval", "--checkpoint", str(checkpoint), "--set", "evaluation.flip_averag=true"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.flip_averag: unknown key" in err and "'evaluation.flip_average'" in err
+    assert str(checkpoint) in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_eval_set_without_config_refuses_an_invalid_value_naming_it(run, capsys):
+    _, checkpoint = run
+    argv = ["eval", "--checkpoint", str(checkpoint), "--set", "evaluation.metric=manhattan"]
+    assert main(argv) == 2
+    assert "evaluation.metric" in capsys.readouterr().err
+
+
+def test_extract_set_without_config_writes_features_of_the_overridden_config(run, tmp_path):
+    _, checkpoint = run
+    argv = ["extract", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path)]
+    assert main([*argv, "--set", "evaluation.metric=euclidean"]) == 0
+    with h5py.File(tmp_path / "query.h5") as h:
+        assert h.attrs["metric"] == "euclidean"  # the stored config says cosine
