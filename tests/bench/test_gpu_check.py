@@ -321,3 +321,43 @@ def test_kernel_steps_run_on_a_cpu_stand_in_and_their_cross_checks_catch_a_wrong
     assert json.loads(result.read_text())["check_ok"] is False
     assert gpu_check_steps.main(small) == 1
     assert json.loads(result.read_text())["equals_cpu"] is False
+
+
+FAKE_SANITIZER = """#!/bin/bash
+# compute-sanitizer as seen with CUDA libraries in the process: their driver probes fail by design
+# and count as errors unless API error reports are off; MODE=unsupported: a GPU it refuses.
+if [ "$FAKE_SANITIZER_MODE" = unsupported ]; then
+    echo "========= Error: Device not supported"; exit 1
+fi
+case " $* " in
+    *" --report-api-errors no "*) ;;
+    *) echo "========= Program hit CUDA_ERROR_NOT_FOUND on CUDA API call to cuGetProcAddress"
+       echo "========= ERROR SUMMARY: 1 error"; exit 86 ;;
+esac
+case " $* " in
+    *" racecheck "*)
+        echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)" ;;
+    *) echo "========= ERROR SUMMARY: 0 errors" ;;
+esac
+"""
+
+
+def test_sanitizer_counts_kernel_errors_not_driver_probes_and_skips_a_gpu_it_refuses(
+    tmp_path, bench_modules, monkeypatch
+):
+    gpu_check, _ = bench_modules
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(FAKE_SANITIZER)
+    tool.chmod(0o755)
+    args = gpu_check.argparse.Namespace(
+        out=str(tmp_path / "out"), budget_s=60, cache=str(tmp_path), timeout_sanitizer=30
+    )
+    check = gpu_check.Check(args)
+    check.env = {"cuda_available": True, "compute_sanitizer": str(tool)}
+    check.kernel_built = True
+    results, summary = check.step_sanitizer()
+    assert results["memcheck"]["errors"] == 0 and results["racecheck"]["errors"] == 0
+    assert summary.startswith("memcheck 0 errors, racecheck 0 errors")
+    monkeypatch.setenv("FAKE_SANITIZER_MODE", "unsupported")
+    with pytest.raises(gpu_check.SkipStep, match="does not support this machine's GPU"):
+        check.step_sanitizer()
