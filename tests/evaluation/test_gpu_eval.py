@@ -7,6 +7,10 @@
   float32 (the GPU's matrix products round otherwise, which can move a near-tied neighbour).
 - ``evaluate_sharded`` on a 1-rank NCCL group equals ``evaluate_features`` bit for bit, through the
   fused kernel's sharded passes, its gathers staying on the GPU.
+
+The first two go through the engine, whose config needs pydantic; they import it inside (and skip
+where it is not installed, as on a GPU machine it was not carried to), so that the evaluation
+tests, which need no config, still run there.
 """
 
 from __future__ import annotations
@@ -20,13 +24,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpc_reid.data.build import dataset_on_ranks
-from hpc_reid.engine import evaluate
 from hpc_reid.evaluation import evaluate_features, evaluate_sharded, ranking_cuda, sharded_fused
 from hpc_reid.evaluation.rerank import rerank_blocks
 from hpc_reid.evaluation.sharded import all_gather_rows
-from hpc_reid.models import build_model
-from tests.engine.test_trainer import tiny_config
 from tests.evaluation.reference import (
     assert_within_rank_bounds,
     float32_tolerance,
@@ -41,6 +41,15 @@ pytestmark = [
 ]
 
 FIELDS = ("cmc", "ap", "inp", "valid")
+
+
+def _engine():
+    """(hpc_reid.engine.evaluate, tests' tiny_config); skips the calling test without pydantic."""
+    pytest.importorskip("pydantic", reason="hpc_reid.config needs pydantic (not installed here)")
+    from hpc_reid.engine import evaluate
+    from tests.engine.test_trainer import tiny_config
+
+    return evaluate, tiny_config
 
 
 def assert_same_bits(a, b):
@@ -66,6 +75,10 @@ def fused_calls(monkeypatch):
 
 
 def test_loader_to_fused_kernel_on_cuda_features_within_float64_bounds(tmp_path, fused_calls):
+    evaluate, tiny_config = _engine()
+    from hpc_reid.data.build import dataset_on_ranks
+    from hpc_reid.models import build_model
+
     loader = "dali" if importlib.util.find_spec("nvidia.dali") else "torch"
     config = tiny_config(tmp_path, f"loader.backend={loader}", "engine.device=cuda")
     dataset = dataset_on_ranks(config.data, True)
@@ -103,6 +116,7 @@ def test_loader_to_fused_kernel_on_cuda_features_within_float64_bounds(tmp_path,
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_reranking_on_cuda_equals_reranking_on_the_cpu(tmp_path, dtype, metric):
+    evaluate, tiny_config = _engine()
     ids = ids_problem(21, 60, 400, 25)
     qf, gf = clustered_features(21, ids, 64, noise=2.0)
     qf, gf = qf.to(dtype), gf.to(dtype)
