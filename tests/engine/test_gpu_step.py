@@ -3,8 +3,8 @@ CUDA device).
 
 One DDPStrategy step (ResNet-18 at 64x32, cross-entropy + center loss, fused SGD on the GPU) in
 fp32, bf16 and fp16 (GradScaler), with channels_last and with ``torch.compile``; the whole trainer
-in a 1-rank NCCL group, resumed mid-run; SyncBatchNorm from ``prepare_model`` running forward and
-backward under NCCL.
+in a 1-rank NCCL group, resumed mid-run; SyncBatchNorm from ``prepare_model`` under NCCL (in a
+group of one, torch runs it with BatchNorm's kernels: the cross-rank statistics need 2 GPUs).
 
 Tolerances come from the same comparison made with CPU autocast (bf16 / fp16 against fp32, on this
 model and batch): the loss agrees to 2e-5 relative, the updated model's loss decrease to 0.1%, the
@@ -209,8 +209,10 @@ def test_trainer_runs_and_resumes_on_cuda_in_a_one_rank_nccl_group(tmp_path, ncc
 
 
 def test_sync_batchnorm_from_prepare_model_runs_on_cuda_under_nccl(nccl_group):
-    """prepare_model as for 2 ranks converts BatchNorm; in the 1-rank group SyncBatchNorm runs
-    its CUDA forward and backward and equals BatchNorm, and the optimizer built after holds it."""
+    """prepare_model as for 2 ranks converts BatchNorm, and the optimizer built after holds the
+    converted layers in its norm group; in the 1-rank group SyncBatchNorm runs forward and
+    backward on CUDA and equals BatchNorm. (With a world size of 1 torch's SyncBatchNorm takes
+    BatchNorm's own kernels, so its cross-rank reduction is not exercised here.)"""
     device = torch.device("cuda", 0)
     config = Config.model_validate({"model": {"backbone": "resnet18"}})
     torch.manual_seed(0)
