@@ -1,0 +1,494 @@
+"""Recipes on real images: every (variant, data set, split) trained and evaluated, then mean ± std
+over splits and each variant's paired difference from a reference, split by split.
+
+A plan (``configs/ablation/real_data.yaml``) names a base config, the variants (``--set`` overrides
+of it, another config, or an evaluation of another variant's checkpoint with ``evaluation.*``
+overrides), the reference variant, and the data sets with their folders under ``--shared-data``.
+Split ``s`` of data set ``d`` is the partition ``data.options = {split_id: s, seed: --seed}``
+gives (each parser draws its test identities with ``np.random.default_rng([seed, split_id])``),
+the same for every variant: splits vary more than recipes, so variants are compared split by split
+(the paired difference), not only by their means.
+
+Each run is one ``hpc-reid train`` (or ``hpc-reid eval --checkpoint``) process writing
+``OUT/runs/DATASET/split_S/VARIANT/results.json``; a run whose results.json exists is skipped, so an
+interrupted campaign continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summary.md``
+(a table per data set, ready for the README) are written from whatever results exist; a missing run
+is listed there, never silently dropped.
+
+    python bench/real_data.py --plan configs/ablation/real_data.yaml --splits 5 --out runs/ablation
+    python bench/real_data.py ... --variants bot,flip_average --datasets viper   # a subset
+    python bench/real_data.py ... --set schedule.epochs=1 --set schedule.milestones=[1]  # smoke
+    python bench/real_data.py ... --only-aggregate                               # tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from hpc_reid.config import Config, ConfigError, config_with_overrides, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("rank-1", "rank-5", "rank-10", "mAP")
+#: The split count every registered small set defines (viper, prid2011, ilids: NUM_SPLITS).
+MAX_SPLITS = 10
+#: Settings of every run that only concern output: no progress bar, TensorBoard or plots.
+QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "evaluation.plots=false"]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One recipe: ``config`` with ``overrides``; or, with ``eval_of``, no training: the checkpoint
+    of that variant's run on the same split evaluated with ``overrides``."""
+
+    name: str
+    config: Path | None
+    overrides: tuple[str, ...] = ()
+    eval_of: str | None = None
+
+
+@dataclass
+class Plan:
+    source: Path
+    reference: str
+    variants: dict[str, Variant]
+    datasets: dict[str, str]  # registered name -> folder under the shared data folder
+    shared_paths: dict[str, str] = field(default_factory=dict)
+
+
+def _strings(value, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of KEY=VALUE strings, got {value!r}")
+    return tuple(value)
+
+
+def _variant(name: str, spec, base: Path, here: Path, where: str) -> Variant:
+    if spec is None or isinstance(spec, list):
+        return Variant(name, base, _strings(spec, where))
+    if not isinstance(spec, dict) or set(spec) - {"config", "set", "eval_of"}:
+        raise ConfigError(
+            f"{where}: expected a list of overrides or a mapping with keys config, set, eval_of; "
+            f"got {spec!r}"
+        )
+    if "eval_of" in spec and "config" in spec:
+        raise ConfigError(f"{where}: eval_of evaluates another variant's checkpoint; no config")
+    overrides = _strings(spec.get("set"), f"{where}.set")
+    if "eval_of" in spec:
+        return Variant(name, None, overrides, str(spec["eval_of"]))
+    return Variant(name, (here / spec["config"]).resolve() if "config" in spec else base, overrides)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file; every error names the file and the key."""
+    path = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"plan {path}: cannot read it: {exc}") from None
+    allowed = {"base", "reference", "datasets", "shared_paths", "variants"}
+    if not isinstance(raw, dict) or set(raw) - allowed or not {"base", "variants"} <= set(raw):
+        raise ConfigError(f"plan {path}: expected a mapping with keys {sorted(allowed)}")
+    base = (path.parent / raw["base"]).resolve()
+    if not isinstance(raw["variants"], dict) or not raw["variants"]:
+        raise ConfigError(f"plan {path}: variants must map names to variants")
+    variants = {
+        str(name): _variant(str(name), spec, base, path.parent, f"plan {path}: variants.{name}")
+        for name, spec in raw["variants"].items()
+    }
+    reference = str(raw.get("reference") or next(iter(variants)))
+    if reference not in variants:
+        raise ConfigError(f"plan {path}: reference {reference!r} is not one of the variants")
+    for v in variants.values():
+        source = variants.get(v.eval_of) if v.eval_of else None
+        if v.eval_of and (source is None or source.eval_of):
+            raise ConfigError(
+                f"plan {path}: variants.{v.name}.eval_of={v.eval_of!r} must name a variant that "
+                "trains"
+            )
+    datasets = raw.get("datasets") or {}
+    shared = raw.get("shared_paths") or {}
+    for key, value in (("datasets", datasets), ("shared_paths", shared)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"plan {path}: {key} must be a mapping, got {value!r}")
+    return Plan(path, reference, variants, dict(datasets), dict(shared))
+
+
+def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
+    """The variants named (all when None), with the reference and every eval_of source added,
+    in the plan's order: a variant that trains comes before the evaluations of its checkpoint."""
+    if names is None:
+        wanted = set(plan.variants)
+    else:
+        wanted = set(names)
+        unknown = sorted(wanted - set(plan.variants))
+        if unknown:
+            raise ConfigError(f"--variants: {unknown} not in {plan.source}: {list(plan.variants)}")
+    wanted.add(plan.reference)
+    wanted |= {plan.variants[n].eval_of for n in wanted if plan.variants[n].eval_of}
+    chosen = [v for v in plan.variants.values() if v.name in wanted]
+    return [v for v in chosen if not v.eval_of] + [v for v in chosen if v.eval_of]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def split_options(seed: int, split: int) -> dict[str, int]:
+    """``data.options`` of split ``split``: the partition is a function of (seed, split) only."""
+    return {"split_id": split, "seed": seed}
+
+
+def run_folder(out: Path, dataset: str, split: int, variant: str) -> Path:
+    return out / "runs" / dataset / f"split_{split}" / variant
+
+
+def data_overrides(plan: Plan, dataset: str, split: int, seed: int, shared: Path) -> list[str]:
+    """The ``--set`` list that puts a run on split ``split`` of ``dataset`` (applied last, so no
+    variant can move it to another partition) with the plan's shared paths."""
+    if dataset not in plan.datasets:
+        raise ConfigError(f"data set {dataset!r} is not in {plan.source}: {list(plan.datasets)}")
+    options = json.dumps(split_options(seed, split)).replace('"', "")
+    sets = [
+        f"data.dataset={dataset}",
+        f"data.root={shared / plan.datasets[dataset]}",
+        f"data.options={options}",
+    ]
+    return sets + [f"{key}={shared / rel}" for key, rel in plan.shared_paths.items()]
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: Variant
+    dataset: str
+    split: int
+    folder: Path
+    argv: tuple[str, ...]  # the hpc-reid command line
+    config: Config = field(compare=False)  # what that command line resolves to
+
+
+def plan_runs(
+    plan: Plan,
+    variants: Sequence[Variant],
+    datasets: Sequence[str],
+    splits: Sequence[int],
+    seed: int,
+    shared: Path,
+    out: Path,
+    extra: Sequence[str] = (),
+) -> list[Run]:
+    """Every run in order (data set, split, then training variants before evaluations), its
+    config resolved and validated now, so a bad key fails before hours of training."""
+    for s in splits:
+        if not 0 <= s < MAX_SPLITS:
+            raise ConfigError(f"split {s}: the small sets define splits 0..{MAX_SPLITS - 1}")
+    runs = []
+    for dataset in datasets:
+        for split in splits:
+            data = data_overrides(plan, dataset, split, seed, shared)
+            resolved = {}
+            for v in variants:
+                folder = run_folder(out, dataset, split, v.name)
+                where = f"variant {v.name!r} of {plan.source}"
+                if v.eval_of:
+                    source = resolved[v.eval_of].to_dict()
+                    config = config_with_overrides(source, v.overrides, where)
+                    if config.model != resolved[v.eval_of].model:
+                        raise ConfigError(f"{where}: eval_of runs may not change model.*")
+                    ckpt = run_folder(out, dataset, split, v.eval_of) / "checkpoints" / "latest"
+                    argv = ["eval", "--checkpoint", str(ckpt), "--out", str(folder)]
+                    argv += [f"--set={s}" for s in (*v.overrides, *QUIET)]
+                else:
+                    logging = [f"logging.output_dir={folder.parent}", f"logging.run_name={v.name}"]
+                    sets = [*v.overrides, *extra, *data, *QUIET, *logging]
+                    try:
+                        config = load_config(v.config, sets)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where} on {dataset} split {split}: {exc}") from None
+                    argv = ["train", "--config", str(v.config), "--resume", "auto"]
+                    argv += [f"--set={s}" for s in sets]
+                if config.data.options != split_options(seed, split):
+                    raise ConfigError(f"{where}: data.options {config.data.options} moved")
+                resolved[v.name] = config
+                runs.append(Run(v, dataset, split, folder, tuple(argv), config))
+    return runs
+
+
+def _checkpoint_of(run: Run) -> list[str]:
+    """An eval run's argv with the source run's newest checkpoint in place of ``.../latest``."""
+    argv = list(run.argv)
+    pointer = Path(argv[2])
+    if not pointer.is_file():
+        raise FileNotFoundError(
+            f"{run.variant.name}: no checkpoint of {run.variant.eval_of} at {pointer.parent} "
+            "(removed after its split finished? rerun with --keep-checkpoints after deleting "
+            f"{pointer.parent.parent / 'results.json'})"
+        )
+    argv[2] = str(pointer.parent / pointer.read_text().strip())
+    return argv
+
+
+def execute(run: Run, in_process: bool = False) -> dict:
+    """Run one command, its output to ``FOLDER/log.txt``, its record to ``FOLDER/run.json``."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    argv = _checkpoint_of(run) if run.variant.eval_of else list(run.argv)
+    start = time.monotonic()
+    with open(run.folder / "log.txt", "a") as log:
+        log.write(f"$ hpc-reid {shlex.join(argv)}\n")
+        log.flush()
+        if in_process:  # the same command line in this process (tests: no interpreter start-up)
+            from contextlib import redirect_stderr, redirect_stdout
+
+            from hpc_reid.cli import main
+
+            with redirect_stdout(log), redirect_stderr(log):
+                code = main(argv)
+        else:
+            cmd = [sys.executable, "-m", "hpc_reid.cli", *argv]
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    record = {"argv": argv, "returncode": code, "seconds": round(time.monotonic() - start, 1)}
+    (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def drop_checkpoints(runs: Sequence[Run]) -> None:
+    """Remove the checkpoints of one (data set, split) once every run of it has results."""
+    if all((r.folder / "results.json").is_file() for r in runs):
+        for r in runs:
+            shutil.rmtree(r.folder / "checkpoints", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+Key = tuple[str, str, int]  # (variant, data set, split)
+
+
+def collect(out: Path, variants: Iterable[str], datasets: Iterable[str], splits: Iterable[int]):
+    """{(variant, data set, split): {metric: value}} of every run whose results.json exists."""
+    found = {}
+    for v in variants:
+        for d in datasets:
+            for s in splits:
+                path = run_folder(out, d, s, v) / "results.json"
+                if path.is_file():
+                    data = json.loads(path.read_text())
+                    found[(v, d, s)] = {m: float(data[m]) for m in METRICS}
+    return found
+
+
+def _stats(values: Sequence[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; None below 2 values) of ``values``."""
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(a.mean()) if len(a) else None,
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+        "n": len(a),
+    }
+
+
+def aggregate(
+    results: Mapping[Key, Mapping[str, float]],
+    variants: Sequence[str],
+    datasets: Sequence[str],
+    splits: Sequence[int],
+    reference: str,
+) -> dict:
+    """Per data set and variant: mean ± std over splits of each metric; against ``reference``,
+    the paired per-split difference (variant - reference) over the splits both have, its mean ±
+    std, and the splits it wins (>), ties and loses. Every (variant, data set, split) without a
+    result is listed under ``missing``."""
+    missing = [
+        {"variant": v, "dataset": d, "split": s}
+        for d in datasets
+        for v in variants
+        for s in splits
+        if (v, d, s) not in results
+    ]
+    tables = {}
+    for d in datasets:
+        rows = {}
+        for v in variants:
+            have = [s for s in splits if (v, d, s) in results]
+            row = {"splits": have}
+            for m in METRICS:
+                row[m] = _stats([results[(v, d, s)][m] for s in have])
+            paired = [s for s in have if (reference, d, s) in results]
+            row["paired_splits"] = paired
+            row["vs_reference"] = {}
+            for m in METRICS:
+                diff = [results[(v, d, s)][m] - results[(reference, d, s)][m] for s in paired]
+                row["vs_reference"][m] = {
+                    **_stats(diff),
+                    "wins": sum(x > 0 for x in diff),
+                    "ties": sum(x == 0 for x in diff),
+                    "losses": sum(x < 0 for x in diff),
+                }
+            rows[v] = row
+        tables[d] = rows
+    return {
+        "reference": reference,
+        "splits": list(splits),
+        "metrics": list(METRICS),
+        "datasets": tables,
+        "missing": missing,
+    }
+
+
+def _pm(stats: dict, signed: bool = False) -> str:
+    """``55.3 ± 2.1`` in percent (``+1.2 ± 0.8`` when ``signed``); ``–`` with no value."""
+    if stats["mean"] is None:
+        return "–"
+    mean = f"{100 * stats['mean']:+.1f}" if signed else f"{100 * stats['mean']:.1f}"
+    return mean if stats["std"] is None else f"{mean} ± {100 * stats['std']:.1f}"
+
+
+def markdown(summary: dict, header: str = "") -> str:
+    """A table per data set: each metric's mean ± std over splits, in percent; then the paired
+    difference from the reference in rank-1 and mAP, and the splits won out of those paired."""
+    ref = summary["reference"]
+    lines = [header] if header else []
+    for d, rows in summary["datasets"].items():
+        lines += [
+            f"**{d}**, {len(summary['splits'])} split(s), mean ± std; Δ: paired difference "
+            f"from {ref} split by split (wins of the paired splits)",
+            "",
+            "| variant | rank-1 | rank-5 | rank-10 | mAP | Δ rank-1 | Δ mAP |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v, row in rows.items():
+            name = f"{v} (reference)" if v == ref else v
+            if len(row["splits"]) < len(summary["splits"]):
+                name += f" ({len(row['splits'])} of {len(summary['splits'])} splits)"
+            cells = [_pm(row[m]) for m in METRICS]
+            for m in ("rank-1", "mAP"):
+                vs = row["vs_reference"][m]
+                n = len(row["paired_splits"])
+                cells.append("–" if v == ref or not n else f"{_pm(vs, True)} ({vs['wins']}/{n})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if summary["missing"]:
+        gone = ", ".join(
+            f"{m['dataset']}/{m['variant']}/split {m['split']}" for m in summary["missing"]
+        )
+        lines += [f"Missing runs ({len(summary['missing'])}): {gone}", ""]
+    return "\n".join(lines)
+
+
+def run_seconds(out: Path, runs: Sequence[Run]) -> dict[str, float]:
+    """Wall seconds of each variant's runs, summed, from their run.json."""
+    total: dict[str, float] = {}
+    for r in runs:
+        record = r.folder / "run.json"
+        if record.is_file():
+            seconds = json.loads(record.read_text())["seconds"]
+            total[r.variant.name] = total.get(r.variant.name, 0.0) + seconds
+    return total
+
+
+def write_summary(out: Path, summary: dict, header: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "summary.json", out / "summary.md"
+    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
+    paths[1].write_text(markdown(summary, header))
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_shared() -> Path:
+    """``$HPC_REID_SHARED_DATA``, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("HPC_REID_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", default=str(REPO / "configs/ablation/real_data.yaml"))
+    p.add_argument("--out", required=True, help="folder for runs/, summary.json, summary.md")
+    p.add_argument("--splits", type=int, default=5, help="splits 0..N-1 of every data set")
+    p.add_argument("--seed", type=int, default=0, help="the splits' seed (data.options.seed)")
+    p.add_argument("--datasets", help="comma-separated subset of the plan's data sets")
+    p.add_argument("--variants", help="comma-separated subset (the reference is always added)")
+    p.add_argument("--shared-data", type=Path, default=default_shared())
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every training run, after the variant's (e.g. schedule.epochs=1)",
+    )
+    p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
+    p.add_argument("--in-process", action="store_true", help="runs in this process (tests)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = load_plan(args.plan)
+        variants = select(plan, args.variants.split(",") if args.variants else None)
+        datasets = args.datasets.split(",") if args.datasets else list(plan.datasets)
+        splits = list(range(args.splits))
+        out = Path(args.out).resolve()
+        shared = args.shared_data.resolve()
+        runs = plan_runs(plan, variants, datasets, splits, args.seed, shared, out, args.overrides)
+    except ConfigError as exc:
+        print(f"real_data: error: {exc}", file=sys.stderr)
+        return 2
+    failed = []
+    if not args.only_aggregate:
+        todo = [r for r in runs if not (r.folder / "results.json").is_file()]
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to run")
+        for i, run in enumerate(todo, 1):
+            tag = f"[{i}/{len(todo)}] {run.dataset} split {run.split} {run.variant.name}"
+            print(f"{tag} ...", flush=True)
+            try:
+                record = execute(run, args.in_process)
+            except FileNotFoundError as exc:
+                record = {"returncode": None, "seconds": 0, "error": str(exc)}
+            ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
+            print(f"{tag}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
+            if not ok:
+                failed.append(f"{tag}: {record.get('error') or run.folder / 'log.txt'}")
+            group = [r for r in runs if (r.dataset, r.split) == (run.dataset, run.split)]
+            if not args.keep_checkpoints and run is [r for r in todo if r in group][-1]:
+                drop_checkpoints(group)
+    names = [v.name for v in variants]
+    summary = aggregate(
+        collect(out, names, datasets, splits), names, datasets, splits, plan.reference
+    )
+    summary["seed"] = args.seed
+    summary["seconds"] = run_seconds(out, runs)
+    command = "python bench/real_data.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    when = datetime.date.today().isoformat()
+    header = f"`{command}` ({when}, {platform.node()}, {os.cpu_count()} cores)\n"
+    summary["command"], summary["date"] = command, when
+    paths = write_summary(out, summary, header)
+    print(markdown(summary))
+    print(f"wrote {paths[0]}, {paths[1]}")
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed or (summary["missing"] and not args.only_aggregate) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

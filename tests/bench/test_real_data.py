@@ -1,0 +1,222 @@
+"""bench/real_data.py: the aggregation against a direct numpy computation, split pairing (every
+variant of a split on the same partition), missing runs reported, the shipped ablation plan's keys
+all valid, and a tiny campaign end to end on VIPeR (resumed, then aggregated only)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_reid.config import ConfigError
+from hpc_reid.data.build import dataset_from_config
+from tests.shared_data import require_shared_data
+
+REPO = Path(__file__).resolve().parents[2]
+PLAN = REPO / "configs/ablation/real_data.yaml"
+METRICS = ("rank-1", "rank-5", "rank-10", "mAP")
+
+
+@pytest.fixture
+def rd(monkeypatch):
+    """bench/real_data.py, imported as the script is run."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import real_data
+
+    return real_data
+
+
+def random_results(seed: int, variants, datasets, splits, drop=()):
+    rng = np.random.default_rng(seed)
+    results = {
+        (v, d, s): {m: float(rng.uniform(0.2, 0.9)) for m in METRICS}
+        for v in variants
+        for d in datasets
+        for s in splits
+        if (v, d, s) not in drop
+    }
+    return results
+
+
+def test_aggregate_equals_a_direct_numpy_computation_with_a_missing_run(rd):
+    variants, datasets, splits = ["ref", "a", "b"], ["viper", "ilids"], [0, 1, 2, 3, 4]
+    results = random_results(0, variants, datasets, splits, drop={("b", "ilids", 2)})
+    results[("a", "viper", 3)]["mAP"] = results[("ref", "viper", 3)]["mAP"]  # one tie
+    summary = rd.aggregate(results, variants, datasets, splits, "ref")
+
+    assert summary["missing"] == [{"variant": "b", "dataset": "ilids", "split": 2}]
+    for d in datasets:
+        for v in variants:
+            have = [s for s in splits if (v, d, s) in results]
+            row = summary["datasets"][d][v]
+            assert row["splits"] == row["paired_splits"] == have
+            for m in METRICS:
+                x = np.array([results[(v, d, s)][m] for s in have])
+                r = np.array([results[("ref", d, s)][m] for s in have])
+                assert row[m]["mean"] == pytest.approx(x.sum() / len(x), abs=1e-12)
+                var = ((x - x.mean()) ** 2).sum() / (len(x) - 1)
+                assert row[m]["std"] == pytest.approx(np.sqrt(var), abs=1e-12)
+                diff = x - r
+                vs = row["vs_reference"][m]
+                assert vs["mean"] == pytest.approx(diff.mean(), abs=1e-12)
+                if v == "ref":
+                    assert vs["std"] == 0 and vs["ties"] == len(have)
+                else:
+                    dvar = ((diff - diff.mean()) ** 2).sum() / (len(diff) - 1)
+                    assert vs["std"] == pytest.approx(np.sqrt(dvar), abs=1e-12)
+                assert (vs["wins"], vs["ties"], vs["losses"]) == (
+                    int((diff > 0).sum()),
+                    int((diff == 0).sum()),
+                    int((diff < 0).sum()),
+                )
+    assert summary["datasets"]["viper"]["a"]["vs_reference"]["mAP"]["ties"] == 1
+    assert summary["datasets"]["ilids"]["b"]["splits"] == [0, 1, 3, 4]
+
+
+def test_paired_difference_uses_only_splits_the_reference_has(rd):
+    results = random_results(1, ["ref", "a"], ["viper"], [0, 1, 2], drop={("ref", "viper", 1)})
+    row = rd.aggregate(results, ["ref", "a"], ["viper"], [0, 1, 2], "ref")["datasets"]["viper"]
+    assert row["a"]["splits"] == [0, 1, 2] and row["a"]["paired_splits"] == [0, 2]
+    diff = [
+        results[("a", "viper", s)]["rank-1"] - results[("ref", "viper", s)]["rank-1"]
+        for s in (0, 2)
+    ]
+    assert row["a"]["vs_reference"]["rank-1"]["mean"] == pytest.approx(np.mean(diff))
+    assert row["a"]["vs_reference"]["rank-1"]["n"] == 2
+
+
+def test_markdown_states_mean_std_paired_difference_and_missing_runs(rd):
+    results = {
+        ("ref", "viper", 0): dict.fromkeys(METRICS, 0.50),
+        ("ref", "viper", 1): dict.fromkeys(METRICS, 0.60),
+        ("a", "viper", 0): dict.fromkeys(METRICS, 0.53),
+    }
+    summary = rd.aggregate(results, ["ref", "a"], ["viper"], [0, 1], "ref")
+    text = rd.markdown(summary, "header")
+    assert "| ref (reference) | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | – | – |" in text
+    assert "| a (1 of 2 splits) | 53.0 | 53.0 | 53.0 | 53.0 | +3.0 (1/1) | +3.0 (1/1) |" in text
+    assert "Missing runs (1): viper/a/split 1" in text
+
+
+def small_plan(tmp_path: Path, variants: str) -> Path:
+    path = tmp_path / "plan.yaml"
+    base = REPO / "configs/recipes/bot_mobilenet.yaml"
+    path.write_text(
+        f"base: {base}\nreference: bot\n"
+        "datasets: {viper: viper, prid2011: prid2011_single_shot, ilids: ilids}\n"
+        + textwrap.dedent(variants)
+    )
+    return path
+
+
+def test_split_pairing_every_variant_of_a_split_reads_the_same_partition(rd, tmp_path):
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = rd.load_plan(
+        small_plan(
+            tmp_path,
+            """\
+            variants:
+              bot: []
+              moved: [data.options.split_id=7, data.options.seed=5]
+              flip: {eval_of: bot, set: [evaluation.flip_average=true]}
+            """,
+        )
+    )
+    variants = rd.select(plan, None)
+    datasets, splits = ["viper", "prid2011", "ilids"], [0, 1]
+    runs = rd.plan_runs(plan, variants, datasets, splits, 3, shared, tmp_path / "out")
+    assert len(runs) == 3 * 2 * 3
+    partitions = {}
+    for run in runs:
+        assert run.config.data.options == {"split_id": run.split, "seed": 3}
+        assert run.config.data.dataset == run.dataset
+        if run.variant.eval_of is None:  # an eval_of run evaluates its source's checkpoint
+            ds = dataset_from_config(run.config.data, announce=lambda _: None)
+            paths = tuple(tuple(r.path for r in part) for part in (ds.train, ds.query, ds.gallery))
+            partitions.setdefault((run.dataset, run.split), set()).add(paths)
+    for (d, s), found in partitions.items():
+        assert len(found) == 1, f"{d} split {s}: the variants read different partitions"
+    for d in datasets:  # and the splits differ from each other
+        assert partitions[(d, 0)] != partitions[(d, 1)]
+
+
+def test_shipped_plan_maps_every_variant_to_valid_config_keys(rd, tmp_path):
+    plan = rd.load_plan(PLAN)
+    assert plan.reference == "bot" and set(plan.datasets) == {"viper", "prid2011", "ilids"}
+    variants = rd.select(plan, None)
+    assert variants[0].name == "bot"
+    runs = rd.plan_runs(plan, variants, list(plan.datasets), [0], 0, tmp_path, tmp_path / "o")
+    assert len(runs) == len(plan.variants) * 3
+    by_name = {r.variant.name: r.config for r in runs if r.dataset == "viper"}
+    assert by_name["no_bnneck"].model.neck == "none"
+    assert by_name["soft_margin"].loss.triplet.margin is None
+    assert by_name["flip_average"].evaluation.flip_average is True
+    assert by_name["euclidean"].evaluation.metric == "euclidean"
+    assert by_name["bot"].model.pretrained == str(
+        tmp_path / "weights/mobilenet_v2_imagenet_features.pth"
+    )
+    for name, config in by_name.items():  # each variant differs from bot in what it names
+        assert (config.to_dict() == by_name["bot"].to_dict()) == (name == "bot"), name
+
+
+def test_a_variant_with_an_unknown_key_is_refused_naming_variant_and_key(rd, tmp_path):
+    plan = rd.load_plan(small_plan(tmp_path, "variants: {bot: [], bad: [loss.centre.weight=0]}\n"))
+    with pytest.raises(ConfigError, match=r"(?s)'bad'.*loss\.centre: unknown key"):
+        rd.plan_runs(plan, rd.select(plan, None), ["viper"], [0], 0, tmp_path, tmp_path / "o")
+    assert rd.main(["--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_eval_of_must_name_a_training_variant(rd, tmp_path):
+    small_plan(tmp_path, "variants: {bot: [], f: {eval_of: nobody}}\n")
+    with pytest.raises(ConfigError, match="eval_of='nobody'"):
+        rd.load_plan(tmp_path / "plan.yaml")
+
+
+def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(rd, tmp_path, capsys):
+    """2 training variants (+ a flip-averaged evaluation of the reference's checkpoint) x VIPeR x
+    2 splits, one epoch of a small network: every run writes results; a second call runs nothing;
+    a removed result shows up as missing in --only-aggregate."""
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = small_plan(
+        tmp_path,
+        """\
+        variants:
+          bot: []
+          no_center: [loss.center.weight=0]
+          flip: {eval_of: bot, set: [evaluation.flip_average=true]}
+        """,
+    )
+    out = tmp_path / "out"
+    small = ["model.backbone=osnet_x0_25", "model.pretrained=null", "data.height=64"]
+    small += ["data.width=32", "schedule.epochs=1", "schedule.milestones=[1]"]
+    small += ["schedule.warmup_epochs=0", "loader.test_batch_size=128", "sampler.num_identities=32"]
+    small += ["sampler.num_instances=2"]
+    argv = ["--plan", str(plan), "--out", str(out), "--splits", "2", "--datasets", "viper"]
+    argv += ["--shared-data", str(shared), "--in-process", *(f"--set={s}" for s in small)]
+    assert rd.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == []
+    rows = summary["datasets"]["viper"]
+    assert list(rows) == ["bot", "no_center", "flip"]
+    for v in rows:
+        assert rows[v]["splits"] == rows[v]["paired_splits"] == [0, 1]
+    for s in (0, 1):
+        flip = json.loads((out / f"runs/viper/split_{s}/flip/results.json").read_text())
+        bot = json.loads((out / f"runs/viper/split_{s}/bot/results.json").read_text())
+        assert flip["mAP"] != bot["mAP"]  # the same weights, flip-averaged features
+        assert not (out / f"runs/viper/split_{s}/bot/checkpoints").exists()  # dropped when done
+    assert (out / "summary.md").read_text().count("| flip |") == 1
+
+    capsys.readouterr()
+    assert rd.main(argv) == 0
+    assert "6 runs, 6 done before, 0 to run" in capsys.readouterr().out
+
+    (out / "runs/viper/split_1/no_center/results.json").unlink()
+    assert rd.main([*argv, "--only-aggregate"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == [{"variant": "no_center", "dataset": "viper", "split": 1}]
+    assert summary["datasets"]["viper"]["no_center"]["splits"] == [0]
+    assert "Missing runs (1): viper/no_center/split 1" in (out / "summary.md").read_text()
