@@ -19,6 +19,7 @@ is listed there, never silently dropped.
     python bench/real_data.py ... --variants bot,flip_average --datasets viper   # a subset
     python bench/real_data.py ... --set schedule.epochs=1 --set schedule.milestones=[1]  # smoke
     python bench/real_data.py ... --only-aggregate                               # tables only
+    python bench/real_data.py ... --record       # and append the tables to bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ import yaml
 from hpc_reid.config import Config, ConfigError, config_with_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
 METRICS = ("rank-1", "rank-5", "rank-10", "mAP")
 #: The split count every registered small set defines (viper, prid2011, ilids: NUM_SPLITS).
 MAX_SPLITS = 10
@@ -438,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
     p.add_argument("--in-process", action="store_true", help="runs in this process (tests)")
+    p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     return p
 
 
@@ -479,12 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["seed"] = args.seed
     summary["seconds"] = run_seconds(out, runs)
     command = "python bench/real_data.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    when = datetime.date.today().isoformat()
-    header = f"`{command}` ({when}, {platform.node()}, {os.cpu_count()} cores)\n"
-    summary["command"], summary["date"] = command, when
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {version('torch')}"
+    header = f"## real_data, {stamp}, {machine}\n\n`{command}`\n"
+    summary.update(command=command, date=stamp, machine=machine)
     paths = write_summary(out, summary, header)
     print(markdown(summary))
     print(f"wrote {paths[0]}, {paths[1]}")
+    if args.record:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + markdown(summary, header))
+        print(f"appended to {RESULTS}")
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed or (summary["missing"] and not args.only_aggregate) else 0

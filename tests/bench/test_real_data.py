@@ -175,7 +175,9 @@ def test_eval_of_must_name_a_training_variant(rd, tmp_path):
         rd.load_plan(tmp_path / "plan.yaml")
 
 
-def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(rd, tmp_path, capsys):
+def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
+    rd, tmp_path, capsys, monkeypatch
+):
     """2 training variants (+ a flip-averaged evaluation of the reference's checkpoint) x VIPeR x
     2 splits, one epoch of a small network: every run writes results; a second call runs nothing;
     a removed result shows up as missing in --only-aggregate."""
@@ -215,8 +217,12 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(rd, tmp_path, 
     assert "6 runs, 6 done before, 0 to run" in capsys.readouterr().out
 
     (out / "runs/viper/split_1/no_center/results.json").unlink()
-    assert rd.main([*argv, "--only-aggregate"]) == 0
+    monkeypatch.setattr(rd, "RESULTS", tmp_path / "RESULTS.md")
+    assert rd.main([*argv, "--only-aggregate", "--record"]) == 0
+    recorded = (tmp_path / "RESULTS.md").read_text()
+    assert recorded.startswith("\n## real_data, ") and "--only-aggregate --record`" in recorded
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing"] == [{"variant": "no_center", "dataset": "viper", "split": 1}]
     assert summary["datasets"]["viper"]["no_center"]["splits"] == [0]
     assert "Missing runs (1): viper/no_center/split 1" in (out / "summary.md").read_text()
+    assert (out / "summary.md").read_text() in recorded
