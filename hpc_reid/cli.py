@@ -574,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate a checkpoint on its test split, or HDF5 feature files"
+        "eval",
+        help="evaluate a checkpoint on its test split, or HDF5 feature files",
+        description="A checkpoint is evaluated with the config it stores, or --config; --set "
+        "overrides either, e.g. --set evaluation.flip_average=true.",
     )
     evaluate.add_argument("--checkpoint", help="a checkpoint written by train")
     evaluate.add_argument("--out", help="folder for results.json (and plots, for a checkpoint)")
@@ -592,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     extract = commands.add_parser(
-        "extract", help="write a checkpoint's query and gallery features to HDF5"
+        "extract",
+        help="write a checkpoint's query and gallery features to HDF5",
+        description="With the config the checkpoint stores, or --config; --set overrides either.",
     )
     extract.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
     extract.add_argument("--out-dir", required=True, help="folder for query.h5 and gallery.h5")
