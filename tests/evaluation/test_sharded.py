@@ -78,7 +78,8 @@ CASES = [
 ]
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+def _join_gloo(rank: int, world: int, store: str) -> None:
+    """A spawned worker's gloo group, one thread (the 2 ranks share the machine's cores)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -87,6 +88,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=60),
     )
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    _join_gloo(rank, world, store)
     try:
         results = []
         for seed, metric, q_layout, g_layout, tile in CASES:
@@ -254,14 +259,7 @@ def fused_case(seed, metric, kind):
 
 
 def _fused_worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    _join_gloo(rank, world, store)
     try:
         results = []
         for seed, metric, q_layout, g_layout, tile, kind in FUSED_CASES:
