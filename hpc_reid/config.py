@@ -142,6 +142,21 @@ class ModelConfig(Section):
     pooling: Literal["avg", "gem"] = "avg"
     gem_p: float = Field(3.0, gt=0.0)
     neck: Literal["bnneck", "none"] = "bnneck"
+    # Luo et al. (BoT, CVPRW 2019) rank with the BN feature and report the pooled one slightly lower
+    # on Market (cosine). With neck none both keys name the same feature (the model's "bn" output is
+    # the pooled one), so the default stays valid for a no-neck recipe rather than an error.
+    retrieval_feature: Literal["bn", "global"] = Field(
+        "bn",
+        description="the feature evaluation ranks with: bn, after the BNNeck (the pooled feature "
+        "when neck is none); global, the pooled feature before the neck. A test-time choice: "
+        "any checkpoint evaluates with either (eval --checkpoint CKPT --set "
+        "model.retrieval_feature=global)",
+    )
+
+    def weights_part(self) -> dict[str, Any]:
+        """The keys the trained weights depend on: all but the test-time ``retrieval_feature``, so
+        that an evaluation of a checkpoint may change that key and no other (bench/real_data.py)."""
+        return self.model_dump(exclude={"retrieval_feature"})
 
     @field_validator("backbone")
     @classmethod

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_reid.config import ModelConfig
+from hpc_reid.config import ConfigError, ModelConfig, load_config
+from hpc_reid.evaluation.features import extract_features
 from hpc_reid.models import ReidModel, build_model
 from hpc_reid.models.heads import AvgPool, GeM
 
@@ -47,6 +48,52 @@ def test_without_a_neck_bn_is_the_pooled_feature_and_the_classifier_has_a_bias()
     assert torch.equal(out["bn"], out["global"]) and out["logits"].shape == (2, 3)
     assert model.neck is None and model.classifier.bias is not None
     assert torch.equal(model.retrieval_feature(out), out["global"])
+
+
+@pytest.mark.parametrize("neck", ["bnneck", "none"])
+@pytest.mark.parametrize("key", ["bn", "global"])
+def test_retrieval_feature_is_the_output_the_config_names(neck, key):
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(backbone="osnet_x0_25", neck=neck, retrieval_feature=key), 5)
+    if model.neck is not None:  # running statistics of a trained neck, far from the identity
+        model.neck.bn.running_mean.uniform_(-1.0, 1.0)
+        model.neck.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        out = model.eval()(x)
+        pooled = model.pool(model.backbone(x))  # the references, computed here
+    assert torch.equal(model.retrieval_feature(out), out[key])
+    if key == "global" or neck == "none":  # without a neck both keys name the pooled feature
+        expected = pooled
+    else:
+        bn = model.neck.bn
+        expected = (pooled - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+        expected = expected * bn.weight + bn.bias
+    torch.testing.assert_close(model.retrieval_feature(out), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_extraction_ranks_with_the_configured_feature_of_the_same_weights():
+    torch.manual_seed(2)
+    bn = build_model(ModelConfig(backbone="osnet_x0_25"), 5)
+    bn.neck.bn.running_mean.uniform_(-1.0, 1.0)  # else the BN feature is the pooled one / 1.000005
+    pooled = build_model(ModelConfig(backbone="osnet_x0_25", retrieval_feature="global"), 5)
+    # a test-time choice: the weights of one load strictly into the other
+    pooled.load_state_dict(bn.state_dict(), strict=True)
+    x = torch.randn(6, 3, 64, 32)
+    batches = [(x[:4], torch.arange(4), torch.zeros(4)), (x[4:], torch.arange(2), torch.ones(2))]
+    with torch.no_grad():
+        reference = bn.eval()(x)
+    for model, key in ((bn, "bn"), (pooled, "global")):
+        feats, _, _ = extract_features(model, batches, "cpu")
+        torch.testing.assert_close(feats, reference[key], rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_retrieval_feature_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.retrieval_feature: .*'bn' or 'global'"):
+        load_config(None, ["model.retrieval_feature=logits"])
+    model = build_model(ModelConfig(backbone="osnet_x0_25"), 3)
+    with pytest.raises(ValueError, match=r"model\.retrieval_feature.*'logits'"):
+        ReidModel(model.backbone, model.pool, 3, "bnneck", retrieval_key="logits")
 
 
 def test_pooling_follows_the_config():
