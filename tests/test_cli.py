@@ -7,11 +7,12 @@ import json
 
 import h5py
 import pytest
+import torch
 
 from hpc_reid.cli import main
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
-from tests.engine.test_trainer import tiny_config
+from tests.engine.test_trainer import tiny_config, weights
 
 NO_PLOTS = "evaluation.plots=false"
 
@@ -66,3 +67,40 @@ def test_extract_set_without_config_writes_features_of_the_overridden_config(run
     assert main([*argv, "--set", "evaluation.metric=euclidean"]) == 0
     with h5py.File(tmp_path / "query.h5") as h:
         assert h.attrs["metric"] == "euclidean"  # the stored config says cosine
+
+
+def test_eval_of_a_bn_checkpoint_with_the_pooled_retrieval_feature_ranks_differently(run, tmp_path):
+    """model.retrieval_feature is a test-time choice: a checkpoint trained ranking with the BN
+    feature loads (model_meta does not hold it) and ranks with the pooled feature on request."""
+    tmp, checkpoint = run
+    argv = ["eval", "--checkpoint", str(checkpoint)]
+    assert (
+        main([*argv, "--set", "model.retrieval_feature=global", "--out", str(tmp_path / "g")]) == 0
+    )
+    assert main([*argv, "--out", str(tmp_path / "bn")]) == 0
+    pooled, bn = results(tmp_path / "g"), results(tmp_path / "bn")
+    config = tiny_config(tmp, "logging.run_name=x", NO_PLOTS, "model.retrieval_feature=global")
+    expected = evaluate_checkpoint(checkpoint, config, out_dir=tmp_path / "reference")
+    assert {k: pooled[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert pooled["mAP"] != bn["mAP"]
+
+
+def test_extract_with_the_pooled_feature_writes_what_the_bn_feature_normalises(run, tmp_path):
+    """The independent reference: the BN features (``bn``, the stored config's choice) are the
+    checkpoint's BatchNorm, with its running statistics, applied to the pooled ones (``global``)."""
+    _, checkpoint = run
+    for key in ("bn", "global"):
+        argv = ["extract", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / key)]
+        assert main([*argv, "--set", f"model.retrieval_feature={key}"]) == 0
+    state = weights(checkpoint)
+    mean, var = state["neck.bn.running_mean"], state["neck.bn.running_var"]
+    scale, shift = state["neck.bn.weight"], state["neck.bn.bias"]
+    for split in ("query", "gallery"):
+        with (
+            h5py.File(tmp_path / "global" / f"{split}.h5") as g,
+            h5py.File(tmp_path / "bn" / f"{split}.h5") as b,
+        ):
+            pooled, bn = torch.from_numpy(g["features"][:]), torch.from_numpy(b["features"][:])
+        expected = (pooled - mean) / torch.sqrt(var + 1e-5) * scale + shift
+        torch.testing.assert_close(bn, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(bn, pooled, rtol=1e-3, atol=1e-3)
