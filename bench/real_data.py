@@ -2,8 +2,9 @@
 over splits and each variant's paired difference from a reference, split by split.
 
 A plan (``configs/ablation/real_data.yaml``) names a base config, the variants (``--set`` overrides
-of it, another config, or an evaluation of another variant's checkpoint with ``evaluation.*``
-overrides), the reference variant, and the data sets with their folders under ``--shared-data``.
+of it, another config, or an evaluation of another variant's checkpoint with ``evaluation.*`` or
+``model.retrieval_feature`` overrides), the reference variant, and the data sets with their folders
+under ``--shared-data``.
 Split ``s`` of data set ``d`` is the partition ``data.options = {split_id: s, seed: --seed}``
 gives (each parser draws its test identities with ``np.random.default_rng([seed, split_id])``),
 the same for every variant: splits vary more than recipes, so variants are compared split by split
@@ -213,8 +214,15 @@ def plan_runs(
                 if v.eval_of:
                     source = resolved[v.eval_of].to_dict()
                     config = config_with_overrides(source, v.overrides, where)
-                    if config.model != resolved[v.eval_of].model:
-                        raise ConfigError(f"{where}: eval_of runs may not change model.*")
+                    weights = resolved[v.eval_of].model.weights_part()
+                    changed = sorted(
+                        k for k, x in config.model.weights_part().items() if x != weights[k]
+                    )
+                    if changed:  # model.retrieval_feature, a test-time choice, may change
+                        raise ConfigError(
+                            f"{where}: eval_of runs evaluate the same weights; they may not change "
+                            f"{', '.join('model.' + k for k in changed)}"
+                        )
                     ckpt = run_folder(out, dataset, split, v.eval_of) / "checkpoints" / "latest"
                     argv = ["eval", "--checkpoint", str(ckpt), "--out", str(folder)]
                     argv += [f"--set={s}" for s in (*v.overrides, *QUIET)]

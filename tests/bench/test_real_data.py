@@ -155,6 +155,9 @@ def test_shipped_plan_maps_every_variant_to_valid_config_keys(rd, tmp_path):
     assert by_name["soft_margin"].loss.triplet.margin is None
     assert by_name["flip_average"].evaluation.flip_average is True
     assert by_name["euclidean"].evaluation.metric == "euclidean"
+    assert by_name["global_feature"].model.retrieval_feature == "global"
+    assert by_name["global_euclidean"].evaluation.metric == "euclidean"
+    assert by_name["global_euclidean"].model.retrieval_feature == "global"
     assert by_name["bot"].model.pretrained == str(
         tmp_path / "weights/mobilenet_v2_imagenet_features.pth"
     )
@@ -167,6 +170,20 @@ def test_a_variant_with_an_unknown_key_is_refused_naming_variant_and_key(rd, tmp
     with pytest.raises(ConfigError, match=r"(?s)'bad'.*loss\.centre: unknown key"):
         rd.plan_runs(plan, rd.select(plan, None), ["viper"], [0], 0, tmp_path, tmp_path / "o")
     assert rd.main(["--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_eval_of_may_change_the_retrieval_feature_but_no_key_the_weights_depend_on(rd, tmp_path):
+    small_plan(
+        tmp_path,
+        "variants:\n  bot: []\n"
+        "  pooled: {eval_of: bot, set: [model.retrieval_feature=global]}\n"
+        "  other: {eval_of: bot, set: [model.neck=none, model.retrieval_feature=global]}\n",
+    )
+    plan = rd.load_plan(tmp_path / "plan.yaml")
+    runs = rd.plan_runs(plan, rd.select(plan, ["pooled"]), ["viper"], [0], 0, tmp_path, tmp_path)
+    assert [r.config.model.retrieval_feature for r in runs] == ["bn", "global"]
+    with pytest.raises(ConfigError, match=r"'other'.*may not change model\.neck$"):
+        rd.plan_runs(plan, rd.select(plan, ["other"]), ["viper"], [0], 0, tmp_path, tmp_path)
 
 
 def test_eval_of_must_name_a_training_variant(rd, tmp_path):
