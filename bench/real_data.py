@@ -43,7 +43,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hpc_reid.config import Config, ConfigError, config_with_overrides, load_config
+from hpc_reid.config import (
+    Config,
+    ConfigError,
+    config_with_overrides,
+    load_config,
+    write_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -413,12 +419,28 @@ def run_seconds(out: Path, runs: Sequence[Run]) -> dict[str, float]:
     return total
 
 
-def write_summary(out: Path, summary: dict, header: str) -> tuple[Path, Path]:
+def stamped(tool: str, argv: Sequence[str], machine: str) -> dict[str, str]:
+    """The command, date and machine of a bench run, and the RESULTS.md heading made of them."""
+    command = f"python bench/{tool}.py " + shlex.join(argv)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    header = f"## {tool}, {stamp}, {machine}\n\n`{command}`\n"
+    return {"command": command, "date": stamp, "machine": machine, "header": header}
+
+
+def publish(out: Path, summary: dict, table: str, record: bool) -> None:
+    """``out/summary.json`` and ``out/summary.md`` (``table``), each written to a temporary name
+    then renamed; with ``record``, ``table`` appended to bench/RESULTS.md the same way (the file
+    is never left half-written)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "summary.json", out / "summary.md"
-    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
-    paths[1].write_text(markdown(summary, header))
-    return paths
+    write_atomic(paths[0], json.dumps(summary, indent=2) + "\n")
+    write_atomic(paths[1], table)
+    print(table)
+    print(f"wrote {paths[0]}, {paths[1]}")
+    if record:
+        before = RESULTS.read_text() if RESULTS.is_file() else ""
+        write_atomic(RESULTS, before + "\n" + table)
+        print(f"appended to {RESULTS}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -490,18 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary["seed"] = args.seed
     summary["seconds"] = run_seconds(out, runs)
-    command = "python bench/real_data.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {version('torch')}"
-    header = f"## real_data, {stamp}, {machine}\n\n`{command}`\n"
-    summary.update(command=command, date=stamp, machine=machine)
-    paths = write_summary(out, summary, header)
-    print(markdown(summary))
-    print(f"wrote {paths[0]}, {paths[1]}")
-    if args.record:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + markdown(summary, header))
-        print(f"appended to {RESULTS}")
+    stamp = stamped("real_data", sys.argv[1:] if argv is None else argv, machine)
+    header = stamp.pop("header")
+    summary.update(stamp)
+    publish(out, summary, markdown(summary, header), args.record)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed or (summary["missing"] and not args.only_aggregate) else 0

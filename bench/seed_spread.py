@@ -20,7 +20,6 @@ measurement continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summ
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -33,12 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from real_data import _pm, _stats  # bench/real_data.py: mean, sample std (n - 1), "55.3 ± 2.1"
+from real_data import _pm, _stats, publish, stamped  # bench/real_data.py: mean, std, ±, output
 
 from hpc_reid.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
 METRICS = ("rank-1", "rank-5", "rank-10", "mAP", "mINP")
 #: Settings of every run that only concern output: no progress bar, TensorBoard or plots.
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "evaluation.plots=false"]
@@ -213,21 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(one, todo))
     summary = aggregate(collect(out, args.seeds), args.seeds)
-    command = "python bench/seed_spread.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    cpu = cpu_name()
-    machine = f"{os.cpu_count()}-core CPU ({cpu}), torch {version('torch')}"
-    header = f"## seed_spread, {stamp}, {machine}\n\n`{command}`\n"
-    summary.update(command=command, date=stamp, machine=machine, parallel=args.parallel)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(summary, header))
-    print(markdown(summary))
-    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}")
-    if args.record:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + markdown(summary, header))
-        print(f"appended to {RESULTS}")
+    machine = f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {version('torch')}"
+    stamp = stamped("seed_spread", sys.argv[1:] if argv is None else argv, machine)
+    header = stamp.pop("header")
+    summary.update(stamp, parallel=args.parallel)
+    publish(out, summary, markdown(summary, header), args.record)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed or summary["missing"] else 0
