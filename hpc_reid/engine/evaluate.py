@@ -33,7 +33,6 @@ from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import evaluate_features, extract_features
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
-from hpc_reid.evaluation.ranking_torch import query_ranks_torch
 from hpc_reid.evaluation.rerank import rerank_blocks
 from hpc_reid.evaluation.sharded import (
     all_gather_rows,
@@ -71,19 +70,6 @@ def _all_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather_rows(local, device=local.device))
 
 
-def _block_ranks(block: torch.Tensor, q_pids, g_pids, q_cams, g_cams, backend: str, start: int):
-    """Per-query results of a (B, G) block of re-ranked distances, ranked where it is: a CUDA
-    block with backend "auto" or "cuda" by the torch ranker on the GPU (the same numbers as every
-    backend, without copying B x G to the host), any other on the host by ``backend``."""
-    if block.is_cuda and backend in ("auto", "cuda"):
-        if torch.isnan(block).any():
-            raise ValueError(f"re-ranked distances of queries from {start} contain NaN")
-        return query_ranks_torch(block, q_pids, g_pids, q_cams, g_cams)
-    return query_ranks(
-        block.cpu().numpy(), q_pids, g_pids, q_cams, g_cams, backend=backend, query_start=start
-    )
-
-
 def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:
     ev = config.evaluation
     parts = []
@@ -98,7 +84,7 @@ def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) ->
     for start, block in blocks:
         stop = start + len(block)
         ids = (q_pids[start:stop], g_pids, q_cams[start:stop], g_cams)
-        parts.append(_block_ranks(block, *ids, ev.backend, start))
+        parts.append(query_ranks(block, *ids, backend=ev.backend, query_start=start))
     return combine(parts, ev.max_rank)
 
 

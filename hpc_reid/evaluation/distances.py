@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine, query_ranks
-from hpc_reid.evaluation.ranking_torch import query_ranks_torch
 
 Metric = Literal["cosine", "euclidean"]
 
@@ -116,33 +115,23 @@ def evaluate_features(
             f"q_pids {q_pids.shape} and q_camids {q_camids.shape} must be ({qf.shape[0]},), one "
             "per query feature"
         )
-    on_gpu = qf.is_cuda and gf.is_cuda
-    if on_gpu and backend in ("auto", "cuda") and not cuhk03_old_protocol:
+    if qf.is_cuda and gf.is_cuda and backend in ("auto", "cuda") and not cuhk03_old_protocol:
         from hpc_reid.evaluation import ranking_cuda  # compiles its kernel on first use only
 
         if ranking_cuda.kernel_for(backend) is not None:  # "cuda" raises if it cannot be built
             return ranking_cuda.evaluate_features_cuda(
                 qf, gf, q_pids, g_pids, q_camids, g_camids, metric, max_rank, query_tile
             )
-    # Tiles already on the GPU are ranked there by the torch ranker ("cuda" in BACKENDS), not
-    # copied to the host and back; the CUHK03 old protocol's draws need the host's tile.
-    rank_on_device = on_gpu and backend in ("auto", "cuda") and not cuhk03_old_protocol
+    # A tile on the GPU is ranked there by the torch ranker (query_ranks), not copied to the host.
     parts: list[QueryRanks] = []
     buffer = torch.empty(min(query_tile, qf.shape[0]), gf.shape[0], device=qf.device)
     for start in range(0, qf.shape[0], query_tile):
         stop = start + query_tile
         q = qf[start:stop]
         dist = pairwise_distance(q, gf, metric=metric, tile=query_tile, out=buffer[: len(q)])
-        if rank_on_device:
-            if torch.isnan(dist).any():
-                raise ValueError("distmat contains NaN; ranks are undefined")
-            parts.append(
-                query_ranks_torch(dist, q_pids[start:stop], g_pids, q_camids[start:stop], g_camids)
-            )
-            continue
         parts.append(
             query_ranks(
-                dist.cpu().numpy(),
+                dist,
                 q_pids[start:stop],
                 g_pids,
                 q_camids[start:stop],

@@ -282,7 +282,7 @@ def _cuhk03_first_ranks(
 
 
 def query_ranks(
-    distmat: np.ndarray,
+    distmat: np.ndarray | torch.Tensor,
     q_pids: np.ndarray,
     g_pids: np.ndarray,
     q_camids: np.ndarray,
@@ -295,10 +295,23 @@ def query_ranks(
 ) -> QueryRanks:
     """Per-query results for a block of query rows (``distmat`` is (B, G)); see :func:`combine`.
 
+    ``distmat`` may be a tensor: a CUDA one with backend "auto" or "cuda" is ranked where it is by
+    the torch ranker (the same numbers as every backend, without copying B x G to the host), except
+    under the CUHK03 old protocol, whose draws need the host's block; any other is copied to the
+    host and ranked by ``backend``.
+
     ``query_start`` is the global index of the block's first query; it only seeds the CUHK03 old
     protocol's random galleries, so that a tiled or sharded evaluation draws the same ones.
     """
-    distmat = np.asarray(distmat)
+    on_device = (
+        isinstance(distmat, torch.Tensor)
+        and distmat.is_cuda
+        and backend in ("auto", "cuda")
+        and not cuhk03_old_protocol
+    )
+    if not on_device:
+        distmat = distmat.cpu().numpy() if isinstance(distmat, torch.Tensor) else distmat
+        distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
     num_q, num_g = distmat.shape
@@ -312,6 +325,12 @@ def query_ranks(
             raise ValueError(
                 f"{name} has shape {arr.shape}, expected ({n},) for a {num_q} x {num_g} distmat"
             )
+    if on_device:
+        if torch.isnan(distmat).any():
+            raise ValueError("distmat contains NaN; ranks are undefined")
+        from hpc_reid.evaluation.ranking_torch import query_ranks_torch  # it imports this module
+
+        return query_ranks_torch(distmat, q_pids, g_pids, q_camids, g_camids)
     if distmat.size and np.isnan(distmat.min()):  # min propagates NaN; no (B, G) mask
         raise ValueError("distmat contains NaN; ranks are undefined")
     result = _resolve_backend(backend)(distmat, q_pids, g_pids, q_camids, g_camids)
