@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from hpc_reid.bench.runner import strong_scaled
 from hpc_reid.cli import main
 from hpc_reid.config import ConfigError, load_config
+from tests.ports import free_port
 from tests.tiny import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,12 +86,6 @@ def test_one_process_writes_every_field(tmp_path, capsys):
     agg = run["aggregate"]
     assert agg["compute"]["img_per_s"] == pytest.approx(rank["compute"]["img_per_s"])
     assert set(agg["loaders"]) == {"dali", "torch"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ trainer's whole ReidLoss (cross-entropy + triplet + center).
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hpc_reid.config import LossConfig, ModelConfig
 from hpc_reid.losses import ReidLoss
 from hpc_reid.models import build_model
+from tests.ports import free_port
 
 B, CLASSES = 8, 4
 
@@ -56,12 +55,6 @@ def _rank_main(rank: int, port: int, out: dict) -> None:
             out["grads"] = _grads(model)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from hpc_reid.engine.deepspeed_strategy import check_precision_supported, merged
 from hpc_reid.engine.errors import TrainingError
 from hpc_reid.engine.optim import build_scheduler, scaled_lr
 from hpc_reid.engine.trainer import evaluate_checkpoint
-from tests.engine.test_trainer import REPO, TINY, _torchrun, free_port, tiny_config
+from tests.engine.test_trainer import REPO, TINY, _torchrun, tiny_config
+from tests.ports import free_port
 
 STEPS = 20  # 8 train ids, P=2 on 2 ranks: 2 iterations per epoch, so 10 epochs
 RUN = [

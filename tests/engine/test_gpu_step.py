@@ -15,7 +15,6 @@ with TF32 off, so it matches to summation order.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from hpc_reid.engine.strategy import DDPStrategy, prepare_model
 from hpc_reid.engine.trainer import train
 from hpc_reid.losses import ReidLoss
 from hpc_reid.models import build_model
+from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -148,12 +148,6 @@ def test_compiled_cuda_bf16_channels_last_step_matches_the_cpu_fp32_step(no_tf32
 # ----------------------------------------------------------------------------- NCCL
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def nccl_group(monkeypatch):
     """A 1-rank NCCL group made from torchrun's variables, as a launcher would leave it."""
@@ -162,7 +156,7 @@ def nccl_group(monkeypatch):
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }.items():
         monkeypatch.setenv(key, value)
     torch.cuda.set_device(0)

@@ -4,8 +4,6 @@ computation, and ``distributed.sync_bn`` reaching the model."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +15,7 @@ from hpc_reid.engine.errors import TrainingError
 from hpc_reid.engine.optim import param_groups
 from hpc_reid.engine.strategy import DDPStrategy, prepare_model, sync_bn_applies
 from hpc_reid.losses import CenterLoss
+from tests.ports import free_port
 
 B, D_IN, D, CLASSES = 6, 5, 4, 5
 CENTER_LR, MODEL_LR = 0.5, 0.1
@@ -123,12 +122,6 @@ def _rank_main(rank: int, port: int, weight: float, out: dict) -> None:
             out[(rank, precision)] = _two_step_run(rank, precision, weight)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("weight", [0.0005, 1.0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from hpc_reid.engine import trainer
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import evaluate_checkpoint, select_device, train
+from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,12 +109,6 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     other = tiny_config(tmp_path, "logging.run_name=b", "sampler.num_identities=4")
     with pytest.raises(CheckpointError, match="cannot resume this run"):
         train(other, resume=str(path))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -16,7 +16,6 @@ tests, which need no config, still run there.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import warnings
 
 import numpy as np
@@ -34,6 +33,7 @@ from tests.evaluation.reference import (
     rank_bounds,
 )
 from tests.evaluation.test_cuda_kernel import ULPS, clustered_features, ids_problem
+from tests.ports import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -145,19 +145,13 @@ def test_reranking_on_cuda_equals_reranking_on_the_cpu(tmp_path, dtype, metric):
         assert np.abs(gpu.cmc - cpu.cmc).max() <= 2 / cpu.valid.sum() + 1e-12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nccl_group():
     if not dist.is_nccl_available():
         pytest.skip("torch was built without NCCL")
     torch.cuda.set_device(0)
     dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
         yield

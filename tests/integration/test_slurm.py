@@ -32,6 +32,7 @@ from hpc_reid.data.synthetic import SynthSpec, generate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.trainer import evaluate_checkpoint
 from hpc_reid.launch.distributed import expand_hostlist
+from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,12 +79,6 @@ def _require_slurm() -> None:
     pytest.skip(f"SKIPPING SLURM INTEGRATION TESTS: {reason}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     """slurmctld + one slurmd per node, all in the foreground as our children, state in ``root``."""
 
@@ -98,7 +93,7 @@ class Cluster:
         lines = [
             "ClusterName=hpcreid",
             "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/none",
@@ -123,7 +118,7 @@ class Cluster:
         ]
         for node in nodes:
             lines.append(
-                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
                 "CPUs=2 RealMemory=4000"
             )
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
