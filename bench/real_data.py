@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -262,8 +263,9 @@ def _checkpoint_of(run: Run) -> list[str]:
     return argv
 
 
-def execute(run: Run, in_process: bool = False) -> dict:
-    """Run one command, its output to ``FOLDER/log.txt``, its record to ``FOLDER/run.json``."""
+def execute(run: Run, in_process: bool = False, threads: int | None = None) -> dict:
+    """Run one command, its output to ``FOLDER/log.txt``, its record to ``FOLDER/run.json``;
+    ``threads``: the process's OpenMP threads (default: the environment's)."""
     run.folder.mkdir(parents=True, exist_ok=True)
     argv = _checkpoint_of(run) if run.variant.eval_of else list(run.argv)
     start = time.monotonic()
@@ -279,8 +281,15 @@ def execute(run: Run, in_process: bool = False) -> dict:
                 code = main(argv)
         else:
             cmd = [sys.executable, "-m", "hpc_reid.cli", *argv]
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+            env = dict(os.environ)
+            if threads:
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            code = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
+            ).returncode
     record = {"argv": argv, "returncode": code, "seconds": round(time.monotonic() - start, 1)}
+    if threads:
+        record["threads"] = threads
     (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -451,6 +460,43 @@ def default_shared() -> Path:
     return Path(os.environ.get("HPC_REID_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
+def run_groups(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> list[str]:
+    """Run ``todo``: each (data set, split) in order in one worker (an evaluation needs its
+    source's checkpoint), ``args.parallel`` of them at once, each process with ``threads``
+    OpenMP threads; a group's checkpoints are removed once all its runs have results (unless
+    ``--keep-checkpoints``). Returns one line per failed run."""
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in todo:
+        groups.setdefault((run.dataset, run.split), []).append(run)
+    numbered = {id(run): i for i, run in enumerate(todo, 1)}
+    failed: list[str] = []
+
+    def one(key: tuple[str, int]) -> None:
+        for run in groups[key]:
+            tag = f"[{numbered[id(run)]}/{len(todo)}] {run.dataset} split {run.split} "
+            tag += run.variant.name
+            print(f"{tag} ...", flush=True)
+            try:
+                record = execute(run, args.in_process, None if args.in_process else threads)
+            except FileNotFoundError as exc:
+                record = {"returncode": None, "seconds": 0, "error": str(exc)}
+            ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
+            print(f"{tag}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
+            if not ok:
+                failed.append(f"{tag}: {record.get('error') or run.folder / 'log.txt'}")
+        if not args.keep_checkpoints:
+            drop_checkpoints([r for r in runs if (r.dataset, r.split) == key])
+
+    if args.parallel == 1 or args.in_process:
+        for key in groups:
+            one(key)
+    else:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for f in [pool.submit(one, key) for key in groups]:
+                f.result()
+    return sorted(failed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default=str(REPO / "configs/ablation/real_data.yaml"))
@@ -468,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override for every training run, after the variant's (e.g. schedule.epochs=1)",
     )
+    p.add_argument(
+        "--parallel", type=int, default=1, help="(data set, split) groups at once; default 1"
+    )
+    p.add_argument("--threads", type=int, help="OpenMP threads a run (cores / --parallel)")
     p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
     p.add_argument("--in-process", action="store_true", help="runs in this process (tests)")
@@ -485,27 +535,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out).resolve()
         shared = args.shared_data.resolve()
         runs = plan_runs(plan, variants, datasets, splits, args.seed, shared, out, args.overrides)
+        if args.parallel < 1:
+            raise ConfigError(f"--parallel={args.parallel}: expected 1 or more")
     except ConfigError as exc:
         print(f"real_data: error: {exc}", file=sys.stderr)
         return 2
     failed = []
     if not args.only_aggregate:
         todo = [r for r in runs if not (r.folder / "results.json").is_file()]
-        print(f"{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to run")
-        for i, run in enumerate(todo, 1):
-            tag = f"[{i}/{len(todo)}] {run.dataset} split {run.split} {run.variant.name}"
-            print(f"{tag} ...", flush=True)
-            try:
-                record = execute(run, args.in_process)
-            except FileNotFoundError as exc:
-                record = {"returncode": None, "seconds": 0, "error": str(exc)}
-            ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
-            print(f"{tag}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
-            if not ok:
-                failed.append(f"{tag}: {record.get('error') or run.folder / 'log.txt'}")
-            group = [r for r in runs if (r.dataset, r.split) == (run.dataset, run.split)]
-            if not args.keep_checkpoints and run is [r for r in todo if r in group][-1]:
-                drop_checkpoints(group)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+        print(
+            f"{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to run, "
+            f"{args.parallel} (data set, split) at once x {threads} thread(s)",
+            flush=True,
+        )
+        failed = run_groups(runs, todo, args, threads)
     names = [v.name for v in variants]
     summary = aggregate(
         collect(out, names, datasets, splits), names, datasets, splits, plan.reference

@@ -243,3 +243,47 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
     assert summary["datasets"]["viper"]["no_center"]["splits"] == [0]
     assert "Missing runs (1): viper/no_center/split 1" in (out / "summary.md").read_text()
     assert (out / "summary.md").read_text() in recorded
+
+
+def test_parallel_runs_each_split_in_order_two_splits_at_once_with_their_threads(
+    rd, tmp_path, monkeypatch
+):
+    """--parallel 2: two (data set, split) groups overlap in time, each group's runs keep their
+    order (an evaluation after the training it reads), every process gets cores / 2 threads, and a
+    group's checkpoints go once all its runs have results."""
+    import threading
+
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = small_plan(
+        tmp_path,
+        """\
+        variants:
+          bot: []
+          no_center: [loss.center.weight=0]
+          flip: {eval_of: bot, set: [evaluation.flip_average=true]}
+        """,
+    )
+    both_running = threading.Barrier(2, timeout=30)  # fails unless two groups run at once
+    calls, lock = [], threading.Lock()
+
+    def execute(run, in_process=False, threads=None):
+        if run.variant.name == "bot":
+            both_running.wait()
+        with lock:
+            calls.append((run.dataset, run.split, run.variant.name, threads))
+        (run.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        result = {m: 0.5 for m in METRICS}
+        (run.folder / "results.json").write_text(json.dumps(result))
+        return {"returncode": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(rd, "execute", execute)
+    monkeypatch.setattr(rd.os, "cpu_count", lambda: 4)
+    out = tmp_path / "out"
+    argv = ["--plan", str(plan), "--out", str(out), "--splits", "2", "--datasets", "viper,ilids"]
+    assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "2"]) == 0
+    assert len(calls) == 12 and {c[3] for c in calls} == {2}
+    for d in ("viper", "ilids"):
+        for s in (0, 1):
+            assert [c[2] for c in calls if c[:2] == (d, s)] == ["bot", "no_center", "flip"]
+            assert not list((out / f"runs/{d}/split_{s}").glob("*/checkpoints"))
+    assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "0"]) == 2
