@@ -81,6 +81,8 @@ class ReidModel(nn.Module):
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:
     """The model ``cfg`` describes, with a ``num_classes``-way ID classifier."""
-    backbone = build_backbone(cfg.backbone, cfg.last_stride, cfg.pretrained)
+    backbone = build_backbone(
+        cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
+    )
     pool = GeM(cfg.gem_p) if cfg.pooling == "gem" else AvgPool()
     return ReidModel(backbone, pool, num_classes, cfg.neck, cfg.retrieval_feature)

@@ -91,11 +91,43 @@ register_backbone("osnet_x1_0")(lambda last_stride: OSNet(width=1.0))
 register_backbone("osnet_x0_25")(lambda last_stride: OSNet(width=0.25))
 
 
+def residual_bns(trunk: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm at the end of every residual branch of ``trunk``: the one whose output is
+    added to the shortcut (torchvision's ResNet blocks and IBN-a's, MobileNetV2's inverted
+    residuals that keep their shortcut, OSNet's blocks)."""
+    found = []
+    for m in trunk.modules():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            found.append(m.bn3)
+        elif isinstance(m, torchvision.models.resnet.BasicBlock):
+            found.append(m.bn2)
+        elif isinstance(m, InvertedResidual) and m.use_res_connect:
+            found.append(m.conv[-1])
+        elif isinstance(getattr(m, "residual_bn", None), nn.BatchNorm2d):
+            found.append(m.residual_bn)
+    return found
+
+
+def zero_init_residual(trunk: nn.Module) -> int:
+    """Start every residual block of ``trunk`` as the identity: the scale of the BatchNorm ending
+    each residual branch set to 0 (Goyal et al. 2017, Sec. 5.1; He et al., Bag of Tricks for Image
+    Classification, CVPR 2019). Returns how many blocks it changed."""
+    bns = residual_bns(trunk)
+    for bn in bns:
+        nn.init.zeros_(bn.weight)
+    return len(bns)
+
+
 def build_backbone(
-    name: str, last_stride: int = 1, pretrained: str | Path | None = None
+    name: str,
+    last_stride: int = 1,
+    pretrained: str | Path | None = None,
+    zero_residual: bool = False,
 ) -> nn.Module:
     """The backbone ``name`` with ``last_stride`` (1 or 2; ResNets and MobileNetV2 follow it,
-    OSNet has no last stride), loaded from the local state dict ``pretrained`` when given."""
+    OSNet has no last stride), loaded from the local state dict ``pretrained`` when given; with
+    ``zero_residual`` and no ``pretrained``, every residual block starts as the identity
+    (:func:`zero_init_residual`)."""
     if name not in _BACKBONES:
         close = difflib.get_close_matches(name, _BACKBONES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -107,6 +139,8 @@ def build_backbone(
         raise TypeError(f"backbone {name!r} was built without an integer `out_channels`")
     if pretrained:
         load_pretrained(backbone, pretrained, what=f"backbone {name!r}")
+    elif zero_residual:
+        zero_init_residual(backbone)
     return backbone
 
 

@@ -80,6 +80,11 @@ class OSBlock(nn.Module):
         self.downsample = ConvLayer(cin, cout, 1, relu=False) if cin != cout else None
         self.relu = nn.ReLU(inplace=True)
 
+    @property
+    def residual_bn(self) -> nn.BatchNorm2d:
+        """The BatchNorm whose output is added to the shortcut (zeroed by zero-init residual)."""
+        return self.conv3.bn
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(x)
         streams = (self.conv2a, self.conv2b, self.conv2c, self.conv2d)

@@ -243,3 +243,66 @@ def test_osnet_keys_follow_the_authors_release():
         assert key in keys, key
     absent = ("conv2.1.downsample", "conv4.2", "fc.", "classifier.")
     assert not any(k.startswith(absent) for k in keys)
+
+
+# Residual blocks per trunk, from the papers' architecture tables: ResNet-18 (2, 2, 2, 2),
+# ResNet-34/50 (3, 4, 6, 3), MobileNetV2's bottlenecks whose input and output match (stride 1, same
+# channels: 1 + 2 + 3 + 2 + 2 of the 17), OSNet (2, 2, 2).
+RESIDUAL_BLOCKS = {
+    "resnet18": 8,
+    "resnet34": 16,
+    "resnet50": 16,
+    "resnet50_ibn_a": 16,
+    "mobilenet_v2": 10,
+    "osnet_x1_0": 6,
+    "osnet_x0_25": 6,
+}
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a residual block computes when its residual branch is zero."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    if isinstance(block, InvertedResidual):
+        return x
+    down = block.downsample
+    return torch.relu(x if down is None else down(x))
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_BLOCKS))
+def test_zero_init_residual_starts_every_residual_block_as_its_shortcut(name):
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    from hpc_reid.models.osnet import OSBlock
+
+    kinds = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, OSBlock)
+    zeroed = build_backbone(name, zero_residual=True).eval()
+    plain = build_backbone(name).eval()
+    blocks = [
+        m
+        for m in zeroed.modules()
+        if isinstance(m, kinds) or (isinstance(m, InvertedResidual) and m.use_res_connect)
+    ]
+    assert len(blocks) == RESIDUAL_BLOCKS[name]
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o))) for b in blocks]
+    with torch.no_grad():
+        zeroed(torch.randn(2, 3, 64, 32))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(blocks)
+    for block, x, out in seen:
+        with torch.no_grad():
+            torch.testing.assert_close(out, _shortcut(block, x), rtol=0, atol=0)
+    # nothing but those BatchNorm scales differs from the plain initialisation's distribution
+    n_zero = sum(int((p == 0).all()) for n, p in zeroed.named_parameters() if n.endswith("weight"))
+    n_plain = sum(int((p == 0).all()) for n, p in plain.named_parameters() if n.endswith("weight"))
+    assert n_zero - n_plain == RESIDUAL_BLOCKS[name]
+
+
+def test_zero_init_residual_leaves_pretrained_weights_as_loaded(tmp_path):
+    source = build_backbone("resnet18")
+    torch.nn.init.constant_(source.layer1[0].bn2.weight, 0.5)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    loaded = build_backbone("resnet18", pretrained=tmp_path / "w.pth", zero_residual=True)
+    assert torch.equal(loaded.layer1[0].bn2.weight, source.layer1[0].bn2.weight)
