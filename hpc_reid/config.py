@@ -33,6 +33,8 @@ BACKBONES = (
     "osnet_x0_25",
 )
 SYNTHETIC = "synthetic"
+# The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
+HEADS = ("bnneck", "aligned")
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,21 @@ class LoaderConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class LocalBranchConfig(Section):
+    """The local branch of heads with stripe features (``model.head: aligned``): the final map
+    pooled over each of ``stripes`` horizontal bands, a 1x1 conv to ``dim`` + BN + ReLU
+    (AlignedReID, Zhang et al. 2017; both public reproductions)."""
+
+    stripes: int = Field(8, ge=1, description="horizontal bands (8 at 256x128 in AlignedReID)")
+    dim: int = Field(128, ge=1, description="channels of each stripe feature")
+    pooling: Literal["avg", "max"] = Field(
+        "avg", description="over each band's width and rows: avg (huanghoujing) or max (Luo)"
+    )
+    normalize: bool = Field(
+        False, description="L2-normalise each stripe feature, in training and at test time"
+    )
+
+
 class ModelConfig(Section):
     backbone: str = "resnet50"
     last_stride: Literal[1, 2] = 1
@@ -163,6 +180,13 @@ class ModelConfig(Section):
         "model.retrieval_feature=global)",
     )
 
+    head: str = Field(
+        "bnneck",
+        description="the head on the backbone's map, by name (hpc_reid.models.register_head): "
+        "bnneck, global pooling + neck (BoT); aligned, that + AlignedReID's stripe features",
+    )
+    local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
+
     def weights_part(self) -> dict[str, Any]:
         """The keys the trained weights depend on: all but the test-time ``retrieval_feature``, so
         that an evaluation of a checkpoint may change that key and no other (bench/real_data.py)."""
@@ -178,6 +202,18 @@ class ModelConfig(Section):
         known = available_backbones()
         if name not in known:
             raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, known)}")
+        return name
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, name: str) -> str:
+        if name in HEADS:
+            return name
+        from hpc_reid.models.heads import available_heads  # imports torch: only here
+
+        known = available_heads()
+        if name not in known:
+            raise ValueError(f"unknown head {name!r}{did_you_mean(name, known)}")
         return name
 
 
@@ -197,10 +233,30 @@ class CenterConfig(Section):
     lr: float = Field(0.5, gt=0.0, description="its own SGD optimizer, as in BoT")
 
 
+class LocalTripletConfig(Section):
+    """AlignedReID's local loss: batch-hard triplet on the DMLI distance of the stripe features
+    (model output ``local``)."""
+
+    weight: float = Field(0.0, ge=0.0)
+    margin: float | None = Field(0.3, gt=0.0, description="null for the soft-margin variant")
+    mining: Literal["global", "local"] = Field(
+        "global",
+        description="global: the hardest positive and negative found with the global distance "
+        "(both reference codes' default); local: found with the DMLI distance itself",
+    )
+    cross_rank: bool = Field(
+        False, description="mine over the features all-gathered from all ranks (as loss.triplet)"
+    )
+
+
 class LossConfig(Section):
+    """Each section is one loss term, registered by name (hpc_reid.losses.register_loss); a term
+    with weight 0 is off."""
+
     ce: CrossEntropyConfig = Field(default_factory=CrossEntropyConfig)
     triplet: TripletConfig = Field(default_factory=TripletConfig)
     center: CenterConfig = Field(default_factory=CenterConfig)
+    local_triplet: LocalTripletConfig = Field(default_factory=LocalTripletConfig)
 
 
 class LRScalingConfig(Section):
@@ -290,6 +346,37 @@ class EvaluationConfig(Section):
     backend: Literal["auto", "numpy", "torch", "cython", "cuda"] = "auto"
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     plots: bool = True
+    distance: str = Field(
+        "global",
+        description="the test-time distance: retrieval parts the model declares, joined by '+' "
+        "for their weighted sum (global; local, AlignedReID's DMLI distance; global+local)",
+    )
+    distance_weights: dict[str, float] = Field(
+        default_factory=dict, description="weight of each part of `distance` (default 1 each)"
+    )
+
+    @field_validator("distance")
+    @classmethod
+    def _distance_parts(cls, value: str) -> str:
+        parts = value.split("+")
+        if any(not p.isidentifier() for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(
+                f"{value!r}: expected part names joined by '+', each once (global, local, "
+                "global+local)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _weights_of_parts(self) -> EvaluationConfig:
+        parts = self.distance.split("+")
+        for name, w in self.distance_weights.items():
+            if name not in parts:
+                raise ValueError(
+                    f"distance_weights.{name}: {name!r} is not a part of distance {self.distance!r}"
+                )
+            if not w >= 0:
+                raise ValueError(f"distance_weights.{name}: {w} must be >= 0")
+        return self
 
 
 class LoggingConfig(Section):

@@ -216,7 +216,9 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
     num_classes = dataset.num_train_pids
     model = build_model(config.model, num_classes).to(device)
     model, _ = prepare_model(model, config, device, world)  # as the trainer: SyncBN, channels_last
-    criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
+    criterion = ReidLoss(
+        config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
+    ).to(device)
     s = config.sampler
     batch = s.num_identities * s.num_instances
     lr, _ = scaled_lr(config.optimizer, batch * world)

@@ -85,8 +85,9 @@ def run_dir_of(config: Config) -> Path:
     return Path(config.logging.output_dir) / (config.logging.run_name or config.name)
 
 
-def model_meta(config: Config, num_classes: int, feature_dim: int) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded into this run's model."""
+def model_meta(config: Config, num_classes: int, model) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into this run's model: the config's shape keys
+    and what the head declares of its own shape (``head.meta``: AlignedReID's stripes)."""
     m = config.model
     return {
         "backbone": m.backbone,
@@ -94,7 +95,8 @@ def model_meta(config: Config, num_classes: int, feature_dim: int) -> dict[str, 
         "pooling": m.pooling,
         "neck": m.neck,
         "num_classes": num_classes,
-        "feature_dim": feature_dim,
+        "feature_dim": model.feature_dim,
+        **getattr(model.head, "meta", {}),
     }
 
 
@@ -230,7 +232,9 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     num_classes = dataset.num_train_pids
     model = build_model(config.model, num_classes).to(device)
     model, sync_bn_note = prepare_model(model, config, device, world)  # before the optimizer
-    criterion = ReidLoss(config.loss, num_classes, model.feature_dim).to(device)
+    criterion = ReidLoss(
+        config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
+    ).to(device)
     accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
     if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
         from hpc_reid.engine.deepspeed_strategy import accumulation_steps
@@ -259,7 +263,7 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
     )
     forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
     eval_model = getattr(strategy, "evaluation_model", lambda: strategy.module)  # ZeRO-3 gathers
-    meta = model_meta(config, num_classes, model.feature_dim)
+    meta = model_meta(config, num_classes, model)
 
     epoch, step, best = 0, 0, None
     if resume_path is not None:
@@ -448,7 +452,7 @@ def saved_model(path: str | Path, config: Config | None = None):
     try:
         dataset = dataset_on_ranks(config.data, env.rank == 0)
         model = build_model(config.model, dataset.num_train_pids).to(device)
-        meta = model_meta(config, dataset.num_train_pids, model.feature_dim)
+        meta = model_meta(config, dataset.num_train_pids, model)
         if state["model_meta"] != meta:
             raise CheckpointError(
                 f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"

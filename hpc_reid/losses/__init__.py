@@ -1,17 +1,24 @@
-"""Re-identification losses and their weighted sum, as configured by ``loss.*``.
+"""Re-identification losses: loss terms registered by name, and their weighted sum.
 
-BoT's objective (Luo et al., CVPRW 2019, Eq. 7): label-smoothed cross-entropy on the classifier's
-logits, plus the batch-hard triplet loss and the center loss on the global feature before the
-BNNeck.
+Each section of ``loss.*`` is one term, registered under the section's name with
+:func:`register_loss`: the model outputs it reads, and a factory building it from its section.
+BoT's objective (Luo et al., CVPRW 2019, Eq. 7) is three of them: label-smoothed cross-entropy on
+the classifier's logits (``ce``), the batch-hard triplet loss (``triplet``) and the center loss
+(``center``) on the global feature before the BNNeck. Methods register theirs from their own
+package (AlignedReID's ``local_triplet``: hpc_reid/methods/alignedreid/). A term reading an output
+the model does not produce is a config error at start naming both (:func:`check_loss_inputs`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hpc_reid.config import LossConfig
+from hpc_reid.config import ConfigError, LossConfig
 from hpc_reid.losses.center import CenterLoss
 from hpc_reid.losses.cross_entropy import label_smoothing_cross_entropy
 from hpc_reid.losses.triplet import (
@@ -23,66 +30,174 @@ from hpc_reid.losses.triplet import (
 
 __all__ = [
     "CenterLoss",
+    "LossTerm",
     "ReidLoss",
     "all_gather_with_grad",
+    "available_losses",
     "batch_hard_triplet_loss",
+    "check_loss_inputs",
     "cross_rank_batch_hard_triplet_loss",
     "label_smoothing_cross_entropy",
     "pairwise_euclidean",
+    "register_loss",
 ]
+
+#: ``term(outputs, pids) -> scalar``: a callable, or an ``nn.Module`` (its parameters and state are
+#: then the criterion's, under the section's name, e.g. ``center.centers``).
+Term = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A registered loss term: ``inputs``, the model outputs it reads; ``build(section,
+    num_classes, feature_dim)``, the term for its config section (``loss.<name>``)."""
+
+    name: str
+    inputs: frozenset[str]
+    build: Callable[[object, int, int], Term]
+
+
+_LOSSES: dict[str, LossTerm] = {}
+
+
+def register_loss(name: str, inputs: set[str] | frozenset[str] | tuple[str, ...]):
+    """Register ``build(section, num_classes, feature_dim) -> term`` as the term of ``loss.<name>``
+    (a section of :class:`hpc_reid.config.LossConfig` with a ``weight``), reading ``inputs``."""
+
+    def add(build: Callable[[object, int, int], Term]):
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        _LOSSES[name] = LossTerm(name, frozenset(inputs), build)
+        return build
+
+    return add
+
+
+def _load_methods() -> None:
+    import hpc_reid.methods  # noqa: F401  (each method registers its terms on import)
+
+
+def available_losses() -> list[str]:
+    _load_methods()
+    return sorted(_LOSSES)
+
+
+def active_terms(cfg: LossConfig) -> list[LossTerm]:
+    """The registered terms of the sections of ``cfg`` with a weight above 0, in config order."""
+    _load_methods()
+    terms = []
+    for name in type(cfg).model_fields:
+        if getattr(cfg, name).weight > 0:
+            if name not in _LOSSES:
+                raise ConfigError(f"loss.{name}: no loss term is registered under {name!r}")
+            terms.append(_LOSSES[name])
+    return terms
+
+
+def check_loss_inputs(cfg: LossConfig, output_keys, head: str = "") -> None:
+    """A ConfigError naming the term and the output when an active term reads an output the model
+    does not produce (``output_keys``; ``head``: the model.head name, for the message)."""
+    problems = [
+        f"loss.{t.name} reads the model output {key!r}, which "
+        f"{f'model.head {head!r}' if head else 'the model'} does not produce "
+        f"(it produces: {', '.join(sorted(output_keys))})"
+        for t in active_terms(cfg)
+        for key in sorted(t.inputs - set(output_keys))
+    ]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@register_loss("ce", inputs=("logits",))
+def _ce(section, num_classes: int, feature_dim: int) -> Term:
+    def ce(outputs, pids):
+        return label_smoothing_cross_entropy(outputs["logits"], pids, section.label_smoothing)
+
+    return ce
+
+
+@register_loss("triplet", inputs=("global",))
+def _triplet(section, num_classes: int, feature_dim: int) -> Term:
+    def triplet(outputs, pids):
+        distributed = dist.is_available() and dist.is_initialized()
+        mine = (
+            cross_rank_batch_hard_triplet_loss
+            if section.cross_rank and distributed
+            else batch_hard_triplet_loss
+        )
+        return mine(outputs["global"], pids, section.margin)
+
+    return triplet
+
+
+class _Center(CenterLoss):
+    """The center loss on the ``global`` output (its centers have their own SGD optimizer:
+    :func:`hpc_reid.engine.optim.build_center_optimizer`)."""
+
+    def forward(self, outputs, pids):  # type: ignore[override]
+        return super().forward(outputs["global"], pids)
+
+
+@register_loss("center", inputs=("global",))
+def _center(section, num_classes: int, feature_dim: int) -> Term:
+    return _Center(num_classes, feature_dim)
 
 
 class ReidLoss(nn.Module):
-    """total = w_ce * CE(logits) + w_tri * triplet(global) + w_center * center(global).
+    """total = sum over the active sections of ``loss.*`` of weight x term(outputs, pids).
 
-    ``outputs`` is the model's dict: ``"logits"`` feeds the cross-entropy, ``"global"`` the
-    triplet and center losses. A loss with weight 0 is neither built nor computed (and its input
-    need not exist). ``parts`` holds each computed loss, unweighted and detached, for logging.
-    ``self.center`` is the :class:`CenterLoss` (None when its weight is 0); its centers need their
-    own optimizer (:func:`hpc_reid.engine.optim.build_center_optimizer`).
+    A term with weight 0 is neither built nor computed (and its input need not exist).
+    ``parts`` (the second return value) holds each computed term, unweighted and detached, for
+    logging. ``self.center`` is the center loss (None when its weight is 0); its centers need their
+    own optimizer (:func:`hpc_reid.engine.optim.build_center_optimizer`). With ``output_keys`` (the
+    model's), a term reading an output the model lacks is a ConfigError here, at start.
     """
 
-    def __init__(self, cfg: LossConfig, num_classes: int, feat_dim: int):
+    def __init__(
+        self,
+        cfg: LossConfig,
+        num_classes: int,
+        feat_dim: int,
+        output_keys=None,
+        head: str = "",
+    ):
         super().__init__()
-        if cfg.ce.weight == 0 and cfg.triplet.weight == 0 and cfg.center.weight == 0:
+        terms = active_terms(cfg)
+        if not terms:
             raise ValueError(
-                "every loss weight is 0 (loss.ce.weight, loss.triplet.weight, "
-                "loss.center.weight): nothing to train"
+                "every loss weight is 0 ("
+                + ", ".join(f"loss.{n}.weight" for n in type(cfg).model_fields)
+                + "): nothing to train"
             )
+        if output_keys is not None:
+            check_loss_inputs(cfg, output_keys, head)
         self.cfg = cfg
-        self.center = CenterLoss(num_classes, feat_dim) if cfg.center.weight > 0 else None
+        self._terms: dict[str, tuple[float, Term]] = {}
+        for t in terms:
+            section = getattr(cfg, t.name)
+            term = t.build(section, num_classes, feat_dim)
+            if isinstance(term, nn.Module):
+                self.add_module(t.name, term)
+            self._terms[t.name] = (section.weight, term)
+        if "center" not in self._modules:
+            self.center = None
 
     @staticmethod
-    def _input(outputs: dict[str, torch.Tensor], key: str, loss: str) -> torch.Tensor:
+    def _input(outputs: Mapping[str, torch.Tensor], key: str, loss: str) -> None:
         if key not in outputs:
             raise KeyError(
                 f"{loss} needs the model output {key!r}; the model returned {sorted(outputs)}"
             )
-        return outputs[key]
 
     def forward(
-        self, outputs: dict[str, torch.Tensor], pids: torch.Tensor
+        self, outputs: Mapping[str, torch.Tensor], pids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.cfg
         weighted: list[torch.Tensor] = []
         parts: dict[str, torch.Tensor] = {}
-        if cfg.ce.weight > 0:
-            logits = self._input(outputs, "logits", "loss.ce")
-            parts["ce"] = label_smoothing_cross_entropy(logits, pids, cfg.ce.label_smoothing)
-            weighted.append(cfg.ce.weight * parts["ce"])
-        if cfg.triplet.weight > 0:
-            feats = self._input(outputs, "global", "loss.triplet")
-            distributed = dist.is_available() and dist.is_initialized()
-            triplet = (
-                cross_rank_batch_hard_triplet_loss
-                if cfg.triplet.cross_rank and distributed
-                else batch_hard_triplet_loss
-            )
-            parts["triplet"] = triplet(feats, pids, cfg.triplet.margin)
-            weighted.append(cfg.triplet.weight * parts["triplet"])
-        if self.center is not None:
-            feats = self._input(outputs, "global", "loss.center")
-            parts["center"] = self.center(feats, pids)
-            weighted.append(cfg.center.weight * parts["center"])
+        for name, (weight, term) in self._terms.items():
+            for key in _LOSSES[name].inputs:
+                self._input(outputs, key, f"loss.{name}")
+            parts[name] = term(outputs, pids)
+            weighted.append(weight * parts[name])
         total = sum(weighted[1:], start=weighted[0])
         return total, {k: v.detach() for k, v in parts.items()}

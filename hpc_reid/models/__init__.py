@@ -1,4 +1,4 @@
-"""Models: backbones by name, pooling, the BNNeck head, and :func:`build_model`."""
+"""Models: backbones by name, heads by name, and :func:`build_model` putting one on the other."""
 
 from __future__ import annotations
 
@@ -12,71 +12,61 @@ from hpc_reid.models.backbones import (
     load_pretrained,
     register_backbone,
 )
-from hpc_reid.models.heads import AvgPool, BNNeck, GeM
+from hpc_reid.models.heads import (
+    RetrievalPart,
+    available_heads,
+    build_head,
+    register_head,
+)
 
 __all__ = [
     "ReidModel",
+    "RetrievalPart",
     "available_backbones",
+    "available_heads",
     "build_backbone",
+    "build_head",
     "build_model",
     "load_pretrained",
     "register_backbone",
+    "register_head",
 ]
 
 
 class ReidModel(nn.Module):
-    """Backbone + global pooling + neck (the BoT baseline, Luo et al., CVPRW 2019).
+    """A backbone and a head (``model.backbone``, ``model.head``): ``forward(x)`` returns the head's
+    outputs dict for the backbone's map of ``x``.
 
-    ``forward(x)`` returns a dict: ``"global"``, the pooled feature (input of the triplet and
-    center losses); ``"bn"``, the BNNeck feature (the pooled feature itself when ``neck="none"``);
-    and, in training mode only, ``"logits"``, the ID classifier applied to ``"bn"``.
-
-    ``retrieval_key`` names the output evaluation ranks with (:meth:`retrieval_feature`): the model
-    declares it, so evaluation, extraction and every caller follow it without a branch of their
-    own. It is a test-time choice, no part of the weights: a checkpoint loads into either.
+    What the model produces and ranks with is the head's declaration, never a branch in the
+    trainer or evaluation: ``output_keys`` (the training outputs losses may read),
+    ``retrieval_parts`` (name -> :class:`RetrievalPart`: the outputs evaluation ranks with, e.g.
+    ``global``, and AlignedReID's ``local``) and ``feature_dim`` (the ``global`` output's size).
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        pool: nn.Module,
-        num_classes: int,
-        neck: str,
-        retrieval_key: str = "bn",
-    ):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
-        if neck not in ("bnneck", "none"):
-            raise ValueError(f"neck must be 'bnneck' or 'none', got {neck!r}")
-        if retrieval_key not in ("bn", "global"):
-            raise ValueError(
-                f"retrieval_key (model.retrieval_feature) must be 'bn' or 'global', "
-                f"got {retrieval_key!r}"
-            )
-        self.retrieval_key = retrieval_key
         self.backbone = backbone
-        self.pool = pool
-        self.feature_dim: int = backbone.out_channels
-        if neck == "bnneck":
-            self.neck: BNNeck | None = BNNeck(self.feature_dim, num_classes)
-        else:  # BoT's no-neck baseline: a plain linear classifier on the pooled feature
-            self.neck = None
-            self.classifier = nn.Linear(self.feature_dim, num_classes)
-            nn.init.normal_(self.classifier.weight, std=0.001)
-            nn.init.zeros_(self.classifier.bias)
+        self.head = head
+
+    @property
+    def output_keys(self) -> frozenset[str]:
+        return frozenset(self.head.output_keys)
+
+    @property
+    def retrieval_parts(self) -> dict[str, RetrievalPart]:
+        return dict(self.head.retrieval_parts)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.head.feature_dim)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.pool(self.backbone(x))
-        bn = feat if self.neck is None else self.neck(feat)
-        out = {"global": feat, "bn": bn}
-        if self.training:
-            classifier = self.classifier if self.neck is None else self.neck.classifier
-            out["logits"] = classifier(bn)
-        return out
+        return self.head(self.backbone(x))
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The feature to rank with, ``outputs[self.retrieval_key]``: by default the BN feature
-        (BoT), which is the pooled one without a neck; ``"global"``, the pooled feature."""
-        return outputs[self.retrieval_key]
+        """The ``global`` retrieval part's output (the BN feature by default, BoT; the pooled one
+        with ``model.retrieval_feature: global``)."""
+        return outputs[self.head.retrieval_parts["global"].key]
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:
@@ -84,5 +74,4 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:
     backbone = build_backbone(
         cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
     )
-    pool = GeM(cfg.gem_p) if cfg.pooling == "gem" else AvgPool()
-    return ReidModel(backbone, pool, num_classes, cfg.neck, cfg.retrieval_feature)
+    return ReidModel(backbone, build_head(cfg.head, backbone.out_channels, num_classes, cfg))

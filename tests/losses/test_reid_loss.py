@@ -83,3 +83,35 @@ def test_cross_rank_flag_without_torch_distributed_is_the_local_triplet():
     torch.testing.assert_close(
         parts["triplet"], batch_hard_triplet_loss(outputs["global"], pids, 0.3)
     )
+
+
+def test_a_term_reading_an_output_the_model_lacks_is_a_config_error_naming_both():
+    from hpc_reid.config import ConfigError
+
+    cfg = LossConfig.model_validate({"local_triplet": {"weight": 1.0}})
+    keys = frozenset({"global", "bn", "logits"})
+    with pytest.raises(ConfigError) as err:
+        ReidLoss(cfg, num_classes=4, feat_dim=8, output_keys=keys, head="bnneck")
+    assert str(err.value) == (
+        "loss.local_triplet reads the model output 'local', which model.head 'bnneck' does not "
+        "produce (it produces: bn, global, logits)"
+    )
+    ReidLoss(cfg, num_classes=4, feat_dim=8, output_keys=keys | {"local"})  # a head with stripes
+
+
+def test_registered_terms_are_built_from_their_sections_and_summed_with_their_weights():
+    from hpc_reid.losses import available_losses, register_loss
+
+    assert {"ce", "triplet", "center", "local_triplet"} <= set(available_losses())
+    with pytest.raises(ValueError, match="'ce' is already registered"):
+        register_loss("ce", inputs=("logits",))(lambda section, n, d: None)
+    outputs, pids = _batch(3)
+    cfg = LossConfig.model_validate({"ce": {"weight": 0.5}, "triplet": {"weight": 0.0}})
+    loss = ReidLoss(cfg, 4, 8, output_keys=frozenset(outputs))
+    total, parts = loss(outputs, pids)
+    assert set(parts) == {"ce", "center"} and loss.center is not None
+    expected = (
+        0.5 * label_smoothing_cross_entropy(outputs["logits"], pids, 0.1) + 5e-4 * parts["center"]
+    )
+    torch.testing.assert_close(total, expected)
+    assert [k for k in loss.state_dict()] == ["center.centers"]  # checkpoints keep their keys

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hpc_reid.config import ConfigError, ModelConfig, load_config
 from hpc_reid.evaluation.features import extract_features
-from hpc_reid.models import ReidModel, build_model
+from hpc_reid.models import ReidModel, build_model, register_head
 from hpc_reid.models.heads import AvgPool, GeM
 
 
@@ -29,7 +31,8 @@ def test_training_mode_returns_global_bn_and_logits(bnneck_model):
     torch.testing.assert_close(out["global"], pooled, rtol=1e-4, atol=1e-5)
     normalised = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)
     torch.testing.assert_close(out["bn"], normalised, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(out["logits"], out["bn"] @ bnneck_model.neck.classifier.weight.T)
+    classifier = bnneck_model.head.neck.classifier
+    torch.testing.assert_close(out["logits"], out["bn"] @ classifier.weight.T)
 
 
 def test_eval_mode_returns_features_only_and_retrieves_the_bn_feature(bnneck_model):
@@ -39,14 +42,14 @@ def test_eval_mode_returns_features_only_and_retrieves_the_bn_feature(bnneck_mod
     assert set(out) == {"global", "bn"}
     assert not torch.equal(out["bn"], out["global"])  # BN on running statistics
     assert torch.equal(bnneck_model.retrieval_feature(out), out["bn"])
-    assert not bnneck_model.neck.bn.bias.requires_grad
+    assert not bnneck_model.head.neck.bn.bias.requires_grad
 
 
 def test_without_a_neck_bn_is_the_pooled_feature_and_the_classifier_has_a_bias():
     model = build_model(ModelConfig(backbone="osnet_x0_25", neck="none"), num_classes=3).train()
     out = model(torch.randn(2, 3, 64, 32))
     assert torch.equal(out["bn"], out["global"]) and out["logits"].shape == (2, 3)
-    assert model.neck is None and model.classifier.bias is not None
+    assert model.head.neck is None and model.head.classifier.bias is not None
     assert torch.equal(model.retrieval_feature(out), out["global"])
 
 
@@ -55,18 +58,18 @@ def test_without_a_neck_bn_is_the_pooled_feature_and_the_classifier_has_a_bias()
 def test_retrieval_feature_is_the_output_the_config_names(neck, key):
     torch.manual_seed(1)
     model = build_model(ModelConfig(backbone="osnet_x0_25", neck=neck, retrieval_feature=key), 5)
-    if model.neck is not None:  # running statistics of a trained neck, far from the identity
-        model.neck.bn.running_mean.uniform_(-1.0, 1.0)
-        model.neck.bn.running_var.uniform_(0.5, 2.0)
+    if model.head.neck is not None:  # running statistics of a trained neck, far from identity
+        model.head.neck.bn.running_mean.uniform_(-1.0, 1.0)
+        model.head.neck.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
         out = model.eval()(x)
-        pooled = model.pool(model.backbone(x))  # the references, computed here
+        pooled = model.head.pool(model.backbone(x))  # the references, computed here
     assert torch.equal(model.retrieval_feature(out), out[key])
     if key == "global" or neck == "none":  # without a neck both keys name the pooled feature
         expected = pooled
     else:
-        bn = model.neck.bn
+        bn = model.head.neck.bn
         expected = (pooled - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
         expected = expected * bn.weight + bn.bias
     torch.testing.assert_close(model.retrieval_feature(out), expected, rtol=1e-4, atol=1e-5)
@@ -75,7 +78,8 @@ def test_retrieval_feature_is_the_output_the_config_names(neck, key):
 def test_extraction_ranks_with_the_configured_feature_of_the_same_weights():
     torch.manual_seed(2)
     bn = build_model(ModelConfig(backbone="osnet_x0_25"), 5)
-    bn.neck.bn.running_mean.uniform_(-1.0, 1.0)  # else the BN feature is the pooled one / 1.000005
+    # else the BN feature is the pooled one / 1.000005
+    bn.head.neck.bn.running_mean.uniform_(-1.0, 1.0)
     pooled = build_model(ModelConfig(backbone="osnet_x0_25", retrieval_feature="global"), 5)
     # a test-time choice: the weights of one load strictly into the other
     pooled.load_state_dict(bn.state_dict(), strict=True)
@@ -91,16 +95,17 @@ def test_extraction_ranks_with_the_configured_feature_of_the_same_weights():
 def test_an_unknown_retrieval_feature_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"model\.retrieval_feature: .*'bn' or 'global'"):
         load_config(None, ["model.retrieval_feature=logits"])
-    model = build_model(ModelConfig(backbone="osnet_x0_25"), 3)
-    with pytest.raises(ValueError, match=r"model\.retrieval_feature.*'logits'"):
-        ReidModel(model.backbone, model.pool, 3, "bnneck", retrieval_key="logits")
+    cfg = ModelConfig(backbone="osnet_x0_25").model_copy(update={"retrieval_feature": "logits"})
+    with pytest.raises(ValueError, match=r"model\.retrieval_feature: 'logits' is not an output"):
+        build_model(cfg, 3)
 
 
 def test_pooling_follows_the_config():
     gem = build_model(ModelConfig(backbone="osnet_x0_25", pooling="gem", gem_p=4.0), 3)
-    assert isinstance(gem.pool, GeM) and gem.pool.p.item() == 4.0 and gem.pool.p.requires_grad
+    pool = gem.head.pool
+    assert isinstance(pool, GeM) and pool.p.item() == 4.0 and pool.p.requires_grad
     avg = build_model(ModelConfig(backbone="osnet_x0_25"), 3)
-    assert isinstance(avg.pool, AvgPool)
+    assert isinstance(avg.head.pool, AvgPool)
 
 
 def test_model_fits_a_small_batch_within_30_sgd_steps():
@@ -116,3 +121,32 @@ def test_model_fits_a_small_batch_within_30_sgd_steps():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_the_baseline_head_declares_its_outputs_and_its_one_retrieval_part(bnneck_model):
+    assert bnneck_model.output_keys == {"global", "bn", "logits"}
+    (name, part), *rest = bnneck_model.retrieval_parts.items()
+    assert not rest and name == "global" and (part.key, part.distance) == ("bn", "metric")
+
+
+def test_a_registered_head_is_built_by_name_and_an_unknown_one_is_refused_naming_it():
+    class Stripes(torch.nn.Module):
+        output_keys = frozenset({"global", "stripes"})
+        retrieval_parts: typing.ClassVar[dict] = {}
+
+        def __init__(self, channels, num_classes, cfg):
+            super().__init__()
+            self.feature_dim = channels
+
+        def forward(self, fmap):
+            return {"global": fmap.mean(dim=(2, 3)), "stripes": fmap.mean(dim=3)}
+
+    register_head("test_stripes")(Stripes)
+    cfg = load_config(None, ["model.backbone=osnet_x0_25", "model.head=test_stripes"]).model
+    model = build_model(cfg, 3)
+    out = model(torch.randn(2, 3, 64, 32))
+    assert out["stripes"].shape == (2, 128, 4) and model.output_keys == {"global", "stripes"}
+    with pytest.raises(ValueError, match="already registered"):
+        register_head("test_stripes")(Stripes)
+    with pytest.raises(ConfigError, match=r"model\.head: unknown head 'bneck' \(did you mean"):
+        load_config(None, ["model.head=bneck"])
