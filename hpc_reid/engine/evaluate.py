@@ -15,6 +15,11 @@ Q x G is never held). Re-ranking needs every query's and gallery item's neighbou
 rank gathers all features (N x D, not N x N; on the device) and computes the same result, its
 blocks ranked where they are (the torch ranker on a GPU); the metrics without re-ranking are
 reported beside it as ``without_rerank/mAP`` etc.
+
+The distance is ``evaluation.distance`` over the retrieval parts the model declares (the
+:class:`~hpc_reid.evaluation.distances.RowDistance` of :func:`evaluation_distance`: "global";
+AlignedReID's "local" and "global+local"), in every path above; a part the model does not declare
+is a ConfigError before any image is read.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import torch.distributed as dist
 from hpc_reid.config import Config, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
 from hpc_reid.data.loaders import build_backend_test_loader
-from hpc_reid.evaluation import evaluate_features, extract_features
+from hpc_reid.evaluation import RowDistance, evaluate_features, extract_features
+from hpc_reid.evaluation.parts import METRIC, check_distance, declared_parts, probe_layout
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
 from hpc_reid.evaluation.rerank import rerank_blocks
@@ -42,9 +48,27 @@ from hpc_reid.evaluation.sharded import (
 )
 
 
+def evaluation_distance(model, config: Config, device) -> RowDistance:
+    """``evaluation.distance`` (with its weights and ``evaluation.metric``) over ``model``'s rows.
+
+    Checked against the parts the model declares first, so that a distance the model cannot give
+    (``local`` of a model without local features) is a ConfigError naming both before any
+    extraction. Rows of one "metric" part named "global" (the baseline) need no layout; otherwise
+    the layout comes from the model's outputs on one blank image, the same on every rank."""
+    ev = config.evaluation
+    declared = declared_parts(model)
+    check_distance(ev.distance, ev.distance_weights, {n: p.distance for n, p in declared.items()})
+    if [(n, p.distance) for n, p in declared.items()] == [("global", METRIC)]:
+        layout = None
+    else:
+        layout = probe_layout(model, config.data.height, config.data.width, device)
+    return RowDistance.from_config(layout, ev)
+
+
 def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
-    """Features (n, D) float32 of this rank's contiguous shard of ``records``
-    (:func:`~hpc_reid.evaluation.sharded.shard_range`), on the device the model computed them on
+    """Rows (n, W) float32 of this rank's contiguous shard of ``records``
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`; every retrieval part the model declares,
+    :func:`~hpc_reid.evaluation.extract_features`), on the device the model computed them on
     (``device``); (0, 0) there for an empty shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -70,7 +94,9 @@ def _all_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather_rows(local, device=local.device))
 
 
-def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) -> RankResult:
+def _reranked(
+    qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, distance: RowDistance, device
+) -> RankResult:
     ev = config.evaluation
     parts = []
     blocks = rerank_blocks(
@@ -79,7 +105,7 @@ def _reranked(qf, gf, q_pids, g_pids, q_cams, g_cams, config: Config, device) ->
         ev.rerank.k1,
         ev.rerank.k2,
         ev.rerank.lambda_value,
-        metric=ev.metric,
+        metric=distance,
     )
     for start, block in blocks:
         stop = start + len(block)
@@ -99,6 +125,7 @@ def evaluate_model(
 
     With ``out_dir`` the main process writes ``results.json``, ``cmc.png`` and ``ranked.png``.
     """
+    distance = evaluation_distance(model, config, device)  # a ConfigError before extraction
     qf = shard_features(model, dataset.query, config, device)
     gf = shard_features(model, dataset.gallery, config, device)
     q_pids = np.array([r.pid for r in dataset.query])
@@ -114,12 +141,10 @@ def evaluate_model(
     ev = config.evaluation
     if world == 1:
         result = evaluate_features(
-            *local, metric=ev.metric, max_rank=ev.max_rank, backend=ev.backend
+            *local, metric=distance, max_rank=ev.max_rank, backend=ev.backend
         )
     else:
-        result = evaluate_sharded(
-            *local, metric=ev.metric, max_rank=ev.max_rank, backend=ev.backend
-        )
+        result = evaluate_sharded(*local, metric=distance, max_rank=ev.max_rank, backend=ev.backend)
     summary = result.summary()
     if ev.rerank.enabled:
         plain = summary
@@ -131,6 +156,7 @@ def evaluate_model(
             q_cams,
             g_cams,
             config,
+            distance,
             device,
         )
         summary = {**result.summary(), **{f"without_rerank/{k}": v for k, v in plain.items()}}
@@ -138,7 +164,7 @@ def evaluate_model(
     plot_ranked = out_dir is not None and ev.plots
     if plot_ranked:  # collective: every rank takes part before the main process plots
         n = min(8, len(dataset.query))
-        columns, distmat = ranked_candidates(*local, num_queries=n, topk=10, metric=ev.metric)
+        columns, distmat = ranked_candidates(*local, num_queries=n, topk=10, metric=distance)
     if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(

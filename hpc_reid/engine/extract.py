@@ -1,5 +1,8 @@
 """``hpc-reid extract``: a checkpoint's query and gallery features to HDF5 feature files.
 
+A row holds every retrieval part the model declares (AlignedReID: ``global`` and ``local``), and
+the files record their layout, so ``hpc-reid eval --distance`` can rank with any of them.
+
 Under torchrun (or srun) each rank extracts its contiguous shard of the query and the gallery and
 writes it to a part file; after a barrier the main process joins the parts, in rank order, into
 ``query.h5`` and ``gallery.h5`` (streaming, written under a temporary name then renamed) and removes
@@ -9,12 +12,14 @@ See :mod:`hpc_reid.evaluation.feature_files` for the format.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hpc_reid.config import Config
-from hpc_reid.engine.evaluate import shard_features
+from hpc_reid.engine.evaluate import evaluation_distance, shard_features
 from hpc_reid.engine.trainer import saved_model
 from hpc_reid.evaluation.feature_files import concatenate_feature_files, write_feature_file
+from hpc_reid.evaluation.parts import probe_layout
 from hpc_reid.evaluation.sharded import shard_range
 from hpc_reid.launch.distributed import barrier
 
@@ -28,8 +33,12 @@ def extract_checkpoint(
     """
     out = Path(out_dir)
     with saved_model(path, config) as (config, env, device, dataset, model):
+        evaluation_distance(model, config, device)  # the hints below must name parts it has
+        layout = probe_layout(model, config.data.height, config.data.width, device)
         out.mkdir(parents=True, exist_ok=True)
-        attrs = {"metric": config.evaluation.metric, "model": config.model.backbone}
+        ev = config.evaluation
+        attrs = {"metric": ev.metric, "model": config.model.backbone, "distance": ev.distance}
+        attrs.update(distance_weights=json.dumps(ev.distance_weights))
         attrs.update(config=config.name, checkpoint=str(Path(path).resolve()))
         splits = {"query": dataset.query, "gallery": dataset.gallery}
         parts: dict[str, list[Path]] = {}
@@ -46,6 +55,7 @@ def extract_checkpoint(
                 [r.pid for r in mine],
                 [r.camid for r in mine],
                 [r.path for r in mine],
+                layout=layout,
                 split=split,
                 **attrs,
             )

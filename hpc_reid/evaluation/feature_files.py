@@ -1,21 +1,25 @@
 """Features in HDF5 files, and their exact evaluation streamed with bounded memory.
 
 A feature file (``hpc-reid extract`` writes ``query.h5`` and ``gallery.h5``) holds the datasets
-``features`` (N, D) float32, ``pids`` (N,) int64, ``camids`` (N,) int64 and ``paths`` (N,) UTF-8,
-and the attributes ``format_version`` (:data:`FORMAT_VERSION`), ``metric`` (the distance the
-model was trained for; a hint for ``hpc-reid eval``), ``model`` and ``split``.
+``features`` (N, W) float32, ``pids`` (N,) int64, ``camids`` (N,) int64 and ``paths`` (N,) UTF-8,
+and the attributes ``format_version`` (:data:`FORMAT_VERSION`), ``layout`` (the
+:class:`~hpc_reid.evaluation.parts.RowLayout` of the rows as JSON: every retrieval part the model
+declares), ``metric``, ``distance`` and ``distance_weights`` (JSON) (the test-time distance of the
+config that extracted them; hints for ``hpc-reid eval``), ``model`` and ``split``. A file without
+``layout`` (written before layouts existed) holds one "global" part of the metric.
 
 :func:`evaluate_feature_files` never loads the gallery features whole: per tile of queries it reads
 the gallery in chunks twice, first to find each query's positives (pass 1), then to count the
 negatives before each of them (pass 2), with the steps of :mod:`hpc_reid.evaluation.sharded`.
 Memory is O(query_tile x gallery_chunk + positives + G labels), and the result is that of
-``evaluate_features`` on the same features.
+``evaluate_features`` on the same features and distance.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,8 @@ import h5py
 import numpy as np
 import torch
 
-from hpc_reid.evaluation.distances import Metric, pairwise_distance
+from hpc_reid.evaluation.distances import Metric, RowDistance
+from hpc_reid.evaluation.parts import RowLayout
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 from hpc_reid.evaluation.sharded import (
     TilePositives,
@@ -37,6 +42,7 @@ __all__ = [
     "FeatureFileError",
     "concatenate_feature_files",
     "evaluate_feature_files",
+    "file_layout",
     "write_feature_file",
 ]
 
@@ -67,10 +73,11 @@ def write_feature_file(
     pids: Sequence[int] | np.ndarray,
     camids: Sequence[int] | np.ndarray,
     paths: Sequence[str],
+    layout: RowLayout | None = None,
     **attrs: Any,
 ) -> Path:
-    """Write one feature file, atomically (temporary name, then rename); ``attrs`` become HDF5
-    attributes (``metric``, ``model``, ``split``, ...)."""
+    """Write one feature file, atomically (temporary name, then rename); ``layout`` (of the rows
+    ``features``) and ``attrs`` become HDF5 attributes (``metric``, ``model``, ``split``, ...)."""
     path = Path(path)
     if isinstance(features, torch.Tensor):
         features = features.cpu().numpy()
@@ -80,6 +87,12 @@ def write_feature_file(
             f"{path}: features of shape {features.shape}, {len(pids)} pids, {len(camids)} "
             f"camids and {len(paths)} paths; expected (N, D) features and one of each per image"
         )
+    if layout is not None:
+        if len(features) and features.shape[1] != layout.width:
+            raise ValueError(
+                f"{path}: rows of width {features.shape[1]}, the layout's are {layout.width}"
+            )
+        attrs = {**attrs, "layout": layout.to_json()}
     tmp = _tmp_name(path)
     try:
         with h5py.File(tmp, "w") as f:
@@ -112,6 +125,19 @@ def _open(path: str | Path) -> h5py.File:
     return f
 
 
+def file_layout(f: h5py.File, path: str | Path) -> RowLayout | None:
+    """The file's row layout: its ``layout`` attribute; one "global" part filling the row for a
+    file written before layouts existed; None for such a file without rows."""
+    text = f.attrs.get("layout")
+    if text is not None:
+        try:
+            return RowLayout.from_json(str(text), f"{path}: attribute 'layout'")
+        except ValueError as exc:
+            raise FeatureFileError(str(exc)) from None
+    width = f["features"].shape[1]
+    return RowLayout.single(width) if width else None
+
+
 def concatenate_feature_files(
     parts: Sequence[str | Path], path: str | Path, chunk_rows: int = 65536
 ) -> Path:
@@ -124,6 +150,9 @@ def concatenate_feature_files(
         dims = {f["features"].shape[1] for f, n in zip(files, sizes, strict=True) if n}
         if len(dims) > 1:
             raise FeatureFileError(f"parts {list(parts)} have different feature widths {dims}")
+        layouts = {f.attrs.get("layout") for f in files}
+        if len(layouts) > 1:
+            raise FeatureFileError(f"parts {list(parts)} have different row layouts {layouts}")
         tmp = _tmp_name(path)
         try:
             with h5py.File(tmp, "w") as out:
@@ -157,31 +186,49 @@ def evaluate_feature_files(
     max_rank: int = 50,
     query_tile: int = 1024,
     gallery_chunk: int = 65536,
+    distance: str | None = None,
+    distance_weights: Mapping[str, float] | None = None,
 ) -> RankResult:
     """CMC, mAP and mINP of the query file against the gallery file, streamed (see the module
-    docstring). ``metric`` defaults to the query file's ``metric`` attribute, else cosine."""
+    docstring), with the :class:`~hpc_reid.evaluation.distances.RowDistance` of the files' row
+    layout named by ``distance`` (``evaluation.distance``: "global", "local", "global+local"),
+    ``distance_weights`` and ``metric``. Each defaults to the query file's attribute (the weights
+    only with the file's distance), else cosine and "global"."""
     if query_tile < 1 or gallery_chunk < 1:
         raise ValueError(f"query_tile {query_tile} and gallery_chunk {gallery_chunk} must be >= 1")
     with _open(query_path) as fq, _open(gallery_path) as fg:
         metric = metric or str(fq.attrs.get("metric", "cosine"))
         if metric not in ("cosine", "euclidean"):
             raise FeatureFileError(f"{query_path}: unknown metric {metric!r}")
+        if distance is None:
+            distance = str(fq.attrs.get("distance", "global"))
+            if distance_weights is None:
+                distance_weights = json.loads(str(fq.attrs.get("distance_weights", "{}")))
         qfeat, gfeat = fq["features"], fg["features"]
-        if qfeat.shape[1] != gfeat.shape[1]:
-            raise FeatureFileError(
-                f"query features {query_path} are {qfeat.shape[1]}-d, gallery features "
-                f"{gallery_path} {gfeat.shape[1]}-d"
-            )
         q_pids, q_cams = _labels(fq)
         g_pids, g_cams = _labels(fg)
         num_q, num_g = len(q_pids), len(g_pids)
         if num_q == 0 or num_g == 0:
             raise FeatureFileError(f"{num_q} query and {num_g} gallery features: nothing to rank")
+        layout, g_layout = file_layout(fq, query_path), file_layout(fg, gallery_path)
+        if layout != g_layout:
+            raise FeatureFileError(
+                f"query features {query_path} have rows of {layout.to_json()}, gallery features "
+                f"{gallery_path} rows of {g_layout.to_json()}"
+            )
+        if qfeat.shape[1] != layout.width or gfeat.shape[1] != layout.width:
+            raise FeatureFileError(
+                f"query features {query_path} are {qfeat.shape[1]}-d, gallery features "
+                f"{gallery_path} {gfeat.shape[1]}-d; their layout says {layout.width}"
+            )
+        row_distance = RowDistance(
+            layout, distance, distance_weights, metric, source=f"the features in {query_path}"
+        )
         chunks = [(a, min(a + gallery_chunk, num_g)) for a in range(0, num_g, gallery_chunk)]
 
         def distances(q: torch.Tensor, a: int, b: int) -> np.ndarray:
             g = torch.from_numpy(gfeat[a:b])
-            d = pairwise_distance(q, g, metric=metric, tile=query_tile).numpy()
+            d = row_distance(q, g, tile=query_tile).numpy()
             if np.isnan(d).any():
                 raise ValueError(f"NaN distances to gallery rows {a}..{b - 1} of {gallery_path}")
             return d

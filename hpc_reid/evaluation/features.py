@@ -1,5 +1,9 @@
 """Feature extraction for evaluation: one pass of a model over a test loader, in loader order.
 
+Each image gives one row: every retrieval part the model declares, flattened and concatenated
+(:mod:`~hpc_reid.evaluation.parts`; :func:`~hpc_reid.evaluation.parts.retrieval_layout` says
+where each lies).
+
 The features stay on the model's device: a GPU run ranks them there (the fused kernel of
 :mod:`~hpc_reid.evaluation.ranking_cuda`); whoever needs them on the host (HDF5 files, plots)
 copies them.
@@ -12,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from hpc_reid.evaluation.parts import RowLayout, part_features, retrieval_layout
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, Any, Any]:
@@ -32,11 +38,11 @@ def _as_numpy(x: Any) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _rows(model: torch.nn.Module, images: torch.Tensor, layout: RowLayout | None) -> torch.Tensor:
+    """The images' rows, and the layout (from these outputs when not given yet)."""
     outputs = model(images)
-    if hasattr(model, "retrieval_feature"):
-        return model.retrieval_feature(outputs)
-    return outputs["bn"]
+    layout = layout or retrieval_layout(model, outputs)
+    return layout.rows(part_features(model, outputs)), layout
 
 
 def extract_features(
@@ -45,29 +51,33 @@ def extract_features(
     device: torch.device | str,
     flip: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Features (N, D) float32 on ``device`` (where the model runs: on a GPU run they stay on the
+    """Rows (N, W) float32 on ``device`` (where the model runs: on a GPU run they stay on the
     GPU for evaluation), pids (N,) and camids (N,) as numpy arrays, in the loader's order.
 
     The model runs in eval mode under ``torch.inference_mode`` (its previous mode is restored) and
-    returns a dict with "global" and "bn" features; the retrieval feature is
-    ``model.retrieval_feature(outputs)`` when the model defines it, else ``outputs["bn"]`` (the
-    BNNeck feature; Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person
-    Re-identification", CVPRW 2019). With ``flip`` the features of the horizontally flipped images
-    are added: the sum has the direction of the average, which is all a cosine distance sees.
+    returns a dict of outputs; a row holds every retrieval part it declares
+    (``model.retrieval_parts``, laid out as :func:`~hpc_reid.evaluation.parts.retrieval_layout`
+    says). A model without ``retrieval_parts`` has one: ``model.retrieval_feature(outputs)`` when
+    it defines that, else ``outputs["bn"]`` (the BNNeck feature; Luo et al., "Bag of Tricks and a
+    Strong Baseline for Deep Person Re-identification", CVPRW 2019). With ``flip`` each part is the
+    average of the image's and its horizontal flip's (halving is exact in floating point, so a
+    cosine or euclidean ranking is that of their sum, as before parts existed).
     """
     was_training = model.training
     model.eval()
     feats: list[torch.Tensor] = []
     pids: list[np.ndarray] = []
     camids: list[np.ndarray] = []
+    layout = None
     try:
         with torch.inference_mode():
             for batch in loader:
                 images, batch_pids, batch_camids = _unpack(batch)
                 images = images.to(device, non_blocking=True)
-                f = _embed(model, images).float()
+                f, layout = _rows(model, images, layout)
                 if flip:
-                    f = f + _embed(model, torch.flip(images, dims=[-1])).float()
+                    flipped, _ = _rows(model, torch.flip(images, dims=[-1]), layout)
+                    f = f.add_(flipped).mul_(0.5)
                 feats.append(f)
                 pids.append(_as_numpy(batch_pids).reshape(-1))
                 camids.append(_as_numpy(batch_camids).reshape(-1))

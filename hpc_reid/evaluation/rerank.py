@@ -25,7 +25,10 @@ sort would -- the reference code's unstable ``np.argsort`` leaves them unspecifi
 
 Both compute in the input's floating dtype (the reference code uses float32 throughout). From
 features, d is that of ``pairwise_distance``: euclidean ``||a - b||`` (not squared; step 1 squares
-it), cosine ``1 - cos(a, b)``.
+it), cosine ``1 - cos(a, b)``; from retrieval rows, d is a
+:class:`~hpc_reid.evaluation.distances.RowDistance` (``evaluation.distance``, e.g. AlignedReID's
+global+local sum), computed in float32 tiles: the re-ranking of the combined distance. A distance
+of one "metric" part ranks that part's columns as features.
 
 Exactness: given the same d, :func:`rerank` makes every set decision of :func:`rerank_dense` (it
 sorts on the same D values, with the same tie rule), and its values differ only in the last bits:
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpc_reid.evaluation.distances import Metric, _check_features
+from hpc_reid.evaluation.distances import Metric, RowDistance, _check_features, as_row_distance
 
 if TYPE_CHECKING:
     from hpc_reid.config import RerankConfig
@@ -206,16 +209,57 @@ def _stable_smallest(m: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def _neighbours(
-    x: torch.Tensor, x_sq: torch.Tensor | None, metric: Metric, k: int, tile: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+class _MetricItems:
+    """d between the items X (queries then gallery) as ``pairwise_distance`` computes it from
+    features, in their dtype: every block by one matrix product, pairs by dot products."""
+
+    def __init__(self, x: torch.Tensor, metric: Metric):
+        self.x, self.x_sq = _prepare(x, metric)
+        self.metric = metric
+        self.dtype, self.device, self.n = x.dtype, x.device, x.shape[0]
+
+    def block(self, start: int, stop: int, first: int = 0) -> torch.Tensor:
+        """(stop - start, N - first): d(X[start:stop], X[first:])."""
+        x_sq = self.x_sq
+        a_sq = None if x_sq is None else x_sq[start:stop]
+        b_sq = None if x_sq is None else x_sq[first:]
+        return _distances(self.x[start:stop], a_sq, self.x[first:], b_sq, self.metric)
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return _pair_distances(self.x, self.x_sq, rows, cols, self.metric)
+
+
+class _RowItems:
+    """d between the items X (queries then gallery) by a :class:`RowDistance` of their rows, in
+    float32 tiles of ``tile`` rows. Pairs come from the same tiles (``rows`` ascending), so every
+    value is the one the neighbour lists were sorted on."""
+
+    def __init__(self, x: torch.Tensor, distance: RowDistance, tile: int):
+        self.x, self.distance, self.tile = x, distance, tile
+        self.dtype, self.device, self.n = torch.float32, x.device, x.shape[0]
+
+    def block(self, start: int, stop: int, first: int = 0) -> torch.Tensor:
+        return self.distance(self.x[start:stop], self.x[first:], tile=self.tile)
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.numel(), dtype=torch.float32, device=self.device)
+        starts = list(range(0, self.n, self.tile))
+        edges = torch.searchsorted(rows, torch.tensor([*starts, self.n]).to(rows)).tolist()
+        for i, s in enumerate(starts):
+            lo, hi = edges[i], edges[i + 1]
+            if lo < hi:
+                d = self.block(s, min(s + self.tile, self.n))
+                out[lo:hi] = d[rows[lo:hi] - s, cols[lo:hi]]
+        return out
+
+
+def _neighbours(items, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, k) neighbour lists on the original distance D (step 1) and the row maxima of d^2."""
-    n = x.shape[0]
-    nbr = torch.empty(n, k, dtype=torch.long, device=x.device)
-    row_max = x.new_empty(n)
+    n = items.n
+    nbr = torch.empty(n, k, dtype=torch.long, device=items.device)
+    row_max = torch.empty(n, dtype=items.dtype, device=items.device)
     for s in range(0, n, tile):
-        a_sq = None if x_sq is None else x_sq[s : s + tile]
-        d2 = _distances(x[s : s + tile], a_sq, x, x_sq, metric)
+        d2 = items.block(s, min(s + tile, n))
         d2.mul_(d2)
         row_max[s : s + tile] = d2.amax(dim=1)
         # Sorted on D itself, not d: squaring and scaling can merge neighbouring values into ties.
@@ -342,24 +386,25 @@ def rerank_blocks(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    metric: Metric = "euclidean",
+    metric: Metric | RowDistance = "euclidean",
     tile: int = 1024,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Re-ranked distances of query (Q, D) and gallery (G, D) features, ``tile`` queries at a time:
     yields ``(start, block)`` with ``block`` the (B, G) rows start..start + B of :func:`rerank`.
 
     Definition: the module docstring (equal to :func:`rerank_dense` on ``d`` computed as
-    ``pairwise_distance`` does, in the features' dtype, float64 kept). Runs on the features' device
-    in O(N k) memory besides one (tile, N) distance tile; the work before the first block (all
-    neighbour lists and V) is done at the first ``next``. Argument errors are raised at the call.
+    ``pairwise_distance`` does, in the features' dtype, float64 kept; or as the
+    :class:`~hpc_reid.evaluation.distances.RowDistance` ``metric`` does, in float32, for the rows of
+    several retrieval parts). Runs on the features' device in O(N k) memory besides one (tile, N)
+    distance tile; the work before the first block (all neighbour lists and V) is done at the first
+    ``next``. Argument errors are raised at the call.
     """
     _check_features(qf, gf)
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
+    qf, gf, distance = as_row_distance(metric).restrict(qf, gf)
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got tile={tile}")
     _check_parameters(k1, k2, lambda_value, qf.shape[0] + gf.shape[0])
-    return _rerank_blocks(qf, gf, int(k1), int(k2), float(lambda_value), metric, tile)
+    return _rerank_blocks(qf, gf, int(k1), int(k2), float(lambda_value), distance, tile)
 
 
 def _rerank_blocks(
@@ -368,27 +413,31 @@ def _rerank_blocks(
     k1: int,
     k2: int,
     lambda_value: float,
-    metric: Metric,
+    distance: RowDistance,
     tile: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     num_q, num_g = qf.shape[0], gf.shape[0]
-    dtype = _feature_dtype(qf, gf)
-    x, x_sq = _prepare(torch.cat([qf.to(dtype), gf.to(qf.device, dtype)]), metric)
-    n = x.shape[0]
-    nbr, row_max = _neighbours(x, x_sq, metric, k1 + 1, tile)
+    metric = distance.whole_row_metric
+    if metric is not None:
+        dtype = _feature_dtype(qf, gf)
+        items = _MetricItems(torch.cat([qf.to(dtype), gf.to(qf.device, dtype)]), metric)
+    else:
+        items = _RowItems(torch.cat([qf, gf.to(qf.device)]), distance, tile)
+    n = items.n
+    nbr, row_max = _neighbours(items, k1 + 1, tile)
     half = round(k1 / 2)  # Python rounds half to even, as np.around in the reference
     recip = _reciprocal(nbr, tile)
     recip_half = _reciprocal(nbr[:, : half + 1].contiguous(), tile)
     crow, col = _expansion_sets(nbr, recip, recip_half, tile)
     del recip, recip_half
     # Step 4: Gaussian-kernel weights exp(-D), normalised over each R*(i).
-    rows = torch.repeat_interleave(torch.arange(n, device=x.device), crow[1:] - crow[:-1])
-    d2 = _pair_distances(x, x_sq, rows, col, metric)
+    rows = torch.repeat_interleave(torch.arange(n, device=items.device), crow[1:] - crow[:-1])
+    d2 = items.pairs(rows, col)
     weight = torch.exp(-(d2.mul_(d2).div_(row_max[rows])))
     val = weight / weight.new_zeros(n).index_add_(0, rows, weight)[rows]
     if k2 != 1:
         crow, col, val = _local_query_expansion(crow, col, val, nbr, k2, tile)
-        rows = torch.repeat_interleave(torch.arange(n, device=x.device), crow[1:] - crow[:-1])
+        rows = torch.repeat_interleave(torch.arange(n, device=items.device), crow[1:] - crow[:-1])
     del nbr, d2, weight
     # Inverted index of the gallery rows of V: for column l, the gallery items g with V[g, l] > 0.
     gallery = rows >= num_q
@@ -402,15 +451,13 @@ def _rerank_blocks(
         val[gallery][order],
     )
     del rows, gallery, g_cols, order
-    g_x = x[num_q:]
-    g_sq = None if x_sq is None else x_sq[num_q:]
     for s in range(0, num_q, tile):
         e = min(s + tile, num_q)
         overlap = _overlap(crow, col, val, s, e, index, num_g)
         jaccard = 2 - overlap  # then 1 - overlap / (2 - overlap) in place (same rounding)
         jaccard = torch.div(overlap, jaccard, out=jaccard).neg_().add_(1)
         del overlap
-        original = _distances(x[s:e], None if x_sq is None else x_sq[s:e], g_x, g_sq, metric)
+        original = items.block(s, e, num_q)
         original.mul_(original).div_(row_max[s:e, None])
         yield s, jaccard.mul_(1 - lambda_value).add_(original.mul_(lambda_value))
 
@@ -421,15 +468,16 @@ def rerank(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    metric: Metric = "euclidean",
+    metric: Metric | RowDistance = "euclidean",
     tile: int = 1024,
 ) -> torch.Tensor:
     """(Q, G) k-reciprocal re-ranked distances of query and gallery features (the module
-    docstring's definition), on the features' device; see :func:`rerank_blocks` to rank them
-    block by block without holding Q x G."""
-    blocks = rerank_blocks(qf, gf, k1, k2, lambda_value, metric, tile)
-    out = qf.new_empty((qf.shape[0], gf.shape[0]), dtype=_feature_dtype(qf, gf))
-    for start, block in blocks:
+    docstring's definition), on the features' device, in the blocks' dtype; see
+    :func:`rerank_blocks` to rank them block by block without holding Q x G."""
+    out = None
+    for start, block in rerank_blocks(qf, gf, k1, k2, lambda_value, metric, tile):
+        if out is None:
+            out = block.new_empty((qf.shape[0], gf.shape[0]))
         out[start : start + block.shape[0]] = block
     return out
 
@@ -438,10 +486,11 @@ def rerank_from_config(
     qf: torch.Tensor,
     gf: torch.Tensor,
     config: RerankConfig,
-    metric: Metric,
+    metric: Metric | RowDistance,
     tile: int = 1024,
 ) -> torch.Tensor:
     """:func:`rerank` with ``k1``, ``k2`` and ``lambda_value`` of an ``evaluation.rerank`` config
-    section; ``metric`` is ``evaluation.metric``. Whether to re-rank (``enabled``) is the
-    caller's choice."""
+    section; ``metric`` is ``evaluation.metric`` or the ``evaluation.distance`` of retrieval rows
+    (:meth:`~hpc_reid.evaluation.distances.RowDistance.from_config`). Whether to re-rank
+    (``enabled``) is the caller's choice."""
     return rerank(qf, gf, config.k1, config.k2, config.lambda_value, metric, tile)

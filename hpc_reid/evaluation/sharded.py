@@ -27,12 +27,18 @@ BLAS computes a dot product independently of the matrix shape around it; MKL doe
 very thin products (under about 16 gallery rows in a shard or 4 queries in a tile), where a
 distance may differ in its last bit and so reorder two items whose distances differ by one ulp.
 
+The distance is a metric name or a :class:`~hpc_reid.evaluation.distances.RowDistance` (rows of
+retrieval parts, ``evaluation.distance``); every rank passes the same one (checked in the first
+collective). A distance of one "metric" part is that part's columns ranked as single features; one
+of several parts (or another part distance) is computed on the distance tiles of step 1.
+
 Devices: every query tile is broadcast to and used on the features' device (with NCCL and CUDA
-features it never leaves the GPU). With CUDA features and ``backend`` "auto" or
-"cuda", steps 1 and 2 are the fused kernel's two passes (:mod:`~hpc_reid.evaluation.sharded_fused`:
-no distance tile is stored; positives gathered and histograms reduced over NCCL on the device);
-every rank agrees on that path through one all-gather before the first tile. Otherwise the steps
-above run on distance tiles computed on the features' device and counted on the host, as on CPUs.
+features it never leaves the GPU). With CUDA features, ``backend`` "auto" or "cuda" and a distance
+of one "metric" part, steps 1 and 2 are the fused kernel's two passes
+(:mod:`~hpc_reid.evaluation.sharded_fused`: no distance tile is stored; positives gathered and
+histograms reduced over NCCL on the device); every rank agrees on that path through one all-gather
+before the first tile. Otherwise the steps above run on distance tiles computed on the features'
+device and counted on the host, as on CPUs.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_reid.evaluation import ranking_cuda
-from hpc_reid.evaluation.distances import Metric, pairwise_distance
+from hpc_reid.evaluation.distances import Metric, RowDistance, as_row_distance
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 
 __all__ = [
@@ -267,10 +273,12 @@ class _Layout:
     q_camids: np.ndarray
 
 
-def _check_local(qf, gf, q_pids, g_pids, q_camids, g_camids) -> str | None:
+def _check_local(qf, gf, q_pids, g_pids, q_camids, g_camids, width: int | None) -> str | None:
     for name, f in (("qf_local", qf), ("gf_local", gf)):
         if f.dim() != 2 and f.numel() > 0:
             return f"{name} must be (N, D), got shape {tuple(f.shape)}"
+        if width is not None and len(f) and f.shape[1] != width:
+            return f"{name} has rows of width {f.shape[1]}, the distance's layout {width}"
     for name, arr, f in (
         ("q_pids_local", q_pids, qf),
         ("q_camids_local", q_camids, qf),
@@ -282,19 +290,28 @@ def _check_local(qf, gf, q_pids, g_pids, q_camids, g_camids) -> str | None:
     return None
 
 
-def _layout(comm: _Group, qf, gf, q_pids, g_pids, q_camids, g_camids) -> _Layout:
-    """All-gather shard sizes, feature dimensions and query labels; every rank raises the same
-    error if any rank's inputs are inconsistent (so none is left waiting in a collective)."""
-    problem = _check_local(qf, gf, q_pids, g_pids, q_camids, g_camids)
+def _layout(
+    comm: _Group, qf, gf, q_pids, g_pids, q_camids, g_camids, distance: RowDistance
+) -> _Layout:
+    """All-gather shard sizes, feature dimensions, the distance's signature and query labels;
+    every rank raises the same error if any rank's inputs are inconsistent, or the ranks' distances
+    differ (so none is left waiting in a collective, nor takes another path)."""
+    width = None if distance.layout is None else distance.layout.width
+    problem = _check_local(qf, gf, q_pids, g_pids, q_camids, g_camids, width)
     nq, ng = (len(qf), len(gf)) if problem is None else (0, 0)
     dq = qf.shape[1] if nq else -1
     dg = gf.shape[1] if ng else -1
-    meta = torch.tensor([[problem is not None, nq, ng, dq, dg]], dtype=torch.int64)
-    meta = torch.cat(comm.all_gather_rows(meta)).numpy()
+    meta = [[problem is not None, nq, ng, dq, dg, distance.signature()]]
+    meta = torch.cat(comm.all_gather_rows(torch.tensor(meta, dtype=torch.int64))).numpy()
     bad = np.flatnonzero(meta[:, 0])
     if bad.size:
         raise ValueError(problem or f"evaluate_sharded: invalid inputs on rank(s) {bad.tolist()}")
-    dims = set(meta[:, 3:].ravel().tolist()) - {-1}
+    if len(set(meta[:, 5].tolist())) > 1:
+        raise ValueError(
+            f"the ranks were given different distances (signatures {meta[:, 5].tolist()}); this "
+            f"rank's: {distance!r}"
+        )
+    dims = set(meta[:, 3:5].ravel().tolist()) - {-1}
     if len(dims) > 1:
         raise ValueError(
             f"feature dimensions differ across shards: query {meta[:, 3].tolist()}, gallery "
@@ -342,12 +359,12 @@ def _query_tile(comm: _Group, layout: _Layout, qf: torch.Tensor, start: int, sto
     return broadcast_rows(comm, layout.q_offsets, qf, start, stop, (layout.dim,), device)
 
 
-def _distances(q: torch.Tensor, gf: torch.Tensor, metric: Metric, tile: int) -> np.ndarray:
+def _distances(q: torch.Tensor, gf: torch.Tensor, distance: RowDistance, tile: int) -> np.ndarray:
     """(tile, G_local) distances on the gallery's device (``q`` is there already), to the host
     for the numpy counting."""
     if len(gf) == 0:
         return np.empty((len(q), 0), dtype=np.float32)
-    return pairwise_distance(q, gf, metric=metric, tile=tile).cpu().numpy()
+    return distance(q, gf, tile=tile).cpu().numpy()
 
 
 def _as_labels(x) -> np.ndarray:
@@ -370,16 +387,16 @@ class _Shards:
     g_camids: np.ndarray
 
 
-def _setup(qf, gf, q_pids, g_pids, q_camids, g_camids, metric, query_tile, group) -> _Shards:
+def _setup(
+    qf, gf, q_pids, g_pids, q_camids, g_camids, distance: RowDistance, query_tile, group
+) -> _Shards:
     """Check the arguments and agree on the layout (collective); every rank raises alike."""
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'euclidean'")
     if query_tile < 1:
         raise ValueError(f"query_tile must be >= 1, got {query_tile}")
     comm = _Group(group)
     q_pids, q_camids = _as_labels(q_pids), _as_labels(q_camids)
     g_pids, g_camids = _as_labels(g_pids), _as_labels(g_camids)
-    layout = _layout(comm, qf, gf, q_pids, g_pids, q_camids, g_camids)
+    layout = _layout(comm, qf, gf, q_pids, g_pids, q_camids, g_camids, distance)
     if layout.q_offsets[-1] == 0:
         raise ValueError("no query features on any rank")
     return _Shards(comm, layout, g_pids, g_camids)
@@ -421,7 +438,9 @@ def _agreed_kernel(comm: _Group, qf: torch.Tensor, gf: torch.Tensor, backend: st
     return False, None
 
 
-def _tile_ranks(shards: _Shards, qf, gf, metric: Metric, query_tile: int) -> list[QueryRanks]:
+def _tile_ranks(
+    shards: _Shards, qf, gf, distance: RowDistance, query_tile: int
+) -> list[QueryRanks]:
     """The three steps of the module docstring on distance tiles: (tile, G_local) distances on the
     features' device, positives and negatives counted on the host."""
     comm, layout = shards.comm, shards.layout
@@ -433,7 +452,7 @@ def _tile_ranks(shards: _Shards, qf, gf, metric: Metric, query_tile: int) -> lis
         stop = min(start + query_tile, num_q)
         q_pids, q_cams = layout.q_pids[start:stop], layout.q_camids[start:stop]
         q = _query_tile(comm, layout, qf, start, stop, device)
-        d = _distances(q, gf, metric, query_tile)
+        d = _distances(q, gf, distance, query_tile)
         rows, index, pos_d = find_positives(
             d, q_pids, q_cams, shards.g_pids, shards.g_camids, g_start
         )
@@ -462,7 +481,7 @@ def evaluate_sharded(
     g_pids_local: np.ndarray,
     q_camids_local: np.ndarray,
     g_camids_local: np.ndarray,
-    metric: Metric = "cosine",
+    metric: Metric | RowDistance = "cosine",
     max_rank: int = 50,
     query_tile: int = 1024,
     cuhk03_old_protocol: bool = False,
@@ -474,11 +493,13 @@ def evaluate_sharded(
     Collective: every rank of ``group`` calls it, with its shard (any sizes, empty included), and
     every rank gets the same :class:`RankResult`, equal to ``evaluate_features`` on the rank-major
     concatenation of the shards. Without an initialised process group it evaluates one process.
+    ``metric``: a metric name or a :class:`~hpc_reid.evaluation.distances.RowDistance`, the same on
+    every rank.
 
-    ``backend`` (``evaluation.backend``): with CUDA features, "auto" and "cuda" rank with the
-    fused kernel (:mod:`~hpc_reid.evaluation.sharded_fused`); where it cannot be built "cuda"
-    raises and "auto" warns once and ranks distance tiles computed on the GPU. Any other backend,
-    and CPU features, rank distance tiles on the host.
+    ``backend`` (``evaluation.backend``): with CUDA features and a distance of one "metric" part,
+    "auto" and "cuda" rank with the fused kernel (:mod:`~hpc_reid.evaluation.sharded_fused`);
+    where it cannot be built "cuda" raises and "auto" warns once and ranks distance tiles computed
+    on the GPU. Any other backend or distance, and CPU features, rank distance tiles on the host.
     """
     if cuhk03_old_protocol:
         raise NotImplementedError(
@@ -488,15 +509,19 @@ def evaluate_sharded(
         )
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+    qf_local, gf_local, distance = as_row_distance(metric).restrict(qf_local, gf_local)
     args = (qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local)
-    shards = _setup(*args, metric, query_tile, group)
-    use_kernel, kernel = _agreed_kernel(shards.comm, qf_local, gf_local, backend)
+    shards = _setup(*args, distance, query_tile, group)
+    whole_row = distance.whole_row_metric  # the same on every rank: _setup compared distances
+    use_kernel, kernel = False, None
+    if whole_row is not None:
+        use_kernel, kernel = _agreed_kernel(shards.comm, qf_local, gf_local, backend)
     if use_kernel:
         from hpc_reid.evaluation.sharded_fused import fused_tile_ranks  # it imports this module
 
-        parts = fused_tile_ranks(kernel, shards, qf_local, gf_local, metric, query_tile)
+        parts = fused_tile_ranks(kernel, shards, qf_local, gf_local, whole_row, query_tile)
     else:
-        parts = _tile_ranks(shards, qf_local, gf_local, metric, query_tile)
+        parts = _tile_ranks(shards, qf_local, gf_local, distance, query_tile)
     return combine(parts, max_rank)
 
 
@@ -509,7 +534,7 @@ def ranked_candidates(
     g_camids_local: np.ndarray,
     num_queries: int,
     topk: int = 10,
-    metric: Metric = "cosine",
+    metric: Metric | RowDistance = "cosine",
     group: dist.ProcessGroup | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The gallery columns needed to draw the top-``topk`` ranked lists of the first
@@ -522,14 +547,14 @@ def ranked_candidates(
     gives the query's true global top-``topk``, as ``plot_ranked_lists`` does on a full row.
     """
     comm = _Group(group)
+    qf_local, gf_local, distance = as_row_distance(metric).restrict(qf_local, gf_local)
     q_pids_local, q_camids_local = _as_labels(q_pids_local), _as_labels(q_camids_local)
     g_pids_local, g_camids_local = _as_labels(g_pids_local), _as_labels(g_camids_local)
-    layout = _layout(
-        comm, qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local
-    )
+    labels = (q_pids_local, g_pids_local, q_camids_local, g_camids_local)
+    layout = _layout(comm, qf_local, gf_local, *labels, distance)
     n = min(num_queries, int(layout.q_offsets[-1]))
     q = _query_tile(comm, layout, qf_local, 0, n, _feature_device(qf_local, gf_local))
-    d = _distances(q, gf_local, metric, max(n, 1))
+    d = _distances(q, gf_local, distance, max(n, 1))
     g_start = int(layout.g_offsets[comm.rank])
     local: list[np.ndarray] = []
     for t in range(n):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.evaluation.distances import Metric
+from hpc_reid.evaluation.distances import Metric, RowDistance, as_row_distance
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
 from hpc_reid.evaluation.ranking_cuda import (
     BLOCK_K,
@@ -155,7 +155,7 @@ def evaluate_sharded_fused(
     g_pids_local: np.ndarray,
     q_camids_local: np.ndarray,
     g_camids_local: np.ndarray,
-    metric: Metric = "cosine",
+    metric: Metric | RowDistance = "cosine",
     max_rank: int = 50,
     query_tile: int = 1024,
     group: dist.ProcessGroup | None = None,
@@ -163,9 +163,19 @@ def evaluate_sharded_fused(
     """:func:`~hpc_reid.evaluation.sharded.evaluate_sharded` ranked by ``kernel`` (the extension
     of :func:`~hpc_reid.evaluation.ranking_cuda.require_kernel`, or a stand-in with its two
     functions) on the features' device, whatever it is. Collective, like ``evaluate_sharded``,
-    which calls :func:`fused_tile_ranks` itself once every rank agrees on the kernel."""
+    which calls :func:`fused_tile_ranks` itself once every rank agrees on the kernel.
+
+    The kernel ranks one "metric" part: a :class:`~hpc_reid.evaluation.distances.RowDistance` of
+    several parts is refused (``evaluate_sharded`` ranks it on distance tiles)."""
+    qf_local, gf_local, distance = as_row_distance(metric).restrict(qf_local, gf_local)
+    if distance.whole_row_metric is None:
+        raise ValueError(
+            f"the fused kernel ranks one 'metric' part, not {distance.spec} (evaluation.distance); "
+            "evaluate_sharded ranks it on distance tiles"
+        )
     args = (qf_local, gf_local, q_pids_local, g_pids_local, q_camids_local, g_camids_local)
-    shards = _setup(*args, metric, query_tile, group)
+    shards = _setup(*args, distance, query_tile, group)
     return combine(
-        fused_tile_ranks(kernel, shards, qf_local, gf_local, metric, query_tile), max_rank
+        fused_tile_ranks(kernel, shards, qf_local, gf_local, distance.whole_row_metric, query_tile),
+        max_rank,
     )

@@ -58,6 +58,7 @@ def expected_features(model, loader, key, flip):
             else:
                 f = f + (g2 - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight
                 f = f + bn.bias
+            f = f / 2  # the average of the image's and its flip's features
     return f
 
 
