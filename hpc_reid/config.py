@@ -281,12 +281,20 @@ class OptimizerConfig(Section):
 
 class ScheduleConfig(Section):
     epochs: int = Field(120, ge=1)
-    kind: Literal["multistep", "cosine"] = "multistep"
+    kind: Literal["multistep", "cosine", "exponential"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [40, 70])
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup_epochs: int = Field(10, ge=0)
     warmup_factor: float = Field(0.1, gt=0.0, le=1.0)
     min_lr: float = Field(1e-7, ge=0.0, description="cosine floor")
+    decay_start: int = Field(
+        1,
+        ge=1,
+        description="exponential: the first (1-based) epoch whose lr decays; from there each "
+        "epoch e runs at decay_to ** ((e + 1 - decay_start) / (epochs + 1 - decay_start)) times "
+        "the base lr (AlignedReID's recipe: 151 of 300, to 0.001)",
+    )
+    decay_to: float = Field(0.001, gt=0.0, le=1.0, description="exponential: the final factor")
 
     @model_validator(mode="after")
     def _consistent(self) -> ScheduleConfig:
@@ -294,6 +302,11 @@ class ScheduleConfig(Section):
             raise ValueError(
                 f"schedule.warmup_epochs={self.warmup_epochs} must be smaller than "
                 f"schedule.epochs={self.epochs}"
+            )
+        if self.kind == "exponential" and self.decay_start > self.epochs:
+            raise ValueError(
+                f"schedule.decay_start={self.decay_start} must lie in 1..schedule.epochs="
+                f"{self.epochs}"
             )
         if self.kind == "multistep":
             ms = self.milestones

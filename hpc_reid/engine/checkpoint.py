@@ -39,8 +39,17 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :class:`CheckpointManager` (on CPU)."""
+    """Read a checkpoint written by :class:`CheckpointManager` (on CPU). ``path`` may also be a
+    run's ``checkpoints/latest`` pointer or ``checkpoints/`` folder: its newest checkpoint."""
     path = Path(path)
+    if path.is_dir() or (path.name == "latest" and path.is_file()):
+        folder = path.parent if path.is_file() else path
+        if (folder / "checkpoints").is_dir():  # a run folder
+            folder = folder / "checkpoints"
+        newest = newest_checkpoint(folder)
+        if newest is None:
+            raise CheckpointError(f"no checkpoint in {folder}")
+        path = newest
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -91,18 +100,27 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (the ``latest`` pointer, else the newest by name)."""
-        pointer = self.folder / "latest"
-        if pointer.is_file():
-            path = self.folder / pointer.read_text().strip()
-            if path.is_file():
-                return path
-        found = self.checkpoints()
-        return found[-1] if found else None
+        return newest_checkpoint(self.folder)
 
     def _write_pointer(self, name: str, target: str) -> None:
         tmp = self.folder / f".{name}.tmp"
         tmp.write_text(target + "\n")
         os.replace(tmp, self.folder / name)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in a checkpoints ``folder``: the ``latest`` pointer's, else
+    the newest by name (a pointer is written only once its checkpoint is complete)."""
+    pointer = folder / "latest"
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if path.is_file():
+            return path
+    if not folder.is_dir():
+        return None
+    found = [(p, _NAME.fullmatch(p.name)) for p in folder.iterdir()]
+    named = [p for p, m in sorted(found, key=lambda t: _order(t[1])) if m]
+    return named[-1] if named else None
 
 
 def _order(match: re.Match[str] | None) -> tuple[int, int]:

@@ -208,7 +208,10 @@ class WarmupScheduler(LRScheduler):
       during warm-up too, as BoT's WarmupMultiStepLR does;
     - cosine, it >= W: r + (1 - r) * (1 + cos(pi * (it - W) / (T - W))) / 2, where
       r = min_lr / base_lr, base_lr being the optimizer's default lr (the weights' group): that
-      group anneals to ``min_lr``, the others to the same fraction of their own base.
+      group anneals to ``min_lr``, the others to the same fraction of their own base;
+    - exponential (AlignedReID, huanghoujing's ``adjust_lr_exp``), per epoch: in (1-based) epoch
+      e >= decay_start, times decay_to ** ((e + 1 - decay_start) / (epochs + 1 - decay_start)),
+      times the warm-up factor while it lasts.
 
     ``state_dict`` holds the position (iteration, base lrs); the schedule itself comes from the
     config, so a resumed run continues exactly where it stopped.
@@ -235,6 +238,8 @@ class WarmupScheduler(LRScheduler):
         self.milestone_iters = [m * iters_per_epoch for m in cfg.milestones]
         self.gamma = cfg.gamma
         self.min_ratio = cfg.min_lr / base_lr
+        self.iters_per_epoch, self.epochs = iters_per_epoch, cfg.epochs
+        self.decay_start, self.decay_to = cfg.decay_start, cfg.decay_to
         super().__init__(optimizer)
 
     def factor(self, it: int) -> float:
@@ -244,6 +249,12 @@ class WarmupScheduler(LRScheduler):
         warmup = self.warmup_factor + (1.0 - self.warmup_factor) * alpha
         if self.kind == "multistep":
             return warmup * self.gamma ** bisect.bisect_right(self.milestone_iters, it)
+        if self.kind == "exponential":
+            epoch = it // self.iters_per_epoch + 1  # 1-based, as the reference counts
+            if epoch < self.decay_start:
+                return warmup
+            span = self.epochs + 1 - self.decay_start
+            return warmup * self.decay_to ** ((epoch + 1 - self.decay_start) / span)
         if warm:
             return warmup
         t = min(1.0, (it - self.warmup_iters) / (self.total_iters - self.warmup_iters))

@@ -61,3 +61,14 @@ def test_unreadable_and_foreign_files_are_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an hpc-reid checkpoint"):
         load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_the_latest_pointer_a_checkpoints_folder_or_a_run_folder_load_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path / "run", keep_last=3)
+    for e in range(3):
+        manager.save({"w": torch.tensor([float(e)])}, epoch=e, step=e)
+    for path in (manager.folder / "latest", manager.folder, tmp_path / "run"):
+        assert load_checkpoint(path)["w"].item() == 2.0, path
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*empty/checkpoints"):
+        load_checkpoint(tmp_path / "empty")

@@ -185,6 +185,12 @@ def _expected_weight_lr(it: int, cfg: ScheduleConfig) -> float:
         epoch = it // IPE
         passed = len([m for m in cfg.milestones if epoch >= m])
         return BASE_LR * warm * cfg.gamma**passed
+    if cfg.kind == "exponential":  # huanghoujing's adjust_lr_exp, its epoch ep counted from 1
+        ep = it // IPE + 1
+        if ep < cfg.decay_start:
+            return BASE_LR * warm
+        exponent = float(ep + 1 - cfg.decay_start) / (cfg.epochs + 1 - cfg.decay_start)
+        return BASE_LR * warm * cfg.decay_to**exponent
     if it < warm_iters:
         return BASE_LR * warm
     progress = (it - warm_iters) / (cfg.epochs * IPE - warm_iters)
@@ -205,6 +211,9 @@ SCHEDULES = {
     ),
     "cosine": ScheduleConfig(
         epochs=10, kind="cosine", warmup_epochs=3, warmup_factor=0.1, min_lr=1e-6
+    ),
+    "exponential": ScheduleConfig(
+        epochs=10, kind="exponential", decay_start=4, decay_to=0.001, warmup_epochs=2
     ),
 }
 
@@ -240,7 +249,7 @@ def test_lr_at_every_iteration_equals_closed_form_and_groups_keep_their_ratio(ki
         assert lr["biases"] == pytest.approx(BIAS_FACTOR * expected, rel=1e-12), it
 
 
-@pytest.mark.parametrize("kind", ["multistep", "cosine"])
+@pytest.mark.parametrize("kind", ["multistep", "cosine", "exponential"])
 def test_resume_from_state_dicts_continues_the_schedule_and_training_exactly(kind):
     cfg, total, cut = SCHEDULES[kind], SCHEDULES[kind].epochs * IPE, 13
     straight_model, opt, sched = _setup(cfg)

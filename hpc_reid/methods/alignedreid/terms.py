@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from hpc_reid.evaluation import register_part_distance
 from hpc_reid.losses import register_loss
+from hpc_reid.methods.alignedreid.dmli import dmli_distance
+
+# the ``local`` retrieval part's distance (AlignedHead.retrieval_parts): exact, tiled
+register_part_distance("dmli", dmli_distance)
 
 
 @register_loss("local_triplet", inputs=("local", "global"))
