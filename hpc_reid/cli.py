@@ -224,6 +224,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_feature_files(args)
     if not args.checkpoint:
         raise ConfigError("eval: give --checkpoint, or --query-features and --gallery-features")
+    if args.distance or args.distance_weight:
+        raise ConfigError(
+            "eval --checkpoint ranks with the config's evaluation.distance: give it as --set "
+            "evaluation.distance=global+local (--set evaluation.distance_weights.local=0.5); "
+            "--distance and --distance-weight are for feature files"
+        )
     evaluate_checkpoint(args.checkpoint, _checkpoint_config(args), args.out)
     return 0
 
@@ -266,6 +272,8 @@ def _eval_feature_files(args: argparse.Namespace) -> int:
             max_rank=args.max_rank,
             query_tile=args.query_tile,
             gallery_chunk=args.gallery_chunk,
+            distance=args.distance,
+            distance_weights=_distance_weights(args.distance_weight),
         )
     except FeatureFileError as exc:
         print(f"hpc-reid: error: {exc}", file=sys.stderr)
@@ -280,6 +288,22 @@ def _eval_feature_files(args: argparse.Namespace) -> int:
         write_atomic(out / "results.json", text)
         print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _distance_weights(items: list[str] | None) -> dict[str, float] | None:
+    """``--distance-weight PART=W`` (repeated) as ``evaluation.distance_weights``."""
+    if not items:
+        return None
+    weights = {}
+    for item in items:
+        part, sep, value = item.partition("=")
+        try:
+            weights[part] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not part:
+            raise ConfigError(f"--distance-weight {item!r}: expected PART=WEIGHT, e.g. local=0.5")
+    return weights
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -587,6 +611,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--metric", choices=["cosine", "euclidean"], help="default: the files' metric attribute"
     )
+    evaluate.add_argument(
+        "--distance",
+        help="feature files: their retrieval parts joined by '+' (global, local, global+local); "
+        "default: the files' distance attribute, else global (a checkpoint: --set "
+        "evaluation.distance=...)",
+    )
+    evaluate.add_argument(
+        "--distance-weight",
+        action="append",
+        metavar="PART=W",
+        help="weight of a part of --distance (repeatable; default 1 each)",
+    )
     evaluate.add_argument("--max-rank", type=int, default=50, help="CMC length")
     evaluate.add_argument("--query-tile", type=int, default=1024, help="queries per tile")
     evaluate.add_argument(
@@ -597,7 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser(
         "extract",
         help="write a checkpoint's query and gallery features to HDF5",
-        description="With the config the checkpoint stores, or --config; --set overrides either.",
+        description="Every retrieval part the model declares (AlignedReID: global and local), "
+        "with their layout. With the config the checkpoint stores, or --config; --set overrides "
+        "either.",
     )
     extract.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
     extract.add_argument("--out-dir", required=True, help="folder for query.h5 and gallery.h5")
