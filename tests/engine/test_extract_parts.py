@@ -4,6 +4,8 @@ and the global+local distance."""
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
 from hpc_reid.evaluation import RowLayout
 from hpc_reid.evaluation.feature_files import evaluate_feature_files
-from tests.engine.test_trainer import REPO, TINY
+from tests.engine.test_trainer import REPO, TINY, _torchrun
 
 # 64x32 images give OSNet a 4-row map: 4 stripes
 ALIGNED = ["model.local.stripes=4", "model.local.dim=8", "evaluation.plots=false"]
@@ -62,3 +64,25 @@ def test_extracted_parts_evaluate_as_the_checkpoint_does(tmp_path):
         assert summary["rank-1"] == pytest.approx(streamed.cmc[0], abs=1e-6)
         maps[distance] = summary["mAP"]
     assert maps["local"] != maps["global+local"]  # each distance ranks differently
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_global_plus_local_reranked_as_one_process(tmp_path):
+    """The sharded path of a many-part distance end to end (each rank probes the layout, ranks
+    its gallery shard with DMLI, finds the ranked-list candidates), re-ranked as well."""
+    train(aligned_config(tmp_path), max_steps=1)
+    checkpoint = CheckpointManager(tmp_path / "runs/a").latest()
+    sets = ["evaluation.distance=global+local", "evaluation.distance_weights.local=0.5"]
+    sets += ["evaluation.plots=true", "evaluation.rerank.enabled=true", "evaluation.rerank.k1=6"]
+    sets += ["evaluation.rerank.k2=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    expected = evaluate_checkpoint(checkpoint, aligned_config(tmp_path, *sets), out_dir=one)
+    assert "without_rerank/mAP" in expected
+    args = ["eval", "--checkpoint", str(checkpoint), "--out", str(two)]
+    proc = _torchrun(2, [*args, *(f"--set={s}" for s in sets)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    assert b.pop("cmc") == pytest.approx(a.pop("cmc"), abs=1e-6)
+    assert b == pytest.approx(a, abs=1e-6)
+    assert (two / "ranked.png").read_bytes() == (one / "ranked.png").read_bytes()
