@@ -17,17 +17,21 @@ from hpc_reid.evaluation import (
     RowDistance,
     RowLayout,
     evaluate_features,
+    evaluate_sharded,
     extract_features,
     pairwise_distance,
     probe_layout,
+    ranking_cuda,
     rerank,
     retrieval_layout,
+    sharded_fused,
 )
 from hpc_reid.evaluation.feature_files import evaluate_feature_files, write_feature_file
 from hpc_reid.evaluation.parts import METRIC
 from hpc_reid.evaluation.rerank import rerank_dense
 from hpc_reid.models.heads import RetrievalPart
 from tests.evaluation import stripes
+from tests.evaluation.dense_kernel import ClaimsCuda, DenseKernel
 from tests.evaluation.reference import reference_metrics
 from tests.evaluation.stripes import GLOBAL_DIM, combined_float64, tied_case
 
@@ -141,6 +145,39 @@ def test_tiled_evaluation_of_the_weighted_sum_equals_the_full_sort_reference(met
     np.testing.assert_allclose(got.ap, ap, atol=1e-12)
     np.testing.assert_allclose(got.inp, inp, atol=1e-12)
     assert got.mAP == pytest.approx(mAP, abs=1e-12) and got.mINP == pytest.approx(mINP, abs=1e-12)
+
+
+def test_only_a_distance_of_one_metric_part_reaches_the_fused_kernel(monkeypatch):
+    # The CUDA dispatch with the CPU stand-in kernel and tensors that claim CUDA: "global" of
+    # two-part rows is the global columns ranked by the kernel (as the global features alone
+    # would be); "global+local" ranks distance tiles, as the CPU does.
+    monkeypatch.setattr(ranking_cuda, "kernel_for", lambda backend: DenseKernel)
+    monkeypatch.setattr(ranking_cuda, "require_kernel", lambda: DenseKernel)
+    widths = []
+    for module, name in (
+        (ranking_cuda, "evaluate_features_cuda"),
+        (sharded_fused, "fused_tile_ranks"),
+    ):
+        real = getattr(module, name)
+
+        def spy(*args, real=real, name=name):
+            features = args[0] if name == "evaluate_features_cuda" else args[2]
+            widths.append(features.shape[1])
+            return real(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    q, g, ids = continuous_case(9)
+    cq, cg = q.as_subclass(ClaimsCuda), g.as_subclass(ClaimsCuda)
+    qg, gg = (f[:, :GLOBAL_DIM].contiguous().as_subclass(ClaimsCuda) for f in (q, g))
+    for fn in (evaluate_features, evaluate_sharded):
+        got = fn(cq, cg, *ids, metric=RowDistance(stripes.layout(), "global"), backend="auto")
+        want = fn(qg, gg, *ids, metric="cosine", backend="auto")
+        np.testing.assert_array_equal(got.ap, want.ap)
+        composite = RowDistance(stripes.layout(), "global+local", {"local": 0.5})
+        got = fn(cq, cg, *ids, metric=composite, backend="auto")
+        want = evaluate_features(q, g, *ids, metric=composite, backend="numpy")
+        np.testing.assert_array_equal(got.ap, want.ap)
+    assert widths == [GLOBAL_DIM] * 4  # twice per function: the global part and the features
 
 
 # --- re-ranking -------------------------------------------------------------------------------
