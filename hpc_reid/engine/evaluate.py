@@ -48,21 +48,29 @@ from hpc_reid.evaluation.sharded import (
 )
 
 
+def check_evaluation_distance(model, config: Config) -> None:
+    """A ConfigError naming ``evaluation.distance``, the part and the parts ``model`` declares
+    when the distance names a part the model lacks (``local`` of a model without local features)
+    or one whose part distance is not registered. Reads no image: the trainer calls it when it
+    builds the model, evaluation before extraction."""
+    ev = config.evaluation
+    declared = {n: p.distance for n, p in declared_parts(model).items()}
+    check_distance(ev.distance, ev.distance_weights, declared)
+
+
 def evaluation_distance(model, config: Config, device) -> RowDistance:
     """``evaluation.distance`` (with its weights and ``evaluation.metric``) over ``model``'s rows.
 
-    Checked against the parts the model declares first, so that a distance the model cannot give
-    (``local`` of a model without local features) is a ConfigError naming both before any
-    extraction. Rows of one "metric" part named "global" (the baseline) need no layout; otherwise
-    the layout comes from the model's outputs on one blank image, the same on every rank."""
-    ev = config.evaluation
+    Checked first (:func:`check_evaluation_distance`), before any extraction. Rows of one "metric"
+    part named "global" (the baseline) need no layout; otherwise the layout comes from the model's
+    outputs on one blank image, the same on every rank."""
+    check_evaluation_distance(model, config)
     declared = declared_parts(model)
-    check_distance(ev.distance, ev.distance_weights, {n: p.distance for n, p in declared.items()})
     if [(n, p.distance) for n, p in declared.items()] == [("global", METRIC)]:
         layout = None
     else:
         layout = probe_layout(model, config.data.height, config.data.width, device)
-    return RowDistance.from_config(layout, ev)
+    return RowDistance.from_config(layout, config.evaluation)
 
 
 def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:

@@ -37,6 +37,9 @@ def test_a_model_without_local_features_asked_for_local_fails_before_extraction(
     )
     with pytest.raises(ConfigError, match=message):
         evaluate.evaluate_model(model, dataset, config, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=message):  # the trainer's check when it builds the model
+        evaluate.check_evaluation_distance(model, config)
+    evaluate.check_evaluation_distance(model, load_config(None, ["evaluation.distance=global"]))
 
 
 def images_of(records: list[ImageRecord]) -> torch.Tensor:
