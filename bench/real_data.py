@@ -66,13 +66,16 @@ QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "evaluation.
 
 @dataclass(frozen=True)
 class Variant:
-    """One recipe: ``config`` with ``overrides``; or, with ``eval_of``, no training: the checkpoint
+    """One recipe: ``config`` with ``overrides``; or, with ``start_of``, the evaluation of that
+    variant's initial weights (its run evaluates them before training: the untrained row); or,
+    with ``eval_of``, no training: the checkpoint
     of that variant's run on the same split evaluated with ``overrides``."""
 
     name: str
     config: Path | None
     overrides: tuple[str, ...] = ()
     eval_of: str | None = None
+    start_of: str | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Plan:
     variants: dict[str, Variant]
     datasets: dict[str, str]  # registered name -> folder under the shared data folder
     shared_paths: dict[str, str] = field(default_factory=dict)
+    splits: int = 5  # the default of --splits for this plan
 
 
 def _strings(value, where: str) -> tuple[str, ...]:
@@ -95,11 +99,15 @@ def _strings(value, where: str) -> tuple[str, ...]:
 def _variant(name: str, spec, base: Path, here: Path, where: str) -> Variant:
     if spec is None or isinstance(spec, list):
         return Variant(name, base, _strings(spec, where))
-    if not isinstance(spec, dict) or set(spec) - {"config", "set", "eval_of"}:
+    if not isinstance(spec, dict) or set(spec) - {"config", "set", "eval_of", "start_of"}:
         raise ConfigError(
-            f"{where}: expected a list of overrides or a mapping with keys config, set, eval_of; "
-            f"got {spec!r}"
+            f"{where}: expected a list of overrides or a mapping with keys config, set, eval_of, "
+            f"start_of; got {spec!r}"
         )
+    if "start_of" in spec:
+        if set(spec) != {"start_of"}:
+            raise ConfigError(f"{where}: start_of reads another variant's run; nothing else")
+        return Variant(name, None, (), start_of=str(spec["start_of"]))
     if "eval_of" in spec and "config" in spec:
         raise ConfigError(f"{where}: eval_of evaluates another variant's checkpoint; no config")
     overrides = _strings(spec.get("set"), f"{where}.set")
@@ -115,7 +123,7 @@ def load_plan(path: str | Path) -> Plan:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"plan {path}: cannot read it: {exc}") from None
-    allowed = {"base", "reference", "datasets", "shared_paths", "variants"}
+    allowed = {"base", "reference", "datasets", "shared_paths", "variants", "splits"}
     if not isinstance(raw, dict) or set(raw) - allowed or not {"base", "variants"} <= set(raw):
         raise ConfigError(f"plan {path}: expected a mapping with keys {sorted(allowed)}")
     base = (path.parent / raw["base"]).resolve()
@@ -129,18 +137,24 @@ def load_plan(path: str | Path) -> Plan:
     if reference not in variants:
         raise ConfigError(f"plan {path}: reference {reference!r} is not one of the variants")
     for v in variants.values():
-        source = variants.get(v.eval_of) if v.eval_of else None
-        if v.eval_of and (source is None or source.eval_of):
-            raise ConfigError(
-                f"plan {path}: variants.{v.name}.eval_of={v.eval_of!r} must name a variant that "
-                "trains"
-            )
+        for key in ("eval_of", "start_of"):
+            name = getattr(v, key)
+            source = variants.get(name) if name else None
+            if name and (source is None or source.eval_of or source.start_of):
+                raise ConfigError(
+                    f"plan {path}: variants.{v.name}.{key}={name!r} must name a variant that trains"
+                )
+    if variants[reference].start_of:
+        raise ConfigError(f"plan {path}: the reference {reference!r} must be a variant that runs")
+    splits = raw.get("splits", 5)
+    if not isinstance(splits, int) or not 1 <= splits <= MAX_SPLITS:
+        raise ConfigError(f"plan {path}: splits={splits!r}: expected 1..{MAX_SPLITS}")
     datasets = raw.get("datasets") or {}
     shared = raw.get("shared_paths") or {}
     for key, value in (("datasets", datasets), ("shared_paths", shared)):
         if not isinstance(value, dict):
             raise ConfigError(f"plan {path}: {key} must be a mapping, got {value!r}")
-    return Plan(path, reference, variants, dict(datasets), dict(shared))
+    return Plan(path, reference, variants, dict(datasets), dict(shared), splits)
 
 
 def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
@@ -154,9 +168,11 @@ def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
         if unknown:
             raise ConfigError(f"--variants: {unknown} not in {plan.source}: {list(plan.variants)}")
     wanted.add(plan.reference)
-    wanted |= {plan.variants[n].eval_of for n in wanted if plan.variants[n].eval_of}
+    for key in ("eval_of", "start_of"):
+        wanted |= {getattr(plan.variants[n], key) for n in set(wanted)} - {None}
     chosen = [v for v in plan.variants.values() if v.name in wanted]
-    return [v for v in chosen if not v.eval_of] + [v for v in chosen if v.eval_of]
+    derived = [v for v in chosen if v.eval_of or v.start_of]
+    return [v for v in chosen if v not in derived] + derived
 
 
 # ----------------------------------------------------------------------------- runs
@@ -215,7 +231,10 @@ def plan_runs(
         for split in splits:
             data = data_overrides(plan, dataset, split, seed, shared)
             resolved = {}
+            starts = {v.start_of for v in variants if v.start_of}
             for v in variants:
+                if v.start_of:  # read from its source's run (results_start.json)
+                    continue
                 folder = run_folder(out, dataset, split, v.name)
                 where = f"variant {v.name!r} of {plan.source}"
                 if v.eval_of:
@@ -236,6 +255,8 @@ def plan_runs(
                 else:
                     logging = [f"logging.output_dir={folder.parent}", f"logging.run_name={v.name}"]
                     sets = [*v.overrides, *extra, *data, *QUIET, *logging]
+                    if v.name in starts:  # the untrained row: evaluated before training
+                        sets.append("evaluation.at_start=true")
                     try:
                         config = load_config(v.config, sets)
                     except ConfigError as exc:
@@ -306,13 +327,24 @@ def drop_checkpoints(runs: Sequence[Run]) -> None:
 Key = tuple[str, str, int]  # (variant, data set, split)
 
 
-def collect(out: Path, variants: Iterable[str], datasets: Iterable[str], splits: Iterable[int]):
-    """{(variant, data set, split): {metric: value}} of every run whose results.json exists."""
+def collect(
+    out: Path,
+    variants: Iterable[str],
+    datasets: Iterable[str],
+    splits: Iterable[int],
+    starts: Mapping[str, str] | None = None,
+):
+    """{(variant, data set, split): {metric: value}} of every run whose results.json exists;
+    a variant in ``starts`` (variant -> source) reads its source's results_start.json."""
     found = {}
+    starts = starts or {}
     for v in variants:
         for d in datasets:
             for s in splits:
-                path = run_folder(out, d, s, v) / "results.json"
+                if v in starts:
+                    path = run_folder(out, d, s, starts[v]) / "results_start.json"
+                else:
+                    path = run_folder(out, d, s, v) / "results.json"
                 if path.is_file():
                     data = json.loads(path.read_text())
                     found[(v, d, s)] = {m: float(data[m]) for m in METRICS}
@@ -501,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default=str(REPO / "configs/ablation/real_data.yaml"))
     p.add_argument("--out", required=True, help="folder for runs/, summary.json, summary.md")
-    p.add_argument("--splits", type=int, default=5, help="splits 0..N-1 of every data set")
+    p.add_argument(
+        "--splits", type=int, help="splits 0..N-1 of every data set (default: the plan's, or 5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="the splits' seed (data.options.seed)")
     p.add_argument("--datasets", help="comma-separated subset of the plan's data sets")
     p.add_argument("--variants", help="comma-separated subset (the reference is always added)")
@@ -531,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = load_plan(args.plan)
         variants = select(plan, args.variants.split(",") if args.variants else None)
         datasets = args.datasets.split(",") if args.datasets else list(plan.datasets)
-        splits = list(range(args.splits))
+        splits = list(range(args.splits or plan.splits))
         out = Path(args.out).resolve()
         shared = args.shared_data.resolve()
         runs = plan_runs(plan, variants, datasets, splits, args.seed, shared, out, args.overrides)
@@ -551,8 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         failed = run_groups(runs, todo, args, threads)
     names = [v.name for v in variants]
+    starts = {v.name: v.start_of for v in variants if v.start_of}
     summary = aggregate(
-        collect(out, names, datasets, splits), names, datasets, splits, plan.reference
+        collect(out, names, datasets, splits, starts), names, datasets, splits, plan.reference
     )
     summary["seed"] = args.seed
     summary["seconds"] = run_seconds(out, runs)

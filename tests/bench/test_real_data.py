@@ -204,6 +204,7 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
         """\
         variants:
           bot: []
+          untrained: {start_of: bot}
           no_center: [loss.center.weight=0]
           flip: {eval_of: bot, set: [evaluation.flip_average=true]}
         """,
@@ -219,9 +220,18 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing"] == []
     rows = summary["datasets"]["viper"]
-    assert list(rows) == ["bot", "no_center", "flip"]
+    assert list(rows) == ["bot", "no_center", "untrained", "flip"]
     for v in rows:
         assert rows[v]["splits"] == rows[v]["paired_splits"] == [0, 1]
+    for s in (0, 1):
+        assert (out / f"runs/viper/split_{s}/bot/results_start.json").is_file()
+        assert not (out / f"runs/viper/split_{s}/no_center/results_start.json").exists()
+        assert not (out / f"runs/viper/split_{s}/untrained").exists()  # no run of its own
+    start_map = [
+        json.loads((out / f"runs/viper/split_{s}/bot/results_start.json").read_text())["mAP"]
+        for s in (0, 1)
+    ]
+    assert rows["untrained"]["mAP"]["mean"] == pytest.approx(sum(start_map) / 2, abs=1e-12)
     for s in (0, 1):
         flip = json.loads((out / f"runs/viper/split_{s}/flip/results.json").read_text())
         bot = json.loads((out / f"runs/viper/split_{s}/bot/results.json").read_text())
@@ -287,3 +297,33 @@ def test_parallel_runs_each_split_in_order_two_splits_at_once_with_their_threads
             assert [c[2] for c in calls if c[:2] == (d, s)] == ["bot", "no_center", "flip"]
             assert not list((out / f"runs/{d}/split_{s}").glob("*/checkpoints"))
     assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "0"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("{start_of: flip}", r"start_of='flip' must name a variant that trains"),
+        ("{start_of: bot, set: [a.b=1]}", r"start_of reads another variant's run; nothing else"),
+        ("{start_of: nothing}", r"start_of='nothing' must name a variant that trains"),
+    ],
+)
+def test_start_of_must_name_a_training_variant_and_nothing_else(rd, tmp_path, spec, problem):
+    plan = small_plan(
+        tmp_path,
+        f"""\
+        variants:
+          bot: []
+          flip: {{eval_of: bot, set: [evaluation.flip_average=true]}}
+          untrained: {spec}
+        """,
+    )
+    with pytest.raises(ConfigError, match=problem):
+        rd.load_plan(plan)
+
+
+def test_the_plan_sets_the_default_split_count(rd, tmp_path):
+    plan = small_plan(tmp_path, "splits: 3\nvariants:\n  bot: []\n")
+    assert rd.load_plan(plan).splits == 3
+    (tmp_path / "bad.yaml").write_text(plan.read_text().replace("splits: 3", "splits: 11"))
+    with pytest.raises(ConfigError, match=r"splits=11: expected 1\.\.10"):
+        rd.load_plan(tmp_path / "bad.yaml")
