@@ -32,13 +32,15 @@ import torch
 # stripes then give e = 1e-6 and a zero gradient, instead of the NaN of d sqrt(s) / ds at s = 0.
 SQUARED_EPS = 1e-12
 
-# Default evaluation tile, queries x gallery. Measured on 2 cores (AMD EPYC, 1 MiB L2 per core,
-# Market-1501 size, bench/dmli_bench.py): a tile's stripe-distance buffer is S^2 * tq * tg float32,
-# 8 MiB at S = 8 for 32 x 1024, so it stays in the L3 cache between the GEMM, the element-wise
-# passes and the DP; each of the ~4S element-wise calls of a tile then covers 0.5-4 M elements,
-# enough to amortise the per-call and OpenMP start-up cost (smaller tiles lose up to 2x to it),
-# while larger ones spill to memory. On CUDA a tile is ~4S kernel launches, so it wants more work
-# per launch: 256 x 4096 (0.5 GiB at S = 8).
+# Default evaluation tile, queries x gallery, chosen on 2 cores (AMD EPYC, 1 MiB L2 per core,
+# 32 MiB L3; Market-1501 size, bench/dmli_bench.py). A tile's buffer is S^2 * tq * tg float32:
+# 8 MiB at S = 8 for 32 x 1024, so it stays in L3 from the GEMM through the element-wise passes
+# and the DP. With one thread, tiles from 16 x 512 to 128 x 1024 ran within 10% of each other
+# (4.2-4.7 ns a stripe pair, the GEMM alone 2.4); with two OpenMP threads every element-wise call
+# of a tile (~4S of them) ends in a barrier, and on a shared, loaded machine small tiles lost
+# 3-10x to those barriers: 32 x 1024 keeps every call at >= 32k elements (ATen's grain size) with
+# the fewest calls that still fit L3. On CUDA a call is a kernel launch, so a tile wants far more
+# work: 256 x 4096 (256 MiB at S = 8; untested on a GPU so far).
 CPU_TILE = (32, 1024)
 CUDA_TILE = (256, 4096)
 
