@@ -165,6 +165,29 @@ def test_shipped_plan_maps_every_variant_to_valid_config_keys(rd, tmp_path):
         assert (config.to_dict() == by_name["bot"].to_dict()) == (name == "bot"), name
 
 
+def test_shipped_method_plan_runs_each_method_and_its_test_distances_beside_the_baseline(
+    rd, tmp_path
+):
+    plan = rd.load_plan(REPO / "configs/methods/real_data.yaml")
+    assert plan.reference == "baseline" and plan.splits == 10
+    assert set(plan.datasets) == {"viper", "prid2011"}
+    variants = rd.select(plan, None)
+    runs = rd.plan_runs(plan, variants, ["viper"], [0], 0, tmp_path, tmp_path / "o")
+    by_name = {r.variant.name: r for r in runs}
+    assert "untrained" not in by_name  # read from the baseline's evaluation at start
+    base = by_name["baseline"].config
+    assert base.evaluation.at_start and not by_name["alignedreid"].config.evaluation.at_start
+    aligned = by_name["alignedreid"].config
+    assert aligned.model.head == "aligned" and aligned.loss.local_triplet.weight == 1.0
+    assert by_name["alignedreid_global_local"].config.evaluation.distance == "global+local"
+    rr = by_name["alignedreid_local_rerank"].config.evaluation
+    assert rr.distance == "local" and rr.rerank.enabled
+    for run in runs:
+        if run.variant.eval_of:
+            assert list(run.argv[:2]) == ["eval", "--checkpoint"]
+            assert f"/{run.variant.eval_of}/checkpoints/" in run.argv[2]
+
+
 def test_a_variant_with_an_unknown_key_is_refused_naming_variant_and_key(rd, tmp_path):
     plan = rd.load_plan(small_plan(tmp_path, "variants: {bot: [], bad: [loss.centre.weight=0]}\n"))
     with pytest.raises(ConfigError, match=r"(?s)'bad'.*loss\.centre: unknown key"):
