@@ -93,8 +93,8 @@ def test_extract_with_the_pooled_feature_writes_what_the_bn_feature_normalises(r
         argv = ["extract", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / key)]
         assert main([*argv, "--set", f"model.retrieval_feature={key}"]) == 0
     state = weights(checkpoint)
-    mean, var = state["neck.bn.running_mean"], state["neck.bn.running_var"]
-    scale, shift = state["neck.bn.weight"], state["neck.bn.bias"]
+    mean, var = state["head.neck.bn.running_mean"], state["head.neck.bn.running_var"]
+    scale, shift = state["head.neck.bn.weight"], state["head.neck.bn.bias"]
     for split in ("query", "gallery"):
         with (
             h5py.File(tmp_path / "global" / f"{split}.h5") as g,

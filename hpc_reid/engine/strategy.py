@@ -71,7 +71,11 @@ def prepare_model(
             f"distributed.sync_bn={setting}: off on {device.type} (torch's SyncBatchNorm runs "
             "only on CUDA); each rank's BatchNorm uses its own batch statistics"
         )
-    if config.engine.channels_last:
+    # DeepSpeed broadcasts each parameter as a byte view at initialisation, which a channels_last
+    # 4-d weight (stride(-1) != 1) refuses; its weights stay contiguous, and the trainer's
+    # channels_last input still makes every convolution run in NHWC (PyTorch follows the input's
+    # or the weight's channels_last format).
+    if config.engine.channels_last and config.engine.strategy != "deepspeed":
         model = model.to(memory_format=torch.channels_last)
     return model, note
 

@@ -1,9 +1,12 @@
 """The training loop: the strong baseline and every method built on it, on 1..N processes.
 
-``train(config)`` reads top to bottom: join the process group, parse the data set, build the
-sampler, loader, model, losses, optimizer and schedule, wrap them in the strategy, resume if asked,
-then loop over epochs and batches; hooks log, checkpoint and evaluate. A SLURM pre-emption signal
-(USR1 or TERM) makes every rank stop at the same step boundary after one last checkpoint.
+``train(config)`` joins the process group, then ``_train`` reads as a page of named steps:
+build (data set, sampler, loader, model, losses, optimizer and schedule, wrapped in the strategy),
+restore or start, evaluate before training, the epoch loop (train an epoch, end it: periodic
+evaluation and checkpoint), the final evaluation. A method changes none of these steps: its head,
+loss terms and test-time distance plug in where the model, the criterion and the evaluation are
+built. A SLURM pre-emption signal (USR1 or TERM) makes every rank stop at the same step boundary
+after one last checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.evaluate import evaluate_model
+from hpc_reid.engine.evaluate import check_evaluation_distance, evaluate_model
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
@@ -202,193 +205,285 @@ def train(
 
 
 def _train(config, rank, world, device, resume, max_steps, reporter):
-    main = rank == 0
-    sync_bn_applies(config.distributed.sync_bn, device, world)  # refuses an impossible setting
-    check_evaluation_backend(config.evaluation.backend, device)
-    run_dir = run_dir_of(config)
-    checkpoints = CheckpointManager(run_dir, config.logging.keep_last, config.logging.keep_best)
-    resume_path = _resume_path(resume, checkpoints)
-    lg = config.logging
-    log = RunLog(run_dir, enabled=main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar)
-
-    dataset = dataset_on_ranks(config.data, main, announce=log.info)
-    log.info(dataset.statistics())
-
-    s = config.sampler
-    sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
-    loader = build_backend_train_loader(
-        dataset.train,
-        sampler,
-        config.loader,
-        config.data.height,
-        config.data.width,
-        config.engine.seed,
-        device,
-        channels_last=config.engine.channels_last,
-    )
-
-    # Model, losses, optimizers: the same initial weights on every rank.
-    torch.manual_seed(config.engine.seed)
-    num_classes = dataset.num_train_pids
-    model = build_model(config.model, num_classes).to(device)
-    model, sync_bn_note = prepare_model(model, config, device, world)  # before the optimizer
-    criterion = ReidLoss(
-        config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
-    ).to(device)
-    accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
-    if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
-        from hpc_reid.engine.deepspeed_strategy import accumulation_steps
-
-        accum = accumulation_steps(config)
-    # The LR rule sees the images per optimizer step; the schedule counts iterations (batches).
-    global_batch = s.num_identities * s.num_instances * world * accum
-    lr, lr_note = scaled_lr(config.optimizer, global_batch)
-    optimizer = build_optimizer(model, config.optimizer, lr)
-    scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
-    strategy_cls, strategy_kwargs = DDPStrategy, {}
-    if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
-        from hpc_reid.engine.deepspeed_strategy import DeepSpeedStrategy
-
-        strategy_cls = DeepSpeedStrategy
-        strategy_kwargs = {"config": config, "checkpoint_dir": checkpoints.folder}
-        strategy_kwargs["keep_last"] = config.logging.keep_last
-        strategy_kwargs["model_factory"] = lambda: build_model(config.model, num_classes).to(device)
-    strategy = strategy_cls(
-        model,
-        optimizer,
-        scheduler,
-        device=device,
-        **strategy_args(config, criterion),
-        **strategy_kwargs,
-    )
-    forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
-    eval_model = getattr(strategy, "evaluation_model", lambda: strategy.module)  # ZeRO-3 gathers
-    meta = model_meta(config, num_classes, model)
-
-    epoch, step, best = 0, 0, None
-    if resume_path is not None:
-        epoch, step, best = _restore(
-            resume_path, meta, strategy, criterion, sampler, rank, world, device, log
-        )
-    else:
-        sampler.set_epoch(0)
-    if main:
-        save_resolved(config, run_dir)
-    log.info(
-        f"run folder {run_dir.resolve()}; {world} process(es) on {device}; "
-        f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
-        f"x {world} ranks"
-        + (f" x {accum} accumulated micro-batches per optimizer step" if accum > 1 else "")
-        + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch; {sync_bn_note}"
-    )
-
-    if resume_path is None and config.evaluation.at_start:
-        start = evaluate_model(eval_model(), dataset, config, device)
-        log.info("before training (initial weights): " + _fmt(start))
-        log.scalars(0, start, kind="eval")
-        if main:
-            write_atomic(run_dir / "results_start.json", json.dumps(start, indent=2) + "\n")
-
-    stop = _StopSignal()
-    check_every = config.distributed.stop_check_every
-    epochs = config.schedule.epochs
-    summary: dict[str, Any] = {}
-    last_saved_step = -1
-
-    def save(tag: str) -> Path | None:
-        nonlocal last_saved_step
-        state = {
-            "strategy": strategy.state_dict(),
-            "criterion": criterion.state_dict(),
-            "sampler": sampler.state_dict(batches_consumed=consumed),
-            "rng": _all_rng_states(device),
-            "epoch": epoch,
-            "step": step,
-            "best": best,
-            "world_size": world,
-            "model_meta": meta,
-            "config": config.to_dict(),
-        }
-        last_saved_step = step
-        if not main:
-            return None
-        path = checkpoints.save(state, epoch=epoch, step=step)
-        log.info(f"checkpoint ({tag}): {path}")
-        return path
-
+    """The run as a page of named steps; each is a method of :class:`_Run` below."""
+    run = _Run.build(config, rank, world, device, resume)
     try:
-        while epoch < epochs:
-            consumed = sampler.batches_per_epoch - len(sampler)
-            model.train()
-            log.start_epoch(epoch, epochs, sampler.batches_per_epoch, consumed)
-            tic, seen, postfix = time.perf_counter(), 0, {}
-            for batch in loader:
-                images = batch["images"].to(device, non_blocking=True)
-                if config.engine.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                pids = batch["pids"].to(device, non_blocking=True)
-                with strategy.autocast():
-                    outputs = forward(images)
-                outputs = {k: v.float() for k, v in outputs.items()}
-                total, parts = criterion(outputs, pids)
-                strategy.step(total)
-                step, consumed, seen = step + 1, consumed + 1, seen + len(images)
-                # Reading a loss waits for the GPU: only on logging steps, so the host can queue
-                # the next steps' kernels meanwhile (the progress bar shows the last logged loss).
-                if step % config.logging.log_every == 0:
-                    values = {k: v.item() for k, v in parts.items()}
-                    values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"])
-                    rate = seen * world / (time.perf_counter() - tic)  # timed after that wait
-                    log.scalars(step, {**values, "img_per_s": rate, "epoch": epoch})
-                    postfix = {"loss": f"{values['loss']:.3f}", "img/s": f"{rate:.0f}"}
-                log.advance(postfix)
-                # The ranks agree on a pre-emption every check_every steps and at an epoch's end
-                # (the same steps on every rank), at an accumulation boundary where resuming is
-                # exact; the agreement is a collective and a host sync, hence not every step.
-                at_boundary = step % accum == 0
-                at_max = max_steps is not None and step >= max_steps
-                at_check = step % check_every == 0 or consumed == sampler.batches_per_epoch
-                at_check = at_check or at_max
-                if (at_boundary and at_check and stop.agreed(device)) or at_max:
-                    log.end_epoch()
-                    save("stop" if stop.stopping else "max steps")
-                    return {"stopped_at_step": step, "preempted": stop.stopping}
-            log.end_epoch()
-            epoch += 1
-            sampler.set_epoch(epoch)
-            consumed = 0
-            ev, ck = config.evaluation.every_epochs, config.logging.checkpoint_every
-            periodic_eval = ev and epoch % ev == 0 and epoch < epochs
-            if periodic_eval:
-                summary = evaluate_model(eval_model(), dataset, config, device)
-                log.info(f"epoch {epoch}: " + _fmt(summary))
-                log.scalars(step, summary, kind="eval")
-                improved = best is None or summary["mAP"] > best
-                best = summary["mAP"] if improved else best
-                path = save("periodic")
-                if improved and path is not None and config.logging.keep_best:
-                    checkpoints.mark_best(path)
-                if reporter is not None:
-                    reporter({**summary, "step": step, "epoch": epoch, "final": False}, path)
-            elif (ck and epoch % ck == 0) or epoch == epochs:
-                save("periodic")
-        summary = evaluate_model(eval_model(), dataset, config, device, out_dir=run_dir)
-        log.scalars(step, summary, kind="eval")
+        run.restore_or_start()
+        run.evaluate_before_training()
+        while run.epoch < run.epochs:
+            stopped = run.train_epoch(max_steps)
+            if stopped is not None:  # pre-emption signal or max_steps: checkpointed, leave
+                return stopped
+            run.end_epoch(reporter)  # periodic evaluation and checkpoint
+        return run.final_evaluation(reporter)
+    finally:
+        run.close()
+
+
+class _Run:
+    """One training run's parts and position. :meth:`build` makes the parts (data, sampler,
+    loader, model, losses, optimizer, schedule, strategy); the other methods are the loop's steps.
+
+    Where a method plugs in: its head builds inside :func:`build_model` (``model.head``), its loss
+    terms inside :class:`ReidLoss` (``loss.*``), its test-time distance inside
+    :func:`evaluate_model` (``evaluation.distance``); nothing here knows which method runs.
+    """
+
+    def __init__(self, **parts: Any) -> None:
+        self.__dict__.update(parts)
+        self.epoch, self.step, self.best, self.consumed = 0, 0, None, 0
+        self.last_saved_step = -1
+        self.epochs = self.config.schedule.epochs
+        self.stop = _StopSignal()
+
+    # ------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, config: Config, rank: int, world: int, device, resume) -> _Run:
+        main = rank == 0
+        sync_bn_applies(config.distributed.sync_bn, device, world)  # refuses an impossible setting
+        check_evaluation_backend(config.evaluation.backend, device)
+        run_dir = run_dir_of(config)
+        lg = config.logging
+        checkpoints = CheckpointManager(run_dir, lg.keep_last, lg.keep_best)
+        resume_path = _resume_path(resume, checkpoints)
+        log = RunLog(
+            run_dir, enabled=main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar
+        )
+
+        dataset = dataset_on_ranks(config.data, main, announce=log.info)
+        log.info(dataset.statistics())
+
+        s = config.sampler
+        sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
+        loader = build_backend_train_loader(
+            dataset.train,
+            sampler,
+            config.loader,
+            config.data.height,
+            config.data.width,
+            config.engine.seed,
+            device,
+            channels_last=config.engine.channels_last,
+        )
+
+        # Model, losses, optimizers: the same initial weights on every rank.
+        torch.manual_seed(config.engine.seed)
+        num_classes = dataset.num_train_pids
+        model = build_model(config.model, num_classes).to(device)
+        check_evaluation_distance(model, config)  # evaluation.distance's parts: now, not at the end
+        model, sync_bn_note = prepare_model(model, config, device, world)  # before the optimizer
+        criterion = ReidLoss(
+            config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
+        ).to(device)
+        accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
+        if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
+            from hpc_reid.engine.deepspeed_strategy import accumulation_steps
+
+            accum = accumulation_steps(config)
+        # The LR rule sees the images per optimizer step; the schedule counts iterations (batches).
+        global_batch = s.num_identities * s.num_instances * world * accum
+        lr, lr_note = scaled_lr(config.optimizer, global_batch)
+        optimizer = build_optimizer(model, config.optimizer, lr)
+        scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
+        strategy_cls, strategy_kwargs = DDPStrategy, {}
+        if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
+            from hpc_reid.engine.deepspeed_strategy import DeepSpeedStrategy
+
+            strategy_cls = DeepSpeedStrategy
+            strategy_kwargs = {"config": config, "checkpoint_dir": checkpoints.folder}
+            strategy_kwargs["keep_last"] = config.logging.keep_last
+            strategy_kwargs["model_factory"] = lambda: build_model(config.model, num_classes).to(
+                device
+            )
+        strategy = strategy_cls(
+            model,
+            optimizer,
+            scheduler,
+            device=device,
+            **strategy_args(config, criterion),
+            **strategy_kwargs,
+        )
+        forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
+        notes = (
+            f"run folder {run_dir.resolve()}; {world} process(es) on {device}; "
+            f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
+            f"x {world} ranks"
+            + (f" x {accum} accumulated micro-batches per optimizer step" if accum > 1 else "")
+            + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch; {sync_bn_note}"
+        )
+        return cls(
+            config=config,
+            rank=rank,
+            world=world,
+            main=main,
+            device=device,
+            run_dir=run_dir,
+            checkpoints=checkpoints,
+            resume_path=resume_path,
+            log=log,
+            dataset=dataset,
+            sampler=sampler,
+            loader=loader,
+            model=model,
+            criterion=criterion,
+            accum=accum,
+            optimizer=optimizer,
+            strategy=strategy,
+            forward=forward,
+            meta=model_meta(config, num_classes, model),
+            notes=notes,
+        )
+
+    def eval_model(self):
+        """The model to evaluate (ZeRO-3 gathers its partitioned weights first)."""
+        return getattr(self.strategy, "evaluation_model", lambda: self.strategy.module)()
+
+    # ------------------------------------------------------------------ restore / start
+
+    def restore_or_start(self) -> None:
+        if self.resume_path is not None:
+            self.epoch, self.step, self.best = _restore(
+                self.resume_path,
+                self.meta,
+                self.strategy,
+                self.criterion,
+                self.sampler,
+                self.rank,
+                self.world,
+                self.device,
+                self.log,
+            )
+        else:
+            self.sampler.set_epoch(0)
+        if self.main:
+            save_resolved(self.config, self.run_dir)
+        self.log.info(self.notes)
+
+    def evaluate_before_training(self) -> None:
+        if self.resume_path is None and self.config.evaluation.at_start:
+            start = evaluate_model(self.eval_model(), self.dataset, self.config, self.device)
+            self.log.info("before training (initial weights): " + _fmt(start))
+            self.log.scalars(0, start, kind="eval")
+            if self.main:
+                text = json.dumps(start, indent=2) + "\n"
+                write_atomic(self.run_dir / "results_start.json", text)
+
+    # ------------------------------------------------------------------------- the epoch
+
+    def train_epoch(self, max_steps: int | None) -> dict[str, Any] | None:
+        """One epoch (the rest of it, after a mid-epoch resume). Returns ``{"stopped_at_step",
+        "preempted"}`` after a last checkpoint when the ranks agreed to stop (a pre-emption
+        signal) or ``max_steps`` was reached; None at the epoch's end."""
+        config, sampler, log, device = self.config, self.sampler, self.log, self.device
+        self.consumed = sampler.batches_per_epoch - len(sampler)
+        self.model.train()
+        log.start_epoch(self.epoch, self.epochs, sampler.batches_per_epoch, self.consumed)
+        tic, seen, postfix = time.perf_counter(), 0, {}
+        check_every = config.distributed.stop_check_every
+        for batch in self.loader:
+            images = batch["images"].to(device, non_blocking=True)
+            if config.engine.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            pids = batch["pids"].to(device, non_blocking=True)
+            with self.strategy.autocast():
+                outputs = self.forward(images)
+            outputs = {k: v.float() for k, v in outputs.items()}
+            total, parts = self.criterion(outputs, pids)
+            self.strategy.step(total)
+            self.step, self.consumed, seen = self.step + 1, self.consumed + 1, seen + len(images)
+            # Reading a loss waits for the GPU: only on logging steps, so the host can queue
+            # the next steps' kernels meanwhile (the progress bar shows the last logged loss).
+            if self.step % config.logging.log_every == 0:
+                values = {k: v.item() for k, v in parts.items()}
+                values.update(loss=total.item(), lr=self.optimizer.param_groups[0]["lr"])
+                rate = seen * self.world / (time.perf_counter() - tic)  # timed after that wait
+                log.scalars(self.step, {**values, "img_per_s": rate, "epoch": self.epoch})
+                postfix = {"loss": f"{values['loss']:.3f}", "img/s": f"{rate:.0f}"}
+            log.advance(postfix)
+            # The ranks agree on a pre-emption every check_every steps and at an epoch's end
+            # (the same steps on every rank), at an accumulation boundary where resuming is
+            # exact; the agreement is a collective and a host sync, hence not every step.
+            at_boundary = self.step % self.accum == 0
+            at_max = max_steps is not None and self.step >= max_steps
+            at_check = self.step % check_every == 0 or self.consumed == sampler.batches_per_epoch
+            at_check = at_check or at_max
+            if (at_boundary and at_check and self.stop.agreed(device)) or at_max:
+                log.end_epoch()
+                self.save("stop" if self.stop.stopping else "max steps")
+                return {"stopped_at_step": self.step, "preempted": self.stop.stopping}
+        log.end_epoch()
+        return None
+
+    def end_epoch(self, reporter: Reporter | None) -> None:
+        """Into the next epoch; a periodic evaluation (which checkpoints, and marks the best) or
+        a periodic checkpoint when one is due."""
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
+        self.consumed = 0
+        ev, ck = self.config.evaluation.every_epochs, self.config.logging.checkpoint_every
+        if ev and self.epoch % ev == 0 and self.epoch < self.epochs:
+            summary = evaluate_model(self.eval_model(), self.dataset, self.config, self.device)
+            self.log.info(f"epoch {self.epoch}: " + _fmt(summary))
+            self.log.scalars(self.step, summary, kind="eval")
+            improved = self.best is None or summary["mAP"] > self.best
+            self.best = summary["mAP"] if improved else self.best
+            path = self.save("periodic")
+            if improved and path is not None and self.config.logging.keep_best:
+                self.checkpoints.mark_best(path)
+            if reporter is not None:
+                metrics = {**summary, "step": self.step, "epoch": self.epoch, "final": False}
+                reporter(metrics, path)
+        elif (ck and self.epoch % ck == 0) or self.epoch == self.epochs:
+            self.save("periodic")
+
+    # ------------------------------------------------------------------- evaluate / save
+
+    def final_evaluation(self, reporter: Reporter | None) -> dict[str, Any]:
+        run_dir, log = self.run_dir, self.log
+        summary = evaluate_model(
+            self.eval_model(), self.dataset, self.config, self.device, out_dir=run_dir
+        )
+        log.scalars(self.step, summary, kind="eval")
         log.info("final evaluation on the test split: " + _fmt(summary))
-        latest = checkpoints.latest() if main and last_saved_step == step else None
-        if latest is not None and (best is None or summary["mAP"] >= best) and lg.keep_best:
-            checkpoints.mark_best(latest)
+        saved_now = self.main and self.last_saved_step == self.step
+        latest = self.checkpoints.latest() if saved_now else None
+        better = self.best is None or summary["mAP"] >= self.best
+        if latest is not None and better and self.config.logging.keep_best:
+            self.checkpoints.mark_best(latest)
         if reporter is not None:
-            reporter({**summary, "step": step, "epoch": epoch, "final": True}, latest)
+            reporter({**summary, "step": self.step, "epoch": self.epoch, "final": True}, latest)
         log.info(
             f"results: {run_dir / 'results.json'}; plots: {run_dir / 'cmc.png'}, "
-            f"{run_dir / 'ranked.png'}; checkpoints: {checkpoints.folder}; "
+            f"{run_dir / 'ranked.png'}; checkpoints: {self.checkpoints.folder}; "
             f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
         )
         return summary
-    finally:
-        stop.restore()
-        log.close()
+
+    def save(self, tag: str) -> Path | None:
+        """A checkpoint of everything resuming needs (on rank 0; the others return None)."""
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "sampler": self.sampler.state_dict(batches_consumed=self.consumed),
+            "rng": _all_rng_states(self.device),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "world_size": self.world,
+            "model_meta": self.meta,
+            "config": self.config.to_dict(),
+        }
+        self.last_saved_step = self.step
+        if not self.main:
+            return None
+        path = self.checkpoints.save(state, epoch=self.epoch, step=self.step)
+        self.log.info(f"checkpoint ({tag}): {path}")
+        return path
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.log.close()
 
 
 def _fmt(summary: dict[str, Any]) -> str:

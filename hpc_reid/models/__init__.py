@@ -47,6 +47,7 @@ class ReidModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self._register_load_state_dict_pre_hook(_head_keys_of_before_heads)
 
     @property
     def output_keys(self) -> frozenset[str]:
@@ -67,6 +68,19 @@ class ReidModel(nn.Module):
         """The ``global`` retrieval part's output (the BN feature by default, BoT; the pooled one
         with ``model.retrieval_feature: global``)."""
         return outputs[self.head.retrieval_parts["global"].key]
+
+
+#: Top-level modules of the BoT model before heads were registered (2026-12-06): now ``head.*``.
+_OLD_HEAD_MODULES = ("pool.", "neck.", "classifier.")
+
+
+def _head_keys_of_before_heads(state_dict, prefix, *args) -> None:
+    """Load checkpoints written before heads had a name: their ``pool.*``, ``neck.*`` and
+    ``classifier.*`` keys are the ``bnneck`` head's ``head.pool.*``, ... (renamed in place)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.startswith(_OLD_HEAD_MODULES):
+            state_dict[f"{prefix}head.{rest}"] = state_dict.pop(key)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:

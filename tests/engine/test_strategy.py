@@ -226,3 +226,12 @@ def test_prepare_model_applies_channels_last():
     model, _ = prepare_model(_bn_model(), _config("auto", channels_last=True), CPU, 1)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not model[0].weight.is_contiguous()
+
+
+def test_prepare_model_keeps_deepspeed_weights_contiguous_for_its_byte_view_broadcast():
+    config = _config("auto", channels_last=True).model_copy(deep=True)
+    config.engine.strategy = "deepspeed"
+    model, _ = prepare_model(_bn_model(), config, CPU, 1)
+    weight = model[0].weight
+    assert weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    weight.data.view(torch.uint8)  # what deepspeed.initialize does to broadcast it

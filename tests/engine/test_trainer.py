@@ -161,6 +161,28 @@ def test_sync_bn_true_on_cpu_is_refused_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # before work
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "evaluation.distance=global+local",
+            r"evaluation\.distance: 'local' is not a retrieval part of this model",
+        ),
+        (
+            "loss.local_triplet.weight=1",
+            r"loss\.local_triplet reads the model output 'local', which model\.head 'bnneck' "
+            r"does not produce",
+        ),
+    ],
+)
+def test_a_method_part_the_model_lacks_is_refused_before_training(tmp_path, setting, message):
+    from hpc_reid.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(tmp_path, setting))
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # nothing trained
+
+
 def test_evaluation_backend_cuda_whose_kernel_cannot_build_is_refused_before_training(
     monkeypatch,
 ):

@@ -150,3 +150,17 @@ def test_a_registered_head_is_built_by_name_and_an_unknown_one_is_refused_naming
         register_head("test_stripes")(Stripes)
     with pytest.raises(ConfigError, match=r"model\.head: unknown head 'bneck' \(did you mean"):
         load_config(None, ["model.head=bneck"])
+
+
+def test_a_checkpoint_from_before_named_heads_loads_into_the_bnneck_head():
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(backbone="osnet_x0_25"), 4)
+    old = {
+        (k.removeprefix("head.") if k.startswith("head.") else k): v
+        for k, v in model.state_dict().items()
+    }
+    assert "neck.bn.weight" in old and "pool.p" not in old  # the layout of those checkpoints
+    fresh = build_model(ModelConfig(backbone="osnet_x0_25"), 4)
+    fresh.load_state_dict(old, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
