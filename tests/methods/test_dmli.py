@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,15 +248,72 @@ def test_dmli_distance_on_cuda_equals_cpu():
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def test_dmli_bench_runs_at_tiny_size_and_prints_its_table(monkeypatch, capsys):
+@pytest.fixture
+def dmli_bench(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import dmli_bench
 
-    argv = ["--queries", "9", "--gallery", "40", "--stripes", "3", "--dim", "8"]
-    assert (
-        dmli_bench.main([*argv, "--threads", "1", "--numpy-tiles", "2", "--query-tile", "4"]) == 0
-    )
+    yield dmli_bench
+    sys.modules.pop("dmli_bench", None)
+
+
+TINY = ["--queries", "12", "--gallery", "60", "--stripes", "3", "--dim", "8", "--threads", "1"]
+TINY_EVALUATION = ["--global-dim", "16", "--ids", "4", "--distractors", "10"]
+
+
+def test_dmli_bench_runs_at_tiny_size_prints_both_tables_and_records_atomically(
+    dmli_bench, monkeypatch, capsys, tmp_path
+):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier results\n")
+    monkeypatch.setattr(dmli_bench, "RESULTS", results)
+    argv = [*TINY, *TINY_EVALUATION, "--numpy-tiles", "2", "--query-tile", "4", "--record"]
+    assert dmli_bench.main(argv) == 0  # 0: our CMC/mAP agree with the reference's
     out = capsys.readouterr().out
     assert "| numpy DP" in out and "| dmli_distance" in out
     assert "max |ours - numpy|" in out
-    sys.modules.pop("dmli_bench", None)
+    assert "| reference: numpy" in out and "| evaluate_features" in out
+    assert "1-minute load average: start" in out
+    recorded = results.read_text()
+    assert recorded.startswith("# earlier results\n\n## dmli_bench, ")
+    assert (
+        "`python bench/dmli_bench.py --queries 12" in recorded and "| evaluate_features" in recorded
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]  # no temporary file left
+
+
+def test_dmli_bench_evaluation_equals_the_numpy_argsort_reference_on_a_nontrivial_ranking(
+    dmli_bench,
+):
+    args = dmli_bench.parse_args([*TINY, *TINY_EVALUATION, "--queries", "20", "--ids", "6"])
+    res = dmli_bench.run_evaluation(args)
+    ours, ref = res["ours"], res["reference"]
+    # A ranking neither perfect nor empty, so that equal CMC/mAP is a real check.
+    assert 0 < ours.cmc[0] < 1 and 0 < ours.mAP < 1
+    assert ours.num_valid == ref["num_valid"] == 20
+    np.testing.assert_allclose(ours.cmc, ref["cmc"], rtol=0, atol=1e-6)
+    assert ours.mAP == pytest.approx(ref["mAP"], abs=1e-6)
+    assert res["dist_diff"] < 1e-5 and res["protocol_diff"] < 1e-12 and res["agree"]
+
+
+def test_market_like_labels_have_one_query_per_camera_junk_positives_and_distractors(
+    dmli_bench,
+):
+    rng = np.random.default_rng(0)
+    q_pids, q_camids, g_pids, g_camids = dmli_bench.market_like_labels(
+        rng, queries=3368, gallery=15913, ids=750, cameras=6, distractors=2793
+    )
+    assert q_pids.shape == q_camids.shape == (3368,) and g_pids.shape == g_camids.shape == (15913,)
+    assert set(q_pids.tolist()) == set(range(1, 751)) and (g_pids == 0).sum() == 2793
+    assert len(set(zip(q_pids.tolist(), q_camids.tolist(), strict=True))) == 3368
+    per_id = np.bincount(q_pids)[1:]
+    assert per_id.min() >= 2 and per_id.max() <= 6 and set(q_camids.tolist()) == set(range(6))
+    gallery = set(zip(g_pids.tolist(), g_camids.tolist(), strict=True))
+    for pid, cam in zip(q_pids.tolist(), q_camids.tolist(), strict=True):
+        assert (pid, cam) in gallery  # same-camera junk
+        assert any((pid, c) in gallery for c in range(6) if c != cam)  # a valid query
+    assert not (g_pids[:-1] <= g_pids[1:]).all()  # shuffled
+    with pytest.raises(ValueError, match="2 to `cameras` queries an identity"):
+        dmli_bench.market_like_labels(rng, queries=40, gallery=99, ids=6, cameras=6, distractors=0)
+    with pytest.raises(ValueError, match="distractors"):
+        dmli_bench.market_like_labels(rng, queries=12, gallery=20, ids=6, cameras=6, distractors=9)
