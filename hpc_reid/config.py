@@ -186,6 +186,13 @@ class ModelConfig(Section):
         "bnneck, global pooling + neck (BoT); aligned, that + AlignedReID's stripe features",
     )
     local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
+    members: int = Field(
+        1,
+        ge=1,
+        description="models trained together (mutual learning, AlignedReID: 2, with a "
+        "loss.mutual_* weight): the same architecture, each with its own initial weights; member "
+        "0 is the one evaluated and exported",
+    )
 
     def weights_part(self) -> dict[str, Any]:
         """The keys the trained weights depend on: all but the test-time ``retrieval_feature``, so
@@ -249,6 +256,13 @@ class LocalTripletConfig(Section):
     )
 
 
+class MutualConfig(Section):
+    """A mutual-learning term between the members of ``model.members`` (AlignedReID, after Deep
+    Mutual Learning; hpc_reid/methods/alignedreid/mutual.py)."""
+
+    weight: float = Field(0.0, ge=0.0)
+
+
 class LossConfig(Section):
     """Each section is one loss term, registered by name (hpc_reid.losses.register_loss); a term
     with weight 0 is off."""
@@ -257,6 +271,21 @@ class LossConfig(Section):
     triplet: TripletConfig = Field(default_factory=TripletConfig)
     center: CenterConfig = Field(default_factory=CenterConfig)
     local_triplet: LocalTripletConfig = Field(default_factory=LocalTripletConfig)
+    mutual_prob: MutualConfig = Field(
+        default_factory=MutualConfig,
+        description="KL divergence of each member's ID class probabilities from its peers' "
+        "(huanghoujing's pm loss; 0 in its README runs)",
+    )
+    mutual_global: MutualConfig = Field(
+        default_factory=MutualConfig,
+        description="mean squared difference of each member's batch global distance matrix from "
+        "its peers' (gdm loss; 1 in huanghoujing's README runs)",
+    )
+    mutual_local: MutualConfig = Field(
+        default_factory=MutualConfig,
+        description="the same on the batch DMLI distance matrices of the local stripes (ldm loss; "
+        "0 in huanghoujing's README runs)",
+    )
 
 
 class LRScalingConfig(Section):
@@ -447,6 +476,19 @@ class Config(Section):
                 f"sampler.num_instances={self.sampler.num_instances} leaves no positive pair for "
                 f"the triplet loss (loss.triplet.weight={self.loss.triplet.weight}); use K >= 2"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _mutual_learning_has_members(self) -> Config:
+        # a mutual term with one member has no peer: refused at load, not as a zero loss
+        for name in ("mutual_prob", "mutual_global", "mutual_local"):
+            weight = getattr(self.loss, name).weight
+            if weight > 0 and self.model.members < 2:
+                raise ValueError(
+                    f"loss.{name}.weight={weight} is mutual learning between the members of "
+                    f"model.members={self.model.members}; set model.members >= 2 (2 in "
+                    f"AlignedReID) or loss.{name}.weight=0"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
