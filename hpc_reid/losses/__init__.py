@@ -151,6 +151,17 @@ class ReidLoss(nn.Module):
     logging. ``self.center`` is the center loss (None when its weight is 0); its centers need their
     own optimizer (:func:`hpc_reid.engine.optim.build_center_optimizer`). With ``output_keys`` (the
     model's), a term reading an output the model lacks is a ConfigError here, at start.
+
+    A model of several members (``model.members``, mutual learning:
+    :class:`hpc_reid.methods.alignedreid.mutual.MutualModel`) returns one flat dict of tensors:
+    member 0's outputs under their own keys, member i's under ``members.<i>.<key>``
+    (:meth:`member_key`); ``output_keys`` names them all, which is how the number of members is
+    known here. Every term is then applied to each member's outputs and the values summed, so
+    each member trains with the whole recipe, as in the reference (huanghoujing's train_ml.py); a
+    term with state (the center loss's centers) is built once per member, because the members'
+    feature spaces differ and one set of centers would pull them together, a coupling no
+    reference has. A term with ``reads_members`` set (the ``mutual_*`` terms) is called once with
+    the list of every member's outputs. ``parts`` holds each term summed over the members.
     """
 
     def __init__(
@@ -172,15 +183,52 @@ class ReidLoss(nn.Module):
         if output_keys is not None:
             check_loss_inputs(cfg, output_keys, head)
         self.cfg = cfg
+        self.members = 1
+        if output_keys is not None:
+            self.members = len(self.member_outputs(dict.fromkeys(output_keys)))
         self._terms: dict[str, tuple[float, Term]] = {}
         for t in terms:
             section = getattr(cfg, t.name)
             term = t.build(section, num_classes, feat_dim)
+            if getattr(term, "reads_members", False) and output_keys is not None:
+                self._check_peers(t.name, self.members)
+            elif isinstance(term, nn.Module) and self.members > 1:
+                more = [t.build(section, num_classes, feat_dim) for _ in range(self.members - 1)]
+                term = _EachMember([term, *more])
             if isinstance(term, nn.Module):
                 self.add_module(t.name, term)
             self._terms[t.name] = (section.weight, term)
         if "center" not in self._modules:
             self.center = None
+
+    @staticmethod
+    def member_key(member: int, key: str) -> str:
+        """The key of member ``member``'s output ``key`` in a model's outputs dict."""
+        return key if member == 0 else f"members.{member}.{key}"
+
+    @staticmethod
+    def member_outputs(outputs: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each member's outputs dict, in member order (``[outputs]`` for a model of one)."""
+        by_member: dict[int, dict[str, torch.Tensor]] = {0: {}}
+        for key, value in outputs.items():
+            member, own = 0, key
+            if key.startswith("members."):
+                index, _, own = key.removeprefix("members.").partition(".")
+                if not (index.isdigit() and own):
+                    raise ValueError(f"model output {key!r}: expected members.<index>.<key>")
+                member = int(index)
+            by_member.setdefault(member, {})[own] = value
+        if sorted(by_member) != list(range(len(by_member))):
+            raise ValueError(f"model outputs of members {sorted(by_member)}: expected 0..K-1")
+        return [by_member[i] for i in range(len(by_member))]
+
+    @staticmethod
+    def _check_peers(name: str, members: int) -> None:
+        if members < 2:
+            raise ConfigError(
+                f"loss.{name} is mutual learning, but the model has {members} member "
+                f"(model.members={members}); set model.members >= 2 or loss.{name}.weight=0"
+            )
 
     @staticmethod
     def _input(outputs: Mapping[str, torch.Tensor], key: str, loss: str) -> None:
@@ -192,12 +240,32 @@ class ReidLoss(nn.Module):
     def forward(
         self, outputs: Mapping[str, torch.Tensor], pids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        members = self.member_outputs(outputs)
         weighted: list[torch.Tensor] = []
         parts: dict[str, torch.Tensor] = {}
         for name, (weight, term) in self._terms.items():
-            for key in _LOSSES[name].inputs:
-                self._input(outputs, key, f"loss.{name}")
-            parts[name] = term(outputs, pids)
+            for i, member in enumerate(members):
+                for key in _LOSSES[name].inputs:
+                    self._input(member, key, f"loss.{name}" + (f" (member {i})" if i else ""))
+            if getattr(term, "reads_members", False):
+                self._check_peers(name, len(members))
+                parts[name] = term(members, pids)
+            else:
+                if isinstance(term, nn.Module):  # state: one instance a member (_EachMember)
+                    each = list(term) if isinstance(term, _EachMember) else [term]
+                else:
+                    each = [term] * len(members)
+                if len(each) != len(members):
+                    raise ValueError(
+                        f"loss.{name} keeps state for {len(each)} member(s), the model returned "
+                        f"{len(members)} members' outputs (build ReidLoss with its output_keys)"
+                    )
+                values = [t(member, pids) for t, member in zip(each, members, strict=True)]
+                parts[name] = sum(values[1:], start=values[0])
             weighted.append(weight * parts[name])
         total = sum(weighted[1:], start=weighted[0])
         return total, {k: v.detach() for k, v in parts.items()}
+
+
+class _EachMember(nn.ModuleList):
+    """One instance of a term with state per member of the model (:class:`ReidLoss`)."""
