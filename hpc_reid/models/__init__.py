@@ -83,9 +83,21 @@ def _head_keys_of_before_heads(state_dict, prefix, *args) -> None:
             state_dict[f"{prefix}head.{rest}"] = state_dict.pop(key)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> ReidModel:
-    """The model ``cfg`` describes, with a ``num_classes``-way ID classifier."""
-    backbone = build_backbone(
-        cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
-    )
-    return ReidModel(backbone, build_head(cfg.head, backbone.out_channels, num_classes, cfg))
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model ``cfg`` describes, with a ``num_classes``-way ID classifier: a
+    :class:`ReidModel`, or with ``model.members`` > 1 a
+    :class:`~hpc_reid.methods.alignedreid.mutual.MutualModel` of that many, built one after
+    another from the current generator (each member its own initial weights; member 0 the same
+    as a one-member model from the same seed)."""
+
+    def one() -> ReidModel:
+        backbone = build_backbone(
+            cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
+        )
+        return ReidModel(backbone, build_head(cfg.head, backbone.out_channels, num_classes, cfg))
+
+    if cfg.members == 1:
+        return one()
+    from hpc_reid.methods.alignedreid.mutual import MutualModel  # methods import models
+
+    return MutualModel([one() for _ in range(cfg.members)])
