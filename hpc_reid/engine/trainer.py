@@ -509,7 +509,7 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log)
     if state["model_meta"] != meta:
         diff = {
             k: (state["model_meta"].get(k), meta.get(k))
-            for k in meta
+            for k in [*meta, *(k for k in state["model_meta"] if k not in meta)]
             if state["model_meta"].get(k) != meta.get(k)
         }
         details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())

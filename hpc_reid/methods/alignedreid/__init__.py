@@ -8,5 +8,5 @@ Implementation notes: ../shared/methods/alignedreid.md.
 
 from __future__ import annotations
 
-# importing registers model.head "aligned" and loss.local_triplet
-from hpc_reid.methods.alignedreid import model, terms  # noqa: F401
+# importing registers model.head "aligned", loss.local_triplet, the mutual terms and "dmli"
+from hpc_reid.methods.alignedreid import model, mutual, terms  # noqa: F401
