@@ -12,14 +12,7 @@ from torch import nn
 from hpc_reid.config import OptimizerConfig, ScheduleConfig
 from hpc_reid.engine.optim import build_optimizer, build_scheduler, scaled_lr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _opt_cfg(**kw) -> OptimizerConfig:

@@ -7,14 +7,7 @@ from hpc_reid.config import CenterConfig
 from hpc_reid.engine.optim import build_center_optimizer
 from hpc_reid.losses import CenterLoss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(x: torch.Tensor, pids: list[int], centers: torch.Tensor) -> torch.Tensor:

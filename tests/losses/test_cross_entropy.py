@@ -7,14 +7,7 @@ import torch.nn.functional as F
 
 from hpc_reid.losses import label_smoothing_cross_entropy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(logits: np.ndarray, targets: np.ndarray, eps: float) -> float:

@@ -10,14 +10,7 @@ from hpc_reid.losses import (
     label_smoothing_cross_entropy,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

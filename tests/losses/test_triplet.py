@@ -22,13 +22,7 @@ from hpc_reid.losses.triplet import _batch_hard_terms
 MARGINS = [0.3, None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_force(x: torch.Tensor, pids: list[int], margin: float | None) -> torch.Tensor:

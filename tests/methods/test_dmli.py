@@ -17,13 +17,7 @@ from hpc_reid.methods.alignedreid.dmli import dmli_distance, dmli_matrix, dmli_p
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_table(f: list[list[float]], g: list[list[float]]) -> list[list[float]]:

@@ -26,12 +26,7 @@ MARGINS = [0.3, None]
 MINING = ["global", "local"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,7 @@ MUTUAL = ("mutual_prob", "mutual_global", "mutual_local")
 KEYS = ("global", "bn", "logits", "local")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------- references (float64)
