@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
+from hpc_reid.data.fields import with_fields
 from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
@@ -386,10 +387,12 @@ class _Run:
             if config.engine.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             pids = batch["pids"].to(device, non_blocking=True)
+            # the per-sample targets the loss terms declare (hpc_reid.data.fields), if any
+            batch = with_fields(batch, self.criterion.batch_fields, self.dataset.train, device)
             with self.strategy.autocast():
                 outputs = self.forward(images)
             outputs = {k: v.float() for k, v in outputs.items()}
-            total, parts = self.criterion(outputs, pids)
+            total, parts = self.criterion(outputs, pids, batch)
             self.strategy.step(total)
             self.step, self.consumed, seen = self.step + 1, self.consumed + 1, seen + len(images)
             # Reading a loss waits for the GPU: only on logging steps, so the host can queue

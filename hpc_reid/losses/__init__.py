@@ -55,19 +55,27 @@ class LossTerm:
     name: str
     inputs: frozenset[str]
     build: Callable[[object, int, int], Term]
+    batch_fields: frozenset[str] = frozenset()
 
 
 _LOSSES: dict[str, LossTerm] = {}
 
 
-def register_loss(name: str, inputs: set[str] | frozenset[str] | tuple[str, ...]):
+def register_loss(
+    name: str,
+    inputs: set[str] | frozenset[str] | tuple[str, ...],
+    batch_fields: set[str] | frozenset[str] | tuple[str, ...] = (),
+):
     """Register ``build(section, num_classes, feature_dim) -> term`` as the term of ``loss.<name>``
-    (a section of :class:`hpc_reid.config.LossConfig` with a ``weight``), reading ``inputs``."""
+    (a section of :class:`hpc_reid.config.LossConfig` with a ``weight``), reading the model
+    outputs ``inputs``. A term with ``batch_fields`` (:mod:`hpc_reid.data.fields`) is called as
+    ``term(outputs, pids, batch)``, the batch holding those fields; the others ``term(outputs,
+    pids)``."""
 
     def add(build: Callable[[object, int, int], Term]):
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = LossTerm(name, frozenset(inputs), build)
+        _LOSSES[name] = LossTerm(name, frozenset(inputs), build, frozenset(batch_fields))
         return build
 
     return add
@@ -237,9 +245,20 @@ class ReidLoss(nn.Module):
                 f"{loss} needs the model output {key!r}; the model returned {sorted(outputs)}"
             )
 
+    @property
+    def batch_fields(self) -> list[str]:
+        """The batch fields the active terms read (:mod:`hpc_reid.data.fields`), sorted: what
+        the trainer adds to each batch."""
+        return sorted(set().union(*(_LOSSES[n].batch_fields for n in self._terms)))
+
     def forward(
-        self, outputs: Mapping[str, torch.Tensor], pids: torch.Tensor
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        pids: torch.Tensor,
+        batch: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch``: the loader's batch with :attr:`batch_fields` added (terms registered with
+        ``batch_fields`` receive it as their third argument)."""
         members = self.member_outputs(outputs)
         weighted: list[torch.Tensor] = []
         parts: dict[str, torch.Tensor] = {}
@@ -260,7 +279,15 @@ class ReidLoss(nn.Module):
                         f"loss.{name} keeps state for {len(each)} member(s), the model returned "
                         f"{len(members)} members' outputs (build ReidLoss with its output_keys)"
                     )
-                values = [t(member, pids) for t, member in zip(each, members, strict=True)]
+                fields = _LOSSES[name].batch_fields
+                if fields:
+                    missing = sorted(fields - set(batch or {}))
+                    if missing:
+                        raise KeyError(f"loss.{name} needs the batch field(s) {missing}")
+                    extra = (batch,)
+                else:
+                    extra = ()
+                values = [t(member, pids, *extra) for t, member in zip(each, members, strict=True)]
                 parts[name] = sum(values[1:], start=values[0])
             weighted.append(weight * parts[name])
         total = sum(weighted[1:], start=weighted[0])

@@ -267,8 +267,8 @@ def test_losses_are_read_on_the_host_only_on_logging_steps(tmp_path, monkeypatch
     reads: list[int] = []
 
     class SpiedLoss(trainer.ReidLoss):
-        def forward(self, outputs, pids):
-            total, parts = super().forward(outputs, pids)
+        def forward(self, outputs, pids, batch=None):
+            total, parts = super().forward(outputs, pids, batch)
             live["step"] += 1
             live["ptrs"] = {t.data_ptr() for t in (total, *parts.values())}
             return total, parts

@@ -1,0 +1,82 @@
+"""Batch fields: per-sample targets beyond images, pids and camids, by name.
+
+Both training loaders (torch and DALI) yield each batch's dataset ``indices`` with the same
+semantics (the sampler's indices, in batch order), so a field is a function of the training records
+and those indices, computed in the training process after the loader: its values cannot differ
+between loaders, worker counts or ranks. A loss term that reads fields declares them
+(:func:`hpc_reid.losses.register_loss` ``batch_fields=``); the trainer adds exactly the fields the
+active terms need to the batch they receive (``batch[name]``, on the training device). Built in:
+``frames`` (the record's frame number, -1 where the data set has none: st-ReID's spatial-temporal
+scoring). A method whose target is heavier than a lookup (SAN's texture image) registers a field
+that loads it from the record's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hpc_reid.data.datasets.base import ImageRecord
+
+#: ``fn(records, indices) -> tensor`` whose first dimension is ``len(indices)``
+BatchField = Callable[[Sequence[ImageRecord], np.ndarray], torch.Tensor]
+_FIELDS: dict[str, BatchField] = {}
+
+
+def register_batch_field(name: str) -> Callable[[BatchField], BatchField]:
+    """Register ``fn(records, indices) -> (len(indices), ...) tensor`` as batch field ``name``."""
+
+    def add(fn: BatchField) -> BatchField:
+        if name in _FIELDS or name in ("images", "pids", "camids", "indices"):
+            raise ValueError(f"batch field {name!r} is already defined")
+        _FIELDS[name] = fn
+        return fn
+
+    return add
+
+
+def available_batch_fields() -> list[str]:
+    return sorted(_FIELDS)
+
+
+def batch_fields(
+    names: Sequence[str],
+    records: Sequence[ImageRecord],
+    indices: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The fields ``names`` of the samples at dataset ``indices`` (a loader batch's), on
+    ``device``."""
+    unknown = sorted(set(names) - set(_FIELDS))
+    if unknown:
+        raise KeyError(f"unknown batch field(s) {unknown}; registered: {available_batch_fields()}")
+    idx = indices.detach().cpu().numpy().astype(np.int64)
+    out = {}
+    for name in names:
+        value = _FIELDS[name](records, idx)
+        if value.shape[:1] != (len(idx),):
+            raise ValueError(
+                f"batch field {name!r} gave shape {tuple(value.shape)} for {len(idx)} samples"
+            )
+        out[name] = value.to(device, non_blocking=True)
+    return out
+
+
+def with_fields(
+    batch: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    records: Sequence[ImageRecord],
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """``batch`` plus the fields ``names`` (nothing is computed when ``names`` is empty)."""
+    if not names:
+        return dict(batch)
+    return {**batch, **batch_fields(names, records, batch["indices"], device)}
+
+
+@register_batch_field("frames")
+def _frames(records: Sequence[ImageRecord], indices: np.ndarray) -> torch.Tensor:
+    frames = [records[i].frame for i in indices]
+    return torch.tensor([-1 if f is None else int(f) for f in frames], dtype=torch.int64)
