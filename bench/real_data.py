@@ -507,6 +507,9 @@ def run_groups(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> 
         for run in groups[key]:
             tag = f"[{numbered[id(run)]}/{len(todo)}] {run.dataset} split {run.split} "
             tag += run.variant.name
+            if (run.folder / "results.json").is_file():  # another campaign finished it since
+                print(f"{tag}: done meanwhile, skipped", flush=True)
+                continue
             print(f"{tag} ...", flush=True)
             try:
                 record = execute(run, args.in_process, None if args.in_process else threads)
