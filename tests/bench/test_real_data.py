@@ -350,3 +350,26 @@ def test_the_plan_sets_the_default_split_count(rd, tmp_path):
     (tmp_path / "bad.yaml").write_text(plan.read_text().replace("splits: 3", "splits: 11"))
     with pytest.raises(ConfigError, match=r"splits=11: expected 1\.\.10"):
         rd.load_plan(tmp_path / "bad.yaml")
+
+
+def test_a_run_finished_meanwhile_by_another_campaign_is_not_trained_again(
+    rd, tmp_path, monkeypatch
+):
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = small_plan(tmp_path, "variants:\n  bot: []\n  no_center: [loss.center.weight=0]\n")
+    calls = []
+
+    def execute(run, in_process=False, threads=None):
+        calls.append(run.variant.name)
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / "results.json").write_text(json.dumps({m: 0.5 for m in METRICS}))
+        if run.variant.name == "bot":  # meanwhile, another campaign finishes no_center
+            other = run.folder.parent / "no_center"
+            other.mkdir(parents=True, exist_ok=True)
+            (other / "results.json").write_text(json.dumps({m: 0.25 for m in METRICS}))
+        return {"returncode": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(rd, "execute", execute)
+    argv = ["--plan", str(plan), "--out", str(tmp_path / "o"), "--splits", "1"]
+    assert rd.main([*argv, "--datasets", "viper", "--shared-data", str(shared)]) == 0
+    assert calls == ["bot"]
