@@ -17,6 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -221,21 +222,48 @@ def _train(config, rank, world, device, resume, max_steps, reporter):
         run.close()
 
 
+@dataclass(eq=False)
 class _Run:
     """One training run's parts and position. :meth:`build` makes the parts (data, sampler,
     loader, model, losses, optimizer, schedule, strategy); the other methods are the loop's steps.
 
     Where a method plugs in: its head builds inside :func:`build_model` (``model.head``), its loss
-    terms inside :class:`ReidLoss` (``loss.*``), its test-time distance inside
-    :func:`evaluate_model` (``evaluation.distance``); nothing here knows which method runs.
+    terms inside :class:`ReidLoss` (``loss.*``, with the batch fields they declare), its test-time
+    distance inside :func:`evaluate_model` (``evaluation.distance``); nothing here knows which
+    method runs.
     """
 
-    def __init__(self, **parts: Any) -> None:
-        self.__dict__.update(parts)
-        self.epoch, self.step, self.best, self.consumed = 0, 0, None, 0
-        self.last_saved_step = -1
-        self.epochs = self.config.schedule.epochs
-        self.stop = _StopSignal()
+    config: Config
+    rank: int
+    world: int
+    main: bool
+    device: torch.device
+    run_dir: Path
+    checkpoints: CheckpointManager
+    resume_path: Path | None
+    log: RunLog
+    dataset: Any  # hpc_reid.data.build's ReidDataset: train/query/gallery records
+    sampler: IdentitySampler
+    loader: Any  # the torch or DALI training loader: batches of dict(images, pids, ...)
+    model: torch.nn.Module  # as prepared (SyncBatchNorm, channels_last), before the strategy
+    criterion: ReidLoss
+    accum: int  # micro-batches per optimizer step
+    optimizer: torch.optim.Optimizer
+    strategy: Any  # DDPStrategy or DeepSpeedStrategy
+    forward: Callable  # the strategy's model, torch.compile'd with engine.compile
+    meta: dict[str, Any]  # what a checkpoint must match (model_meta)
+    notes: str  # the start-up line of the run log
+    # the position: epochs done, optimizer steps, best mAP, batches of this epoch consumed
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    consumed: int = 0
+    last_saved_step: int = -1
+    stop: _StopSignal = field(default_factory=lambda: _StopSignal())
+
+    @property
+    def epochs(self) -> int:
+        return self.config.schedule.epochs
 
     # ------------------------------------------------------------------------------- build
 
