@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hpc_reid.cli import add_overrides
 from hpc_reid.config import (
     Config,
     ConfigError,
@@ -284,16 +285,21 @@ def _checkpoint_of(run: Run) -> list[str]:
     return argv
 
 
-def execute(run: Run, in_process: bool = False, threads: int | None = None) -> dict:
-    """Run one command, its output to ``FOLDER/log.txt``, its record to ``FOLDER/run.json``;
-    ``threads``: the process's OpenMP threads (default: the environment's)."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    argv = _checkpoint_of(run) if run.variant.eval_of else list(run.argv)
+def run_logged(
+    argv: Sequence[str], folder: Path, threads: int | None = None, in_process: bool = False
+) -> dict:
+    """One ``hpc-reid ARGV`` process (this interpreter's), with ``threads`` OpenMP threads (default:
+    the environment's), its output appended to ``FOLDER/log.txt`` and its record (argv, exit
+    status, wall seconds, threads) written to ``FOLDER/run.json``. ``in_process``: the same
+    command line in this process (tests: no interpreter start-up)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = list(argv)
     start = time.monotonic()
-    with open(run.folder / "log.txt", "a") as log:
-        log.write(f"$ hpc-reid {shlex.join(argv)}\n")
+    with open(folder / "log.txt", "a") as log:
+        prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+        log.write(f"$ {prefix}hpc-reid {shlex.join(argv)}\n")
         log.flush()
-        if in_process:  # the same command line in this process (tests: no interpreter start-up)
+        if in_process:
             from contextlib import redirect_stderr, redirect_stdout
 
             from hpc_reid.cli import main
@@ -311,8 +317,14 @@ def execute(run: Run, in_process: bool = False, threads: int | None = None) -> d
     record = {"argv": argv, "returncode": code, "seconds": round(time.monotonic() - start, 1)}
     if threads:
         record["threads"] = threads
-    (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def execute(run: Run, in_process: bool = False, threads: int | None = None) -> dict:
+    """Run one plan run (an eval_of run on its source's newest checkpoint): :func:`run_logged`."""
+    argv = _checkpoint_of(run) if run.variant.eval_of else list(run.argv)
+    return run_logged(argv, run.folder, None if in_process else threads, in_process)
 
 
 def drop_checkpoints(runs: Sequence[Run]) -> None:
@@ -512,7 +524,7 @@ def run_groups(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> 
                 continue
             print(f"{tag} ...", flush=True)
             try:
-                record = execute(run, args.in_process, None if args.in_process else threads)
+                record = execute(run, args.in_process, threads)
             except FileNotFoundError as exc:
                 record = {"returncode": None, "seconds": 0, "error": str(exc)}
             ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
@@ -532,6 +544,20 @@ def run_groups(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> 
     return sorted(failed)
 
 
+def add_parallel(p: argparse.ArgumentParser, what: str) -> None:
+    """``--parallel N`` (``what``) and ``--threads`` (per process; :func:`threads_per_run`)."""
+    p.add_argument("--parallel", type=int, default=1, help=what)
+    p.add_argument("--threads", type=int, help="OpenMP threads a run (default: cores / --parallel)")
+
+
+def threads_per_run(args: argparse.Namespace) -> int:
+    """``--threads``, else this machine's cores shared by the ``--parallel`` runs (at least 1);
+    a ConfigError for ``--parallel`` below 1."""
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel={args.parallel}: expected 1 or more")
+    return args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default=str(REPO / "configs/ablation/real_data.yaml"))
@@ -543,18 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", help="comma-separated subset of the plan's data sets")
     p.add_argument("--variants", help="comma-separated subset (the reference is always added)")
     p.add_argument("--shared-data", type=Path, default=default_shared())
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override for every training run, after the variant's (e.g. schedule.epochs=1)",
+    add_overrides(
+        p, help="override for every training run, after the variant's (e.g. schedule.epochs=1)"
     )
-    p.add_argument(
-        "--parallel", type=int, default=1, help="(data set, split) groups at once; default 1"
-    )
-    p.add_argument("--threads", type=int, help="OpenMP threads a run (cores / --parallel)")
+    add_parallel(p, "(data set, split) groups at once, each in order; default 1")
     p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
     p.add_argument("--in-process", action="store_true", help="runs in this process (tests)")
@@ -572,15 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out).resolve()
         shared = args.shared_data.resolve()
         runs = plan_runs(plan, variants, datasets, splits, args.seed, shared, out, args.overrides)
-        if args.parallel < 1:
-            raise ConfigError(f"--parallel={args.parallel}: expected 1 or more")
+        threads = threads_per_run(args)
     except ConfigError as exc:
         print(f"real_data: error: {exc}", file=sys.stderr)
         return 2
     failed = []
     if not args.only_aggregate:
         todo = [r for r in runs if not (r.folder / "results.json").is_file()]
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
         print(
             f"{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to run, "
             f"{args.parallel} (data set, split) at once x {threads} thread(s)",

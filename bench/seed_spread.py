@@ -6,7 +6,7 @@ and machines (float kernels differ across CPUs), so a number worth reporting is 
 seeds, measured by one command. The data set's own seed (``data.synthetic.seed``) is left alone:
 only the training seed varies.
 
-Each seed is one ``hpc-reid train`` process (the venv's, beside this interpreter) with
+Each seed is one ``hpc-reid train`` process (``python -m hpc_reid.cli`` of this interpreter) with
 ``OMP_NUM_THREADS`` = cores / ``--parallel``, writing ``OUT/seed{S}/`` (its results.json, log.txt,
 and run.json with the wall time); a seed whose results.json exists is skipped, so an interrupted
 measurement continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summary.md``.
@@ -23,17 +23,16 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from real_data import _pm, _stats, publish, stamped  # bench/real_data.py: mean, std, ±, output
+# bench/real_data.py: mean, std, ±, output, the process runner and the --parallel arguments
+from real_data import _pm, _stats, add_parallel, publish, run_logged, stamped, threads_per_run
 
+from hpc_reid.cli import add_overrides
 from hpc_reid.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,33 +51,6 @@ def run_argv(config: Path, seed: int, out: Path, overrides: Sequence[str] = ()) 
     sets = [*overrides, *QUIET, f"engine.seed={seed}"]
     sets += [f"logging.output_dir={out}", f"logging.run_name={seed_folder(out, seed).name}"]
     return ["train", "--config", str(config), *[f"--set={s}" for s in sets]]
-
-
-def hpc_reid() -> list[str]:
-    """The venv's console script beside this interpreter, else ``python -m hpc_reid.cli``."""
-    script = Path(sys.executable).with_name("hpc-reid")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "hpc_reid.cli"]
-
-
-def execute(argv: Sequence[str], folder: Path, threads: int) -> dict:
-    """One training process with ``threads`` OpenMP threads, its output to ``FOLDER/log.txt``, its
-    record (command, exit status, wall seconds, threads) to ``FOLDER/run.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [*hpc_reid(), *argv]
-    start = time.monotonic()
-    with open(folder / "log.txt", "a") as log:
-        log.write(f"$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
-        log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    record = {
-        "argv": list(argv),
-        "returncode": code.returncode,
-        "seconds": round(time.monotonic() - start, 1),
-        "threads": threads,
-    }
-    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -158,19 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override for every run (engine.seed and the run folder are set per seed)",
-    )
+    add_overrides(p, "override for every run (engine.seed and the run folder are set per seed)")
     p.add_argument("--out", required=True, type=Path, help="folder for seed*/ and summary.*")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once; cores / N threads each")
-    p.add_argument(
-        "--threads", type=int, help="OpenMP threads per run (default: cores / --parallel)"
-    )
+    add_parallel(p, "runs at once; default 1")
     p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     return p
@@ -180,14 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out.resolve()
     config = args.config.resolve()
-    if args.parallel < 1:
-        print(
-            f"seed_spread: error: --parallel={args.parallel}: expected 1 or more", file=sys.stderr
-        )
-        return 2
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     plans = {s: run_argv(config, s, out, args.overrides) for s in args.seeds}
     try:  # every seed's config resolved now, so a bad key fails before the first run
+        threads = threads_per_run(args)
         for a in plans.values():
             load_config(config, [x.removeprefix("--set=") for x in a if x.startswith("--set=")])
     except ConfigError as exc:
@@ -202,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
         def one(seed: int) -> None:
-            record = execute(plans[seed], seed_folder(out, seed), threads)
+            record = run_logged(plans[seed], seed_folder(out, seed), threads)
             ok = record["returncode"] == 0 and (seed_folder(out, seed) / "results.json").is_file()
             print(f"seed {seed}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
             if not ok:

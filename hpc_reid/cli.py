@@ -18,16 +18,20 @@ from hpc_reid.data.datasets import DatasetError, available_datasets, build_datas
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 
 
+def add_overrides(
+    p: argparse.ArgumentParser,
+    help: str = "override one config key (repeatable), e.g. --set optimizer.lr=1e-3",
+) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, read as YAML and validated like a
+    config file's keys (also the bench scripts' ``--set``)."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="experiment YAML under configs/")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set optimizer.lr=1e-3",
-    )
+    add_overrides(p)
 
 
 def _parse_options(pairs: Sequence[str]) -> dict:
@@ -657,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_cmds.add_parser("show", help="print the resolved config")
     show.add_argument("file", help="experiment YAML")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(show)
     show.set_defaults(func=cmd_config_show)
 
     data = commands.add_parser("data", help="data sets: synthesise, inspect, pack")
