@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import itertools
 import os
 import tempfile
@@ -19,7 +20,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The built-in backbones; one registered with hpc_reid.models.register_backbone is accepted too.
 BACKBONES = (
@@ -35,6 +44,11 @@ BACKBONES = (
 SYNTHETIC = "synthetic"
 # The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
 HEADS = ("bnneck", "aligned")
+#: model.<key> -> (built-in names, the module and function listing every registered one)
+_REGISTRIES = {
+    "backbone": (BACKBONES, "hpc_reid.models.backbones", "available_backbones"),
+    "head": (HEADS, "hpc_reid.models.heads", "available_heads"),
+}
 
 
 class ConfigError(ValueError):
@@ -199,28 +213,16 @@ class ModelConfig(Section):
         that an evaluation of a checkpoint may change that key and no other (bench/real_data.py)."""
         return self.model_dump(exclude={"retrieval_feature"})
 
-    @field_validator("backbone")
+    @field_validator("backbone", "head")
     @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        if name in BACKBONES:
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        """A built-in name, else one registered (hpc_reid.models.register_backbone/_head)."""
+        builtin, module, function = _REGISTRIES[info.field_name]
+        if name in builtin:
             return name
-        from hpc_reid.models.backbones import available_backbones  # imports torch: only here
-
-        known = available_backbones()
+        known = getattr(importlib.import_module(module), function)()  # imports torch: only here
         if name not in known:
-            raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, known)}")
-        return name
-
-    @field_validator("head")
-    @classmethod
-    def _known_head(cls, name: str) -> str:
-        if name in HEADS:
-            return name
-        from hpc_reid.models.heads import available_heads  # imports torch: only here
-
-        known = available_heads()
-        if name not in known:
-            raise ValueError(f"unknown head {name!r}{did_you_mean(name, known)}")
+            raise ValueError(f"unknown {info.field_name} {name!r}{did_you_mean(name, known)}")
         return name
 
 

@@ -69,10 +69,11 @@ def with_fields(
     names: Sequence[str],
     records: Sequence[ImageRecord],
     device: torch.device | str,
-) -> dict[str, torch.Tensor]:
-    """``batch`` plus the fields ``names`` (nothing is computed when ``names`` is empty)."""
+) -> Mapping[str, torch.Tensor]:
+    """``batch`` plus the fields ``names``; ``batch`` itself when ``names`` is empty (every step
+    of a run whose terms read none: nothing computed or copied)."""
     if not names:
-        return dict(batch)
+        return batch
     return {**batch, **batch_fields(names, records, batch["indices"], device)}
 
 

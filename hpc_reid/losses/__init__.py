@@ -208,6 +208,9 @@ class ReidLoss(nn.Module):
             self._terms[t.name] = (section.weight, term)
         if "center" not in self._modules:
             self.center = None
+        #: the batch fields the active terms read (:mod:`hpc_reid.data.fields`), sorted: what the
+        #: trainer adds to each batch
+        self.batch_fields = sorted(set().union(*(t.batch_fields for t in terms)))
 
     @staticmethod
     def member_key(member: int, key: str) -> str:
@@ -244,12 +247,6 @@ class ReidLoss(nn.Module):
             raise KeyError(
                 f"{loss} needs the model output {key!r}; the model returned {sorted(outputs)}"
             )
-
-    @property
-    def batch_fields(self) -> list[str]:
-        """The batch fields the active terms read (:mod:`hpc_reid.data.fields`), sorted: what
-        the trainer adds to each batch."""
-        return sorted(set().union(*(_LOSSES[n].batch_fields for n in self._terms)))
 
     def forward(
         self,
