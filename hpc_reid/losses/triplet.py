@@ -30,6 +30,32 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> 
     return sq.clamp(min=eps).sqrt()
 
 
+def triplet_masks(
+    anchor_pids: torch.Tensor, candidate_pids: torch.Tensor, anchor_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positives, negatives, valid): the (A, C) masks of each anchor's positive candidates (same
+    pid, not itself: ``anchor_index[i]`` is anchor i's row among the candidates) and negatives,
+    and the (A,) mask of anchors that have both, the only ones with a triplet."""
+    same = anchor_pids.unsqueeze(1) == candidate_pids.unsqueeze(0)
+    cols = torch.arange(candidate_pids.shape[0], device=candidate_pids.device)
+    is_self = anchor_index.unsqueeze(1) == cols.unsqueeze(0)
+    pos = same & ~is_self
+    neg = ~same
+    return pos, neg, pos.any(1) & neg.any(1)
+
+
+def triplet_terms(
+    d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor, margin: float | None
+) -> torch.Tensor:
+    """Per-anchor losses relu(d_ap - d_an + margin), or softplus(d_ap - d_an) with ``margin``
+    None (soft margin), zero where not ``valid``. Excluded anchors get 0 - 0: no stray value
+    (an inf of an empty mask) reaches the loss, so no NaN reaches the gradient."""
+    zero = torch.zeros_like(d_ap)
+    gap = torch.where(valid, d_ap, zero) - torch.where(valid, d_an, zero)
+    terms = F.softplus(gap) if margin is None else F.relu(gap + margin)
+    return torch.where(valid, terms, zero)
+
+
 def _batch_hard_terms(
     anchors: torch.Tensor,
     anchor_pids: torch.Tensor,
@@ -43,19 +69,10 @@ def _batch_hard_terms(
     ``anchor_index[i]`` is the row of anchor i among the candidates: it is not its own positive.
     """
     dist_ = pairwise_euclidean(anchors, candidates)
-    same = anchor_pids.unsqueeze(1) == candidate_pids.unsqueeze(0)
-    cols = torch.arange(candidates.shape[0], device=candidates.device)
-    is_self = anchor_index.unsqueeze(1) == cols.unsqueeze(0)
-    pos = same & ~is_self
-    neg = ~same
-    valid = pos.any(1) & neg.any(1)
+    pos, neg, valid = triplet_masks(anchor_pids, candidate_pids, anchor_index)
     d_ap = dist_.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist_.masked_fill(~neg, float("inf")).amin(1)
-    # Excluded anchors get 0 - 0: no inf reaches the loss, so no NaN reaches the gradient.
-    zero = torch.zeros_like(d_ap)
-    gap = torch.where(valid, d_ap, zero) - torch.where(valid, d_an, zero)
-    terms = F.softplus(gap) if margin is None else F.relu(gap + margin)
-    return torch.where(valid, terms, zero), valid
+    return triplet_terms(d_ap, d_an, valid, margin), valid
 
 
 def _check(features: torch.Tensor, pids: torch.Tensor) -> None:

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from hpc_reid.losses.triplet import all_gather_with_grad, pairwise_euclidean
+from hpc_reid.losses.triplet import (
+    all_gather_with_grad,
+    pairwise_euclidean,
+    triplet_masks,
+    triplet_terms,
+)
 from hpc_reid.methods.alignedreid.dmli import dmli_matrix, dmli_paired
 
 MINING = ("global", "local")
@@ -62,14 +66,10 @@ def _local_triplet_terms(
     """Per-anchor losses l_a (zero where excluded) and the mask of anchors with a triplet.
 
     ``anchor_index[i]`` is the row of anchor i among the candidates: it is not its own positive.
-    The masks are those of the global triplet (:func:`hpc_reid.losses.triplet._batch_hard_terms`).
+    The masks and the hinge are the global triplet's (:func:`hpc_reid.losses.triplet.triplet_masks`,
+    :func:`~hpc_reid.losses.triplet.triplet_terms`).
     """
-    same = anchor_pids.unsqueeze(1) == cand_pids.unsqueeze(0)
-    cols = torch.arange(cand_pids.shape[0], device=cand_pids.device)
-    is_self = anchor_index.unsqueeze(1) == cols.unsqueeze(0)
-    pos = same & ~is_self
-    neg = ~same
-    valid = pos.any(1) & neg.any(1)
+    pos, neg, valid = triplet_masks(anchor_pids, cand_pids, anchor_index)
     if mining == "global":
         with torch.no_grad():
             mined = pairwise_euclidean(anchor_global.float(), cand_global.float())
@@ -86,11 +86,7 @@ def _local_triplet_terms(
     else:
         d_ap = local_dist.gather(1, p.unsqueeze(1)).squeeze(1)
         d_an = local_dist.gather(1, n.unsqueeze(1)).squeeze(1)
-    # Excluded anchors get 0 - 0, as in the global triplet: no stray value reaches the gradient.
-    zero = torch.zeros_like(d_ap)
-    gap = torch.where(valid, d_ap, zero) - torch.where(valid, d_an, zero)
-    terms = F.softplus(gap) if margin is None else F.relu(gap + margin)
-    return torch.where(valid, terms, zero), valid
+    return triplet_terms(d_ap, d_an, valid, margin), valid
 
 
 def local_triplet_loss(
