@@ -93,8 +93,16 @@ class DataConfig(Section):
 
 
 class SamplerConfig(Section):
-    """Identity-balanced batches: P identities x K images per rank."""
+    """Identity-balanced batches (P identities x K images per rank), or plain random batches."""
 
+    kind: Literal["identity", "random"] = Field(
+        "identity",
+        description="identity: P x K identity-balanced batches (BoT); random: batches of "
+        "batch_size images drawn without identity balancing (the anchor loss's stage 2)",
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="random: images per rank batch; null: P x K, the same batch"
+    )
     num_identities: int = Field(16, ge=1, description="P, identities per rank batch")
     num_instances: int = Field(4, ge=1, description="K, images per identity")
     allow_replacement: bool = Field(
@@ -200,6 +208,12 @@ class ModelConfig(Section):
         "bnneck, global pooling + neck (BoT); aligned, that + AlignedReID's stripe features",
     )
     local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
+    init_from: str | None = Field(
+        None,
+        description="start from another run's weights (a checkpoint file, its run or "
+        "checkpoints folder, or best.pt): weights only, no optimizer, schedule, sampler or RNG "
+        "state; a stage-2 run (the anchor loss) from stage 1. Ignored when the run resumes",
+    )
     members: int = Field(
         1,
         ge=1,
@@ -265,6 +279,29 @@ class MutualConfig(Section):
     weight: float = Field(0.0, ge=0.0)
 
 
+class AnchorConfig(Section):
+    """The cluster-level anchor loss (Chen et al. 2020, hpc_reid/methods/anchor): each feature is
+    pulled towards its class anchor, the mean feature of all the class's training images under
+    the current model (eval mode, un-augmented, flip-averaged), recomputed at the start of every
+    ``every_epochs``-th epoch (and every ``every_steps`` optimizer steps, if set)."""
+
+    weight: float = Field(0.0, ge=0.0)
+    form: Literal["mse", "l1", "intra_inter"] = Field(
+        "mse",
+        description="mse: mean of (f - a_y)^2 (the released scripts); l1: mean |f - a_y|; "
+        "intra_inter: hinge of ||f - a_y|| - min over c != y of ||f - a_c|| + margin",
+    )
+    margin: float = Field(0.3, ge=0.0, description="intra_inter only")
+    feature: Literal["bn", "global"] = Field(
+        "bn", description="the feature anchored: bn, after the BNNeck (the reference); global"
+    )
+    flip_average: bool = Field(True, description="anchors from the mean of image and its flip")
+    every_epochs: int = Field(1, ge=1, description="recompute the anchors every N epochs")
+    every_steps: int = Field(
+        0, ge=0, description="also recompute every N optimizer steps within an epoch; 0: off"
+    )
+
+
 class LossConfig(Section):
     """Each section is one loss term, registered by name (hpc_reid.losses.register_loss); a term
     with weight 0 is off."""
@@ -273,6 +310,7 @@ class LossConfig(Section):
     triplet: TripletConfig = Field(default_factory=TripletConfig)
     center: CenterConfig = Field(default_factory=CenterConfig)
     local_triplet: LocalTripletConfig = Field(default_factory=LocalTripletConfig)
+    anchor: AnchorConfig = Field(default_factory=AnchorConfig)
     mutual_prob: MutualConfig = Field(
         default_factory=MutualConfig,
         description="KL divergence of each member's ID class probabilities from its peers' "
@@ -473,6 +511,15 @@ class Config(Section):
     def _combinations(self) -> Config:
         if self.data.dataset != SYNTHETIC and not self.data.root:
             raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
+        if self.sampler.kind == "random":
+            for name in ("triplet", "local_triplet"):
+                weight = getattr(self.loss, name).weight
+                if weight > 0:
+                    raise ValueError(
+                        f"sampler.kind=random draws batches without identity balancing, which "
+                        f"may hold no positive pair for loss.{name} (weight {weight}); use "
+                        f"sampler.kind=identity or loss.{name}.weight=0"
+                    )
         if self.loss.triplet.weight > 0 and self.sampler.num_instances < 2:
             raise ValueError(
                 f"sampler.num_instances={self.sampler.num_instances} leaves no positive pair for "
