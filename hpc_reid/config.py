@@ -579,10 +579,12 @@ def _describe(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             section = _section_at(loc)
             prefix = ".".join(str(p) for p in loc[:-1])
-            allowed = [
-                f"{prefix}.{k}" if prefix else k for k in (section.model_fields if section else [])
-            ]
-            hint = did_you_mean(path, allowed) if allowed else ""
+            keys = list(section.model_fields) if section else []
+            hint = ""
+            if keys:  # matched on the key's own name: a shared "sampler." prefix is no likeness
+                close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+                full = [f"{prefix}.{k}" if prefix else k for k in [*close, *keys]]
+                hint = f" (did you mean {full[0]!r}?)" if close else f"; allowed: {', '.join(full)}"
             lines.append(f"  {path}: unknown key{hint}")
             continue
         message = err["msg"].removeprefix("Value error, ")
