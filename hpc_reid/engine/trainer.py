@@ -31,6 +31,7 @@ from hpc_reid.data.fields import with_fields
 from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import IdentitySampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.evaluate import check_evaluation_distance, evaluate_model
 from hpc_reid.engine.optim import (
@@ -411,6 +412,7 @@ class _Run:
         tic, seen, postfix = time.perf_counter(), 0, {}
         check_every = config.distributed.stop_check_every
         for batch in self.loader:
+            self.refresh_terms(epoch_start=self.consumed == 0)  # the anchor loss's anchors
             images = batch["images"].to(device, non_blocking=True)
             if config.engine.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -445,6 +447,28 @@ class _Run:
                 return {"stopped_at_step": self.step, "preempted": self.stop.stopping}
         log.end_epoch()
         return None
+
+    def refresh_terms(self, epoch_start: bool) -> None:
+        """Recompute the loss terms' state that comes from the model over the training set, where
+        due (:meth:`ReidLoss.refresh`: the anchor loss's class anchors, at the start of every
+        epoch): on every rank at the same step, each rank extracting its shard of the training set
+        (:func:`~hpc_reid.engine.class_means.class_means`). Before the step, after the previous
+        step's checkpoint, so a resumed run refreshes where an uninterrupted one did."""
+
+        def means(requests):
+            model, train = self.eval_model(), self.dataset.train
+            num_classes = self.dataset.num_train_pids
+            return class_means(model, train, self.config, self.device, requests, num_classes)
+
+        tic = time.perf_counter()
+        done = self.criterion.refresh(self.epoch, self.step, epoch_start, means)
+        if done:
+            self.log.info(
+                f"epoch {self.epoch + 1}, step {self.step}: "
+                + ", ".join(f"loss.{n}" for n in done)
+                + f" refreshed over the {len(self.dataset.train)} training images in "
+                f"{time.perf_counter() - tic:.1f} s"
+            )
 
     def end_epoch(self, reporter: Reporter | None) -> None:
         """Into the next epoch; a periodic evaluation (which checkpoints, and marks the best) or

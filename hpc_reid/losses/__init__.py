@@ -11,7 +11,7 @@ the model does not produce is a config error at start naming both (:func:`check_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +49,19 @@ Term = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LossTerm:
-    """A registered loss term: ``inputs``, the model outputs it reads; ``build(section,
-    num_classes, feature_dim)``, the term for its config section (``loss.<name>``)."""
+    """A registered loss term: ``inputs``, the model outputs it reads (or a function of its config
+    section giving them, for a term whose input is configurable: ``loss.anchor.feature``);
+    ``build(section, num_classes, feature_dim)``, the term for its config section
+    (``loss.<name>``)."""
 
     name: str
-    inputs: frozenset[str]
+    inputs: frozenset[str] | Callable[[object], Iterable[str]]
     build: Callable[[object, int, int], Term]
     batch_fields: frozenset[str] = frozenset()
+
+    def inputs_of(self, section) -> frozenset[str]:
+        """The model outputs the term reads under its config section ``section``."""
+        return frozenset(self.inputs(section) if callable(self.inputs) else self.inputs)
 
 
 _LOSSES: dict[str, LossTerm] = {}
@@ -63,19 +69,20 @@ _LOSSES: dict[str, LossTerm] = {}
 
 def register_loss(
     name: str,
-    inputs: set[str] | frozenset[str] | tuple[str, ...],
+    inputs: set[str] | frozenset[str] | tuple[str, ...] | Callable[[object], Iterable[str]],
     batch_fields: set[str] | frozenset[str] | tuple[str, ...] = (),
 ):
     """Register ``build(section, num_classes, feature_dim) -> term`` as the term of ``loss.<name>``
     (a section of :class:`hpc_reid.config.LossConfig` with a ``weight``), reading the model
-    outputs ``inputs``. A term with ``batch_fields`` (:mod:`hpc_reid.data.fields`) is called as
-    ``term(outputs, pids, batch)``, the batch holding those fields; the others ``term(outputs,
-    pids)``."""
+    outputs ``inputs`` (or ``inputs(section)``, when they depend on its section). A term with
+    ``batch_fields`` (:mod:`hpc_reid.data.fields`) is called as ``term(outputs, pids, batch)``,
+    the batch holding those fields; the others ``term(outputs, pids)``."""
 
     def add(build: Callable[[object, int, int], Term]):
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = LossTerm(name, frozenset(inputs), build, frozenset(batch_fields))
+        fixed = inputs if callable(inputs) else frozenset(inputs)
+        _LOSSES[name] = LossTerm(name, fixed, build, frozenset(batch_fields))
         return build
 
     return add
@@ -110,7 +117,7 @@ def check_loss_inputs(cfg: LossConfig, output_keys, head: str = "") -> None:
         f"{f'model.head {head!r}' if head else 'the model'} does not produce "
         f"(it produces: {', '.join(sorted(output_keys))})"
         for t in active_terms(cfg)
-        for key in sorted(t.inputs - set(output_keys))
+        for key in sorted(t.inputs_of(getattr(cfg, t.name)) - set(output_keys))
     ]
     if problems:
         raise ConfigError("; ".join(problems))
@@ -195,6 +202,7 @@ class ReidLoss(nn.Module):
         if output_keys is not None:
             self.members = len(self.member_outputs(dict.fromkeys(output_keys)))
         self._terms: dict[str, tuple[float, Term]] = {}
+        self._inputs = {t.name: t.inputs_of(getattr(cfg, t.name)) for t in terms}
         for t in terms:
             section = getattr(cfg, t.name)
             term = t.build(section, num_classes, feat_dim)
@@ -211,6 +219,41 @@ class ReidLoss(nn.Module):
         #: the batch fields the active terms read (:mod:`hpc_reid.data.fields`), sorted: what the
         #: trainer adds to each batch
         self.batch_fields = sorted(set().union(*(t.batch_fields for t in terms)))
+
+    def refresh(
+        self,
+        epoch: int,
+        step: int,
+        epoch_start: bool,
+        class_means: Callable[
+            [Sequence[tuple[str, bool]]], Mapping[tuple[str, bool], torch.Tensor]
+        ],
+    ) -> list[str]:
+        """Refresh the terms whose state is computed from the model over the training set (the
+        anchor loss's class anchors), those due at this point; returns their names.
+
+        The trainer calls it on every rank before every training step (``epoch_start`` before an
+        epoch's first batch); due-ness is a function of (epoch, step) and the terms' saved state,
+        so the ranks agree, and a resumed run refreshes exactly where an uninterrupted one did. A
+        refreshable term has ``class_mean_request`` (a model output key and whether to average
+        it with the flip), ``refresh_due(epoch, step, epoch_start)`` and
+        ``set_class_means(means, epoch, step)``; for member i of a multi-member model it reads
+        that member's output (:meth:`member_key`). ``class_means(requests)`` computes every
+        requested output's per-class means in one pass over the training set
+        (:func:`hpc_reid.engine.class_means.class_means`)."""
+        due = []
+        for name, (_, term) in self._terms.items():
+            each = list(term) if isinstance(term, _EachMember) else [term]
+            for i, t in enumerate(each):
+                if hasattr(t, "refresh_due") and t.refresh_due(epoch, step, epoch_start):
+                    key, flip = t.class_mean_request
+                    due.append((name, (self.member_key(i, key), flip), t))
+        if not due:
+            return []
+        means = class_means(sorted({request for _, request, _ in due}))
+        for _, request, t in due:
+            t.set_class_means(means[request], epoch, step)
+        return sorted({name for name, _, _ in due})
 
     @staticmethod
     def member_key(member: int, key: str) -> str:
@@ -261,7 +304,7 @@ class ReidLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for name, (weight, term) in self._terms.items():
             for i, member in enumerate(members):
-                for key in _LOSSES[name].inputs:
+                for key in self._inputs[name]:
                     self._input(member, key, f"loss.{name}" + (f" (member {i})" if i else ""))
             if getattr(term, "reads_members", False):
                 self._check_peers(name, len(members))

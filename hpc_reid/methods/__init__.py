@@ -9,4 +9,7 @@ method.
 
 from __future__ import annotations
 
-from hpc_reid.methods import alignedreid  # noqa: F401  (registers the aligned head and its terms)
+from hpc_reid.methods import (
+    alignedreid,  # noqa: F401  (registers the aligned head and its terms)
+    anchor,  # noqa: F401  (registers loss.anchor)
+)
