@@ -1,12 +1,13 @@
 """The NVIDIA DALI backend: decode and augment ReID batches with DALI, on the GPU when there is one.
 
 The pipeline is fed by ``fn.external_source`` in batch mode. Its callback (:class:`RankBatches`)
-maps DALI's (epoch index, iteration) to one batch of the :class:`~hpc_reid.data.samplers.
-IdentitySampler`'s index stream for this rank, and returns the encoded JPEG bytes of the batch,
-its pids, camids and dataset indices, and every sample's random decisions. The decisions are
-drawn on the CPU by :meth:`~hpc_reid.data.transforms.TrainTransform.sample_params` from
-``sample_rng(seed, epoch, position)``, exactly as the torch loader draws them, and fed to the DALI
-operators as per-sample arguments. So both backends flip, crop and erase the same samples the
+maps DALI's (epoch index, iteration) to one batch of the batch sampler's index stream for this
+rank (either sampler of :mod:`hpc_reid.data.samplers`, which replans any epoch on request:
+``rank_batches``), and returns the encoded JPEG bytes of the batch, its pids, camids and dataset
+indices, and every sample's random decisions. The decisions are drawn on the CPU by
+:meth:`~hpc_reid.data.transforms.TrainTransform.sample_params` from ``sample_rng(seed, epoch,
+position)``, exactly as the torch loader draws them, and fed to the DALI operators as per-sample
+arguments. So both backends flip, crop and erase the same samples the
 same way, and pixels differ only by the JPEG decoder's and the resizer's rounding
 (:mod:`hpc_reid.data.transforms` gives the semantics; DALI's own random generators are not used).
 
@@ -71,7 +72,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from hpc_reid.config import LoaderConfig
 from hpc_reid.data.datasets.base import ImageRecord
 from hpc_reid.data.pack import read_image_bytes
-from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.data.samplers import PlannedBatchSampler
 from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
 
 from .torch_loader import CorruptImageError, load_rgb
@@ -81,6 +82,10 @@ _OUTPUTS = ("images", "pids", "camids", "indices")
 #: each sample's erase box, flip, and either visible size, ROI start and end, and crop position,
 #: or, with colour jitter, the crop window and the jitter factors.
 _NUM_SOURCE_TEST, _NUM_SOURCE_TRAIN, _NUM_SOURCE_JITTER = 4, 10, 8
+#: What the loader reads from its batch sampler: DALI's workers replan each epoch themselves
+#: (``rank_batches``) and number samples by their global positions, as the torch loader does.
+_SAMPLER_READS = ("rank_batches", "batches_per_epoch", "batch_size", "epoch", "rank")
+_SAMPLER_READS += ("world_size", "num_records")
 
 
 def _read_bytes(path: str) -> np.ndarray:
@@ -108,7 +113,7 @@ class RankBatches:
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        sampler: IdentitySampler | None,
+        sampler: PlannedBatchSampler | None,
         transform: TrainTransform | None,
         *,
         epoch: int = 0,
@@ -148,9 +153,8 @@ class RankBatches:
             epoch, index = divmod(b - (n - self.first), n)
             epoch += self.epoch + 1
         if epoch not in self._plans:
-            s.set_epoch(epoch)  # the whole epoch, from batch 0
             self._plans = {e: p for e, p in self._plans.items() if e > epoch - 2}
-            self._plans[epoch] = list(s)
+            self._plans[epoch] = s.rank_batches(epoch)  # the whole epoch, from batch 0
         return epoch, index, self._plans[epoch]
 
     def __call__(self, info: Any) -> tuple[Any, ...]:
@@ -166,8 +170,7 @@ class RankBatches:
         erase = np.zeros((n, 4), dtype=np.int32)  # (top, left, height, width); 0 x 0: none
         # Positions in the global plan, as TaggedBatchSampler numbers them.
         s = self.sampler
-        stride = s.num_identities * s.num_instances
-        base = (index * s.world_size + s.rank) * stride
+        base = (index * s.world_size + s.rank) * s.batch_size
         t = self.transform
         height, width, pad = t.height, t.width, t.augment.pad
         flip = np.zeros(n, dtype=np.int32)
@@ -541,7 +544,7 @@ class DaliTrainLoader(_DaliLoader):
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        sampler: IdentitySampler,
+        sampler: PlannedBatchSampler,
         cfg: LoaderConfig,
         height: int,
         width: int,
@@ -549,8 +552,7 @@ class DaliTrainLoader(_DaliLoader):
         device: torch.device | str | None = None,
         channels_last: bool = False,
     ) -> None:
-        batch = sampler.num_identities * sampler.num_instances
-        super().__init__(records, cfg, height, width, device, batch, channels_last)
+        super().__init__(records, cfg, height, width, device, sampler.batch_size, channels_last)
         self.sampler, self.seed = sampler, int(seed)
         self.transform = TrainTransform(cfg.augment, height, width)
         self._pipes: list | None = None
@@ -605,7 +607,7 @@ class DaliTestLoader(_DaliLoader):
 
 def build_train_loader(
     records: Sequence[ImageRecord],
-    batch_sampler: IdentitySampler,
+    batch_sampler: PlannedBatchSampler,
     cfg_loader: LoaderConfig,
     height: int,
     width: int,
@@ -619,10 +621,12 @@ def build_train_loader(
     ``channels_last``: the pipeline writes NHWC, returned as NCHW tensors in torch's
     channels_last memory format (the model's, without a transposing copy per step).
     """
-    if not isinstance(batch_sampler, IdentitySampler):
+    lacking = [name for name in _SAMPLER_READS if not hasattr(batch_sampler, name)]
+    if lacking:
         raise TypeError(
-            f"the DALI loader needs an IdentitySampler (its plan is recomputed in DALI's "
-            f"workers), got {type(batch_sampler).__name__}"
+            f"the DALI loader needs a batch sampler that replans any epoch (a sampler of "
+            f"hpc_reid.data.samplers: build_sampler), got {type(batch_sampler).__name__}, which "
+            f"lacks {lacking}"
         )
     if batch_sampler.num_records != len(records):
         raise ValueError(

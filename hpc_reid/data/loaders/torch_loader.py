@@ -1,10 +1,10 @@
 """The PIL + torch ``DataLoader`` backend: decode, augment and collate ReID batches on the CPU.
 
-A training loader runs one batch per batch of its batch sampler (normally
-:class:`~hpc_reid.data.samplers.IdentitySampler`). Each index is tagged in the main process, when
-the loader's iterator is created, with the sampler's current epoch and the sample's position in
-the epoch's global plan; the dataset seeds the sample's augmentation from (seed, epoch, position)
-(see :mod:`hpc_reid.data.transforms`). So
+A training loader runs one batch per batch of its batch sampler (normally one of
+:mod:`hpc_reid.data.samplers`: identity-balanced or plain random batches). Each index is tagged in
+the main process, when the loader's iterator is created, with the sampler's current epoch and the
+sample's position in the epoch's global plan; the dataset seeds the sample's augmentation from
+(seed, epoch, position) (see :mod:`hpc_reid.data.transforms`). So
 
 - images do not depend on ``num_workers`` (workers receive the tags with the indices);
 - a new epoch needs only ``sampler.set_epoch(e)`` before ``for batch in loader``: the tags are read
