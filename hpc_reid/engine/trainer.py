@@ -29,7 +29,7 @@ from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import with_fields
 from hpc_reid.data.loaders import build_backend_train_loader
-from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.data.samplers import IdentitySampler, PlannedBatchSampler, build_sampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.errors import CheckpointError, TrainingError
