@@ -285,7 +285,7 @@ class _Run:
         log.info(dataset.statistics())
 
         s = config.sampler
-        sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
+        sampler = build_sampler(dataset.train, s, config.engine.seed, rank, world)
         loader = build_backend_train_loader(
             dataset.train,
             sampler,
