@@ -29,7 +29,7 @@ from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import with_fields
 from hpc_reid.data.loaders import build_backend_train_loader
-from hpc_reid.data.samplers import IdentitySampler, PlannedBatchSampler, build_sampler
+from hpc_reid.data.samplers import PlannedBatchSampler, build_sampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.errors import CheckpointError, TrainingError
@@ -244,7 +244,7 @@ class _Run:
     resume_path: Path | None
     log: RunLog
     dataset: Any  # hpc_reid.data.build's ReidDataset: train/query/gallery records
-    sampler: IdentitySampler
+    sampler: PlannedBatchSampler  # identity or random batches (sampler.kind)
     loader: Any  # the torch or DALI training loader: batches of dict(images, pids, ...)
     model: torch.nn.Module  # as prepared (SyncBatchNorm, channels_last), before the strategy
     criterion: ReidLoss
