@@ -312,7 +312,7 @@ class _Run:
 
             accum = accumulation_steps(config)
         # The LR rule sees the images per optimizer step; the schedule counts iterations (batches).
-        global_batch = s.num_identities * s.num_instances * world * accum
+        global_batch = sampler.batch_size * world * accum
         lr, lr_note = scaled_lr(config.optimizer, global_batch)
         optimizer = build_optimizer(model, config.optimizer, lr)
         scheduler = build_scheduler(optimizer, config.schedule, sampler.batches_per_epoch)
@@ -337,8 +337,7 @@ class _Run:
         forward = torch.compile(strategy.model) if config.engine.compile else strategy.model
         notes = (
             f"run folder {run_dir.resolve()}; {world} process(es) on {device}; "
-            f"global batch {global_batch} = {s.num_identities} ids x {s.num_instances} images "
-            f"x {world} ranks"
+            f"global batch {global_batch} = {sampler.describe()} x {world} ranks"
             + (f" x {accum} accumulated micro-batches per optimizer step" if accum > 1 else "")
             + f"; {lr_note}; {sampler.batches_per_epoch} iterations per epoch; {sync_bn_note}"
         )
