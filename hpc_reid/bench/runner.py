@@ -50,7 +50,7 @@ from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.loaders import BACKENDS as LOADER_BACKENDS
 from hpc_reid.data.loaders import build_backend_train_loader, resolve_backend
-from hpc_reid.data.samplers import IdentitySampler
+from hpc_reid.data.samplers import build_sampler, rank_batch_size
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
@@ -109,14 +109,18 @@ def check_settings(steps: int, warmup: int, scaling: str, eval_query: int, eval_
 
 
 def strong_scaled(config: Config, world: int) -> Config:
-    """The config with P divided by ``world``: the global batch of one rank, kept fixed."""
-    p = config.sampler.num_identities
-    if p % world:
+    """The config with the rank batch divided by ``world`` (P for identity batches, the batch
+    size for random ones): the global batch of one rank, kept fixed."""
+    s = config.sampler
+    key, value = ("num_identities", s.num_identities)
+    if s.kind == "random":
+        key, value = ("batch_size", rank_batch_size(s))
+    if value % world:
         raise ConfigError(
-            f"--scaling strong: sampler.num_identities={p} is not divisible by the world size "
-            f"{world}; choose P as a multiple of the largest world size"
+            f"--scaling strong: sampler.{key}={value} is not divisible by the world size "
+            f"{world}; choose it as a multiple of the largest world size"
         )
-    sampler = config.sampler.model_copy(update={"num_identities": p // world})
+    sampler = s.model_copy(update={key: value // world})
     return config.model_copy(update={"sampler": sampler})
 
 
@@ -179,10 +183,11 @@ def run_bench(
                 loaders=backends,
                 scaling=scaling,
                 base_num_identities=base_p,
+                sampler=s.kind,
                 num_identities=s.num_identities,
                 num_instances=s.num_instances,
-                per_rank_batch=s.num_identities * s.num_instances,
-                global_batch=s.num_identities * s.num_instances * world,
+                per_rank_batch=rank_batch_size(s),
+                global_batch=rank_batch_size(s) * world,
             )
             report["environment"].update(launcher=launcher)
             report["config"] = {"name": config.name, "resolved": config.to_dict()}
@@ -220,7 +225,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
     ).to(device)
     s = config.sampler
-    batch = s.num_identities * s.num_instances
+    batch = rank_batch_size(s)
     lr, _ = scaled_lr(config.optimizer, batch * world)
     optimizer = build_optimizer(model, config.optimizer, lr)
     scheduler = build_scheduler(optimizer, config.schedule, 1000)
@@ -248,8 +253,10 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
     images = torch.randn(batch, 3, h, w, device=device)
     if config.engine.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    pids = (torch.arange(s.num_identities) + rank * s.num_identities) % num_classes
-    pids = pids.repeat_interleave(s.num_instances).to(device)
+    # the sampler's label layout: P ids x K images, or (random batches) mostly distinct ids
+    ids, per_id = (s.num_identities, s.num_instances) if s.kind == "identity" else (batch, 1)
+    pids = (torch.arange(ids) + rank * ids) % num_classes
+    pids = pids.repeat_interleave(per_id).to(device)
     fixed = iter(lambda: (images, pids), None)
     if strategy.distributed:  # steps with and without DDP's all-reduce, alternating
         contexts = (contextlib.nullcontext, strategy.model.no_sync)
@@ -261,7 +268,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
 
     local["loaders"] = {}
     for backend in backends:
-        sampler = IdentitySampler.from_config(dataset.train, s, config.engine.seed, rank, world)
+        sampler = build_sampler(dataset.train, s, config.engine.seed, rank, world)
         cfg_loader = config.loader.model_copy(update={"backend": backend})
         loader = build_backend_train_loader(
             dataset.train,

@@ -36,6 +36,7 @@ import yaml
 from torch import nn
 
 from hpc_reid.config import Config
+from hpc_reid.data.samplers import rank_batch_size
 from hpc_reid.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 
@@ -101,21 +102,23 @@ def merged_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of ``engine.deepspeed_config`` with the experiment's batch sizes,
     precision and clipping filled in and checked.
 
-    micro batch = P x K (one rank's identity-balanced batch); train_batch_size = micro batch x
-    gradient_accumulation_steps x world size.
+    micro batch = one rank's sampler batch (P x K identity-balanced, or ``sampler.batch_size``
+    random images); train_batch_size = micro batch x gradient_accumulation_steps x world size.
     """
     path = config.engine.deepspeed_config
     ds = read_deepspeed_config(path) if path else {}
     where = f"engine.deepspeed_config {path}" if path else "the default DeepSpeed config"
     s = config.sampler
-    micro = s.num_identities * s.num_instances
+    micro = rank_batch_size(s)
     accum = accumulation_steps(config)
+    micro_source = (
+        f"sampler.batch_size = {micro}"
+        if s.kind == "random" and s.batch_size is not None
+        else f"sampler.num_identities x sampler.num_instances = {s.num_identities} x "
+        f"{s.num_instances} = {micro}"
+    )
     derived = {
-        "train_micro_batch_size_per_gpu": (
-            micro,
-            f"sampler.num_identities x sampler.num_instances = {s.num_identities} x "
-            f"{s.num_instances} = {micro}",
-        ),
+        "train_micro_batch_size_per_gpu": (micro, micro_source),
         "train_batch_size": (
             micro * accum * world_size,
             f"micro batch {micro} x gradient_accumulation_steps {accum} x world size "
