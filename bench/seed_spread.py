@@ -14,6 +14,8 @@ measurement continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summ
     python bench/seed_spread.py --config configs/synthetic/bot.yaml --seeds 0 1 2 3 4 \\
         --out runs/seed_spread/bot --parallel 2
     python bench/seed_spread.py ... --set schedule.epochs=150     # a candidate recipe
+    python bench/seed_spread.py --config configs/synthetic/anchor_stage2.yaml \
+        --set 'model.init_from=runs/seed_spread/bot/seed{seed}' ...   # stage 2 of each seed
     python bench/seed_spread.py ... --only-aggregate --record     # tables only, into RESULTS.md
 """
 
@@ -46,9 +48,10 @@ def seed_folder(out: Path, seed: int) -> Path:
 
 
 def run_argv(config: Path, seed: int, out: Path, overrides: Sequence[str] = ()) -> list[str]:
-    """The ``hpc-reid`` arguments of seed ``seed``: the overrides, then the seed and the run folder
-    (last, so no override can move them)."""
-    sets = [*overrides, *QUIET, f"engine.seed={seed}"]
+    """The ``hpc-reid`` arguments of seed ``seed``: the overrides (``{seed}`` in one replaced by
+    the seed: a stage-2 run from its seed's stage 1, ``model.init_from=OUT1/seed{seed}``), then
+    the seed and the run folder (last, so no override can move them)."""
+    sets = [*(o.replace("{seed}", str(seed)) for o in overrides), *QUIET, f"engine.seed={seed}"]
     sets += [f"logging.output_dir={out}", f"logging.run_name={seed_folder(out, seed).name}"]
     return ["train", "--config", str(config), *[f"--set={s}" for s in sets]]
 

@@ -82,3 +82,13 @@ def test_two_seeds_of_the_tiny_job_run_with_their_seed_and_resume(ss, tmp_path, 
     capsys.readouterr()
     assert ss.main(argv) == 0  # resumed: nothing left to run
     assert "0 to run" in capsys.readouterr().out
+
+
+def test_seed_placeholder_in_an_override_names_each_seeds_own_stage_1(ss, tmp_path):
+    """A stage-2 config over seeds: ``{seed}`` in an override becomes the run's seed, so each
+    stage 2 starts from the stage 1 of the same seed."""
+    config = REPO / "configs/synthetic/anchor_stage2.yaml"
+    for seed in (0, 3):
+        argv = ss.run_argv(config, seed, tmp_path, ["model.init_from=stage1/seed{seed}"])
+        assert f"--set=model.init_from=stage1/seed{seed}" in argv
+        assert f"--set=engine.seed={seed}" in argv
