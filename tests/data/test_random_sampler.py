@@ -404,3 +404,25 @@ def test_a_random_batch_run_trains_on_the_sampler_s_plan_and_resumes_mid_epoch_b
     a = load_checkpoint(CheckpointManager(run).latest())["strategy"]["model"]
     b = load_checkpoint(CheckpointManager(tmp_path / "runs/split").latest())["strategy"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_micro_batch_and_bench_strong_scaling_take_the_random_batch_size(tmp_path):
+    from hpc_reid.bench.runner import strong_scaled
+    from hpc_reid.engine.deepspeed_strategy import merged_deepspeed_config
+    from hpc_reid.engine.errors import TrainingError
+
+    random = ["sampler.kind=random", "sampler.batch_size=12", "loss.triplet.weight=0"]
+    config = tiny_config(tmp_path, *random, "engine.strategy=deepspeed")
+    ds = merged_deepspeed_config(config, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 12 and ds["train_batch_size"] == 24
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    other = config.model_copy(deep=True)
+    other.engine.deepspeed_config = str(path)
+    with pytest.raises(TrainingError, match=r"=8 .*gives 12 .*sampler.batch_size = 12"):
+        merged_deepspeed_config(other, world_size=2)
+    config = tiny_config(tmp_path, *random)
+    assert strong_scaled(config, 3).sampler.batch_size == 4
+    assert strong_scaled(config, 3).sampler.num_identities == config.sampler.num_identities
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size=12 is not divisible by the world"):
+        strong_scaled(config, 5)
