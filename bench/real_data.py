@@ -67,16 +67,18 @@ QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "evaluation.
 
 @dataclass(frozen=True)
 class Variant:
-    """One recipe: ``config`` with ``overrides``; or, with ``start_of``, the evaluation of that
-    variant's initial weights (its run evaluates them before training: the untrained row); or,
-    with ``eval_of``, no training: the checkpoint
-    of that variant's run on the same split evaluated with ``overrides``."""
+    """One recipe: ``config`` with ``overrides`` (with ``init_from``, trained from the final
+    weights of that variant's run on the same split: a stage 2); or, with ``start_of``, the
+    evaluation of that variant's initial weights (its run evaluates them before training: the
+    untrained row); or, with ``eval_of``, no training: the checkpoint of that variant's run on the
+    same split evaluated with ``overrides``."""
 
     name: str
     config: Path | None
     overrides: tuple[str, ...] = ()
     eval_of: str | None = None
     start_of: str | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -100,21 +102,31 @@ def _strings(value, where: str) -> tuple[str, ...]:
 def _variant(name: str, spec, base: Path, here: Path, where: str) -> Variant:
     if spec is None or isinstance(spec, list):
         return Variant(name, base, _strings(spec, where))
-    if not isinstance(spec, dict) or set(spec) - {"config", "set", "eval_of", "start_of"}:
+    if not isinstance(spec, dict) or set(spec) - {
+        "config",
+        "set",
+        "eval_of",
+        "start_of",
+        "init_from",
+    }:
         raise ConfigError(
             f"{where}: expected a list of overrides or a mapping with keys config, set, eval_of, "
-            f"start_of; got {spec!r}"
+            f"start_of, init_from; got {spec!r}"
         )
     if "start_of" in spec:
         if set(spec) != {"start_of"}:
             raise ConfigError(f"{where}: start_of reads another variant's run; nothing else")
         return Variant(name, None, (), start_of=str(spec["start_of"]))
-    if "eval_of" in spec and "config" in spec:
-        raise ConfigError(f"{where}: eval_of evaluates another variant's checkpoint; no config")
+    if "eval_of" in spec and ("config" in spec or "init_from" in spec):
+        raise ConfigError(
+            f"{where}: eval_of evaluates another variant's checkpoint; it trains none"
+        )
     overrides = _strings(spec.get("set"), f"{where}.set")
     if "eval_of" in spec:
         return Variant(name, None, overrides, str(spec["eval_of"]))
-    return Variant(name, (here / spec["config"]).resolve() if "config" in spec else base, overrides)
+    config = (here / spec["config"]).resolve() if "config" in spec else base
+    init_from = str(spec["init_from"]) if "init_from" in spec else None
+    return Variant(name, config, overrides, init_from=init_from)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -137,13 +149,18 @@ def load_plan(path: str | Path) -> Plan:
     reference = str(raw.get("reference") or next(iter(variants)))
     if reference not in variants:
         raise ConfigError(f"plan {path}: reference {reference!r} is not one of the variants")
+    order = list(variants)
     for v in variants.values():
-        for key in ("eval_of", "start_of"):
+        for key in ("eval_of", "start_of", "init_from"):
             name = getattr(v, key)
             source = variants.get(name) if name else None
             if name and (source is None or source.eval_of or source.start_of):
                 raise ConfigError(
                     f"plan {path}: variants.{v.name}.{key}={name!r} must name a variant that trains"
+                )
+            if key == "init_from" and name and order.index(name) > order.index(v.name):
+                raise ConfigError(  # training variants run in the plan's order
+                    f"plan {path}: variants.{v.name}.init_from={name!r}: define {name!r} first"
                 )
     if variants[reference].start_of:
         raise ConfigError(f"plan {path}: the reference {reference!r} must be a variant that runs")
@@ -169,8 +186,9 @@ def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
         if unknown:
             raise ConfigError(f"--variants: {unknown} not in {plan.source}: {list(plan.variants)}")
     wanted.add(plan.reference)
-    for key in ("eval_of", "start_of"):
-        wanted |= {getattr(plan.variants[n], key) for n in set(wanted)} - {None}
+    for _ in plan.variants:  # sources of sources (an evaluation of a stage 2 needs its stage 1)
+        for key in ("eval_of", "start_of", "init_from"):
+            wanted |= {getattr(plan.variants[n], key) for n in set(wanted)} - {None}
     chosen = [v for v in plan.variants.values() if v.name in wanted]
     derived = [v for v in chosen if v.eval_of or v.start_of]
     return [v for v in chosen if v not in derived] + derived
@@ -256,6 +274,8 @@ def plan_runs(
                 else:
                     logging = [f"logging.output_dir={folder.parent}", f"logging.run_name={v.name}"]
                     sets = [*v.overrides, *extra, *data, *QUIET, *logging]
+                    if v.init_from:  # stage 2: the final weights of that variant on this split
+                        sets.append(f"model.init_from={folder.parent / v.init_from}")
                     if v.name in starts:  # the untrained row: evaluated before training
                         sets.append("evaluation.at_start=true")
                     try:

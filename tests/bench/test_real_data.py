@@ -188,6 +188,37 @@ def test_shipped_method_plan_runs_each_method_and_its_test_distances_beside_the_
             assert f"/{run.variant.eval_of}/checkpoints/" in run.argv[2]
 
 
+def test_a_stage_2_variant_trains_from_its_sources_run_on_the_same_split(rd, tmp_path):
+    """init_from: the stage-2 run's model.init_from is the source variant's run folder of the same
+    data set and split, and the source is selected with it (the anchor loss's rows)."""
+    plan = rd.load_plan(REPO / "configs/methods/real_data.yaml")
+    variants = rd.select(plan, ["anchor"])
+    assert [v.name for v in variants] == ["baseline", "anchor"]
+    runs = rd.plan_runs(plan, variants, ["viper", "prid2011"], [0, 3], 0, tmp_path, tmp_path / "o")
+    for run in runs:
+        if run.variant.name == "anchor":
+            source = tmp_path / "o/runs" / run.dataset / f"split_{run.split}" / "baseline"
+            assert run.config.model.init_from == str(source)
+            assert run.config.sampler.kind == "random" and run.config.loss.anchor.weight == 1
+            assert run.config.data.options == {"split_id": run.split, "seed": 0}
+        else:
+            assert run.config.model.init_from is None
+
+
+@pytest.mark.parametrize(
+    "variants,problem",
+    [
+        ("{b: {init_from: bot}, bot: []}", "define 'bot' first"),
+        ("{bot: [], e: {eval_of: bot}, b: {init_from: e}}", "init_from='e' must name a variant"),
+        ("{bot: [], b: {eval_of: bot, init_from: bot}}", "eval_of evaluates"),
+    ],
+)
+def test_init_from_must_name_an_earlier_training_variant(rd, tmp_path, variants, problem):
+    small_plan(tmp_path, f"variants: {variants}\n")
+    with pytest.raises(ConfigError, match=problem):
+        rd.load_plan(tmp_path / "plan.yaml")
+
+
 def test_a_variant_with_an_unknown_key_is_refused_naming_variant_and_key(rd, tmp_path):
     plan = rd.load_plan(small_plan(tmp_path, "variants: {bot: [], bad: [loss.centre.weight=0]}\n"))
     with pytest.raises(ConfigError, match=r"(?s)'bad'.*loss\.centre: unknown key"):
