@@ -190,13 +190,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hpc_reid.launch.slurm import requeue_if_preempted
 
     if _uses_ray(args, "train"):
+        if args.then:
+            raise ConfigError(
+                "train --then runs its stages in this launch (one process, torchrun or srun), "
+                "not on Ray: with --launcher ray train each stage on its own, the next one with "
+                "--set model.init_from=RUN_FOLDER"
+            )
         return _train_on_ray(args)
-    result = train(
-        load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps
-    )
+    if args.then:
+        result = _train_stages(args)
+    else:
+        result = train(
+            load_config(args.config, args.overrides), resume=args.resume, max_steps=args.max_steps
+        )
     # stopped by SIGUSR1/SIGTERM with a checkpoint: under SLURM, rank 0 requeues the job
     requeue_if_preempted(result)
     return 0
+
+
+def _train_stages(args: argparse.Namespace) -> dict:
+    """``train --config s1.yaml --then s2.yaml ...``: every stage's config is read (and ``--set``
+    applied to each) before the first trains, so an error in a later stage costs nothing."""
+    from hpc_reid.engine.stages import run_stages
+
+    files = [args.config, *args.then]
+    stages = [(file, load_config(file, args.overrides)) for file in files]
+    return run_stages(stages, resume=args.resume, max_steps=args.max_steps)
 
 
 def _train_on_ray(args: argparse.Namespace) -> int:
@@ -597,7 +616,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", metavar="auto|PATH", help="continue from the run's newest or a given checkpoint"
     )
-    train.add_argument("--max-steps", type=int, help="stop after this global step (checkpointed)")
+    train.add_argument(
+        "--then",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="a next stage (repeatable: stage 3, ...), trained after --config in this launch, in "
+        "its own run folder, from the previous stage's final checkpoint unless its "
+        "model.init_from names one; --set applies to every stage, --max-steps to each stage's "
+        "own steps; with --resume auto finished stages are skipped",
+    )
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this global step (checkpointed); with --then, of each stage, and a "
+        "stage that stops ends the chain",
+    )
     _add_launcher_args(train, "training", failures=True)
     train.set_defaults(func=cmd_train)
 

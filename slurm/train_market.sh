@@ -7,7 +7,7 @@
 #
 # Market-1501 is expected at $DATA_ROOT/Market-1501-v15.09.15 (the folder holding
 # bounding_box_train/); DATA=... names another folder. Every other variable (CONFIG, EXTRA,
-# PYTHON, HPC_REID_REPO) is documented in slurm/train.sh, which this script runs.
+# THEN, PYTHON, HPC_REID_REPO) is documented in slurm/train.sh, which this script runs.
 #SBATCH --job-name=bot-market
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -123,11 +123,13 @@ def _shown(keys: Sequence[str]) -> str:
 
 
 def _meta_differences(stored: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    if not (stored and ours):  # a checkpoint or a caller that states none
+        return []
     keys = [*ours, *(k for k in stored if k not in ours)]
     return [
         f"{k}: checkpoint {stored.get(k)!r}, this run {ours.get(k)!r}"
         for k in keys
-        if k in stored and stored.get(k) != ours.get(k)
+        if stored.get(k) != ours.get(k)
     ]
 
 
