@@ -511,6 +511,13 @@ class Config(Section):
     def _combinations(self) -> Config:
         if self.data.dataset != SYNTHETIC and not self.data.root:
             raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
+        s = self.sampler
+        if s.kind == "identity" and s.batch_size not in (None, s.num_identities * s.num_instances):
+            raise ValueError(
+                f"sampler.batch_size={s.batch_size} with sampler.kind=identity, whose batch is "
+                f"num_identities x num_instances = {s.num_identities * s.num_instances}: set "
+                "those, or sampler.kind=random"
+            )
         if self.sampler.kind == "random":
             for name in ("triplet", "local_triplet"):
                 weight = getattr(self.loss, name).weight

@@ -166,3 +166,9 @@ def test_resolved_config_is_written_atomically_and_reloads(tmp_path):
     assert path.name == "config.yaml"
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary left
     assert load_config(path) == config
+
+
+def test_a_batch_size_the_identity_sampler_would_ignore_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size=32 with sampler\.kind=identity"):
+        load_config(None, ["sampler.batch_size=32"])
+    assert load_config(None, ["sampler.batch_size=64"]).sampler.batch_size == 64  # P x K: fine
