@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from hpc_reid.engine.errors import CheckpointError
 from hpc_reid.engine.stages import SHOWN, init_weights_from
 from hpc_reid.engine.trainer import evaluate_checkpoint, model_meta, train
 from hpc_reid.models import build_model
+from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -379,8 +381,6 @@ def _torchrun_env() -> dict[str, str]:
 def test_then_on_two_gloo_ranks_under_torchrun_chains_and_skips(stage1, tmp_path):
     """Every rank runs the chain in one process group: 2 ranks x P=2 give 2 batches per epoch,
     so stage 1 ends at step 6 and stage 2 (from it) at step 8; a second launch skips both."""
-    from tests.ports import free_port
-
     s1, s2 = write_stage_files(tmp_path)
     args = ["train", "--config", str(s1), "--then", str(s2), "--resume", "auto"]
     args += [f"--set={s}" for s in sets(tmp_path, stage1["cache"])]
@@ -410,3 +410,100 @@ def test_then_on_two_gloo_ranks_under_torchrun_chains_and_skips(stage1, tmp_path
     done = torchrun()
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("already finished") == 2  # printed by rank 0 only
+
+
+@pytest.mark.slow
+def test_init_from_a_bf16_deepspeed_checkpoint_loads_its_fp32_master_weights(stage1, tmp_path):
+    """A ZeRO-2 bf16 run's .pt holds the 16-bit copy of the model: init_from gives the fp32
+    master weights of its ZeRO shards instead, the ones export-weights writes."""
+    pytest.importorskip(
+        "deepspeed", reason="deepspeed is not installed (pip install '.[deepspeed]')"
+    )
+    s1, _ = write_stage_files(tmp_path)
+    deepspeed = [
+        "engine.strategy=deepspeed",
+        "engine.deepspeed_config=configs/deepspeed/zero2_bf16.json",
+        "engine.precision=bf16",
+        "evaluation.at_start=false",
+    ]
+    args = ["train", "--config", str(s1), "--max-steps", "3"]
+    args += [f"--set={s}" for s in (*sets(tmp_path, stage1["cache"]), *deepspeed)]
+    # under torchrun's one-process launch: DeepSpeed wants LOCAL_RANK
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+    cmd += ["--master_port", str(free_port()), "-m", "hpc_reid.cli", *args]
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=_torchrun_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    pt = CheckpointManager(tmp_path / "runs/stage1").latest()
+    sixteen = weights_of(pt)
+    assert {v.dtype for v in sixteen.values() if v.is_floating_point()} == {torch.bfloat16}
+    master = weights_of(export_weights(pt, tmp_path / "weights.pt"))
+    config = load_config(s1, sets(tmp_path, stage1["cache"]))
+    model = build_model(config.model, 8)
+    line = init_weights_from(model, pt, model_meta(config, 8, model))
+    assert "fp32 master weights consolidated from its DeepSpeed ZeRO shards" in line
+    own = model.state_dict()
+    for key, value in master.items():
+        assert torch.equal(own[key], value.to(own[key].dtype)), key
+    rounded = [k for k, v in sixteen.items() if v.is_floating_point() and v.numel() > 1]
+    assert any(not torch.equal(own[k], sixteen[k].float()) for k in rounded)  # not the bf16 copy
+
+
+@pytest.fixture(scope="module")
+def slurm_node(tmp_path_factory):
+    """tests/integration/test_slurm.py's throwaway one-node cluster (2 CPUs)."""
+    from tests.integration.test_slurm import _cluster
+
+    yield from _cluster(tmp_path_factory, ["node01"])
+
+
+@pytest.mark.slow
+def test_slurm_train_sh_then_survives_a_preemption_in_stage2(slurm_node, stage1, tmp_path):
+    """`THEN=stage2.yaml sbatch slurm/train.sh` on 2 tasks: USR1 during stage 2 checkpoints and
+    requeues; the requeued job skips stage 1 and resumes stage 2 to its end."""
+    from tests.integration.test_slurm import TERMINAL
+
+    s1, s2 = write_stage_files(tmp_path)
+    s2.write_text(s2.read_text().replace("epochs: 4", "epochs: 30"))  # 60 steps: time to signal
+    extra = [*TINY, f"data.synthetic.cache_dir={stage1['cache']}"]
+    env = {
+        **slurm_node.env,
+        "CONFIG": str(s1),
+        "THEN": str(s2),
+        "EXTRA": " ".join(f"--set {s}" for s in extra),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", str(REPO / "slurm/train.sh")]
+    job_id = slurm_node.run(*cmd, cwd=tmp_path, env=env).stdout.strip().split(";")[0]
+    runs = tmp_path / "runs" / f"job-{job_id}"
+
+    def output() -> str:
+        return (tmp_path / f"hpc-reid-{job_id}.out").read_text()
+
+    metrics = runs / "stage2/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, output()
+        assert slurm_node.job(job_id)["JobState"] not in TERMINAL, output()
+        time.sleep(0.05)
+    slurm_node.run("scancel", "--signal=USR1", job_id)
+    requeued = slurm_node.wait(
+        job_id, timeout_s=60, until=lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1"
+    )
+    assert requeued["JobState"] == "PENDING", output()
+    # released as tests/integration/test_slurm.py does (SLURM holds a requeued job for 120 s)
+    slurm_node.wait_idle()
+    time.sleep(2.0)
+    slurm_node.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job = slurm_node.wait(job_id, timeout_s=180)
+    text = output()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
+    assert f"stage 2/2 ({s2}) stopped at step" in text and "requeueing SLURM job" in text
+    assert f"stage 1/2 ({s1}) already finished in runs/job-{job_id}/stage1: skipped" in text
+    assert "resumed from" in text
+    first = load_checkpoint(CheckpointManager(runs / "stage1").latest())
+    second = load_checkpoint(CheckpointManager(runs / "stage2").latest())
+    assert (first["step"], second["step"], second["world_size"]) == (6, 60, 2)
+    assert (runs / "stage2/results.json").is_file()
