@@ -231,6 +231,41 @@ def test_init_from_refuses_the_classifier_of_another_data_set_saying_so(stage1):
     assert f"1 shape mismatch(es) (checkpoint vs this model): {key} {theirs} vs {ours}" in message
 
 
+def test_init_from_refuses_a_two_member_model_with_every_key_named_and_the_model_untouched(
+    stage1,
+):
+    """Keys that differ by name only (no common key to compare shapes) are tried on a copy."""
+    extra = [*sets(stage1["tmp"], stage1["cache"]), "model.members=2"]
+    config = load_config(stage1["s1"], extra)
+    model = build_model(config.model, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    missing, unexpected, shapes = _expected_mismatch(model, weights_of(stage1["final"]))
+    assert missing and unexpected and not shapes
+    with pytest.raises(CheckpointError) as error:
+        init_weights_from(model, stage1["final"], model_meta(config, 8, model))
+    _assert_listed(str(error.value), missing, "missing key(s)")
+    _assert_listed(str(error.value), unexpected, "unexpected key(s)")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_init_from_loads_a_checkpoint_written_before_heads_had_names(stage1, tmp_path):
+    """head.{pool,neck,classifier}.* were top-level modules before 2026-12-06: the model's
+    load hook renames them, so such a checkpoint loads, tensor for tensor."""
+    state = torch.load(stage1["final"], map_location="cpu", weights_only=False)
+    new = state["strategy"]["model"]
+    old_names = ("head.pool.", "head.neck.", "head.classifier.")
+    old = {k.removeprefix("head.") if k.startswith(old_names) else k: v for k, v in new.items()}
+    assert old.keys() != new.keys()
+    state["strategy"]["model"] = old
+    torch.save(state, tmp_path / "old.pt")
+    config = load_config(stage1["s1"], sets(stage1["tmp"], stage1["cache"]))
+    model = build_model(config.model, 8)
+    init_weights_from(model, tmp_path / "old.pt", model_meta(config, 8, model))
+    for key, value in new.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_init_from_refuses_a_raw_zero_folder_naming_its_checkpoint_and_the_export(stage1, tmp_path):
     """DeepSpeed's sharded folder holds no hpc-reid checkpoint: the error names the trainer's .pt
     written with it (same step) and the export-weights command."""

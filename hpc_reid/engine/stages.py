@@ -17,6 +17,7 @@ s2.yaml`` on every rank of one launch.
 
 from __future__ import annotations
 
+import copy
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -182,29 +183,29 @@ def load_fitting_weights(
     shape-mismatched keys (with ``meta``, this run's :func:`~hpc_reid.engine.trainer.model_meta`,
     also the architecture keys that differ and, plainly, a classifier of another data set).
 
-    Shapes are compared first, so a foreign checkpoint leaves the model untouched; the keys are
-    then checked by ``load_state_dict`` itself, whose pre-hooks rename the keys of checkpoints
-    written before heads were registered."""
+    A refused checkpoint leaves the model untouched. Keys that differ only by name are tried on
+    a copy of the model first: ``load_state_dict``'s pre-hooks rename the keys of checkpoints
+    written before heads were registered (``classifier.*`` -> ``head.classifier.*``)."""
     own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
     shapes = {
         k: (tuple(weights[k].shape), tuple(v.shape))
         for k, v in own.items()
         if k in weights and tuple(weights[k].shape) != tuple(v.shape)
     }
-    if not shapes:
+    if (missing or unexpected) and not shapes:
         try:
-            loaded = model.load_state_dict(weights, strict=False)
-        except RuntimeError as exc:  # a renamed legacy key of another shape
-            raise CheckpointError(f"model.init_from: checkpoint {file}: {exc}") from None
-        missing, unexpected = loaded.missing_keys, loaded.unexpected_keys
-        if not (missing or unexpected):
-            return
-    else:
-        missing = [k for k in own if k not in weights]
-        unexpected = [k for k in weights if k not in own]
-    raise CheckpointError(
-        _mismatch_message(file, missing, unexpected, shapes, stored_meta or {}, meta or {})
-    )
+            copy.deepcopy(model).load_state_dict(weights)
+        except RuntimeError:  # not renamed into a fit: refused below, listing the keys as given
+            pass
+        else:
+            missing, unexpected = [], []
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            _mismatch_message(file, missing, unexpected, shapes, stored_meta or {}, meta or {})
+        )
+    model.load_state_dict(weights)
 
 
 def init_weights_from(
@@ -370,7 +371,7 @@ def run_stages(
 
     def say(line: str) -> None:
         if env.rank == 0:
-            print(f"hpc-reid: {line}")
+            print(f"hpc-reid: {line}", flush=True)
 
     try:
         previous: Path | None = None
