@@ -39,6 +39,7 @@ from hpc_reid.config import Config
 from hpc_reid.data.samplers import rank_batch_size
 from hpc_reid.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from hpc_reid.engine.errors import CheckpointError, TrainingError
+from hpc_reid.engine.strategy import broadcast_buffers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 REPO = Path(__file__).resolve().parents[2]
@@ -279,15 +280,8 @@ class DeepSpeedStrategy:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP's broadcast_buffers
         does before each forward; DeepSpeed only broadcasts them once, at start. Without it the
         ranks' statistics drift apart and a sharded evaluation mixes them."""
-        buffers = [b for b in self.module.buffers() if b.numel()]
-        if self.world_size == 1 or not buffers:
-            return
-        for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
-            group = [b for b in buffers if b.dtype == dtype]
-            flat = torch.cat([b.reshape(-1) for b in group])
-            dist.broadcast(flat, 0)
-            for b, v in zip(group, flat.split([b.numel() for b in group]), strict=True):
-                b.copy_(v.view_as(b))
+        if self.world_size > 1:
+            broadcast_buffers(self.module)
 
     def _step_extra(self, loss_scale: float) -> None:
         grads = [p.grad for p in self.extra_params if p.grad is not None]

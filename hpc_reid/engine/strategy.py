@@ -80,6 +80,20 @@ def prepare_model(
     return model, note
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (BatchNorm statistics): one broadcast per
+    dtype, in the same order on every rank. A collective: every rank calls it."""
+    buffers = [b for b in module.buffers() if b.numel()]
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not buffers:
+        return
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, 0)
+        for b, v in zip(group, flat.split([b.numel() for b in group]), strict=True):
+            b.copy_(v.view_as(b))
+
+
 class DDPStrategy:
     """DistributedDataParallel (or the bare model in a single process) with torch AMP.
 
@@ -121,6 +135,16 @@ class DDPStrategy:
         self.extra_optimizer = extra_optimizer
         self.extra_grad_scale = extra_grad_scale
         self.distributed = distributed
+
+    def evaluation_model(self) -> nn.Module:
+        """The model to evaluate, with rank 0's buffers on every rank. DDP broadcasts rank 0's
+        buffers before each training forward, so after the last one every rank's BatchNorm
+        statistics moved with its own batch: a sharded evaluation (or the anchor loss's class
+        means) would mix the ranks' statistics, and differ from the checkpoint, which holds rank
+        0's. Training is unchanged: its next forward broadcasts rank 0's buffers anyway."""
+        if self.distributed:
+            broadcast_buffers(self.module)
+        return self.module
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":

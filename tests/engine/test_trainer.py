@@ -154,6 +154,31 @@ def test_two_gloo_ranks_train_and_resume_as_one_rank_with_the_same_global_batch(
     assert 0.0 <= summary["mAP"] <= 1.0
 
 
+@pytest.mark.slow
+def test_two_ranks_final_evaluation_is_that_of_the_saved_checkpoint(tmp_path):
+    """After the last step every DDP rank's BatchNorm statistics moved with its own batch; the
+    sharded final evaluation must use rank 0's (those saved), so evaluating the checkpoint in one
+    process gives the same numbers."""
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs/synthetic/bot.yaml"),
+        *[f"--set={s}" for s in TINY],
+        f"--set=data.synthetic.cache_dir={tmp_path / 'cache'}",
+        f"--set=logging.output_dir={tmp_path / 'runs'}",
+        "--set=logging.run_name=ddp",
+        "--set=evaluation.at_start=false",
+        "--set=evaluation.plots=false",
+    ]
+    done = _torchrun(2, args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((tmp_path / "runs/ddp/results.json").read_text())
+    latest = CheckpointManager(tmp_path / "runs/ddp").latest()
+    again = evaluate_checkpoint(latest, out_dir=tmp_path / "eval")
+    for key in ("rank-1", "rank-5", "mAP", "mINP"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
+
+
 def test_sync_bn_true_on_cpu_is_refused_at_start_naming_the_key(tmp_path):
     config = tiny_config(tmp_path, "distributed.sync_bn=true")
     with pytest.raises(TrainingError, match=r"distributed\.sync_bn=true .* runs only on CUDA"):
