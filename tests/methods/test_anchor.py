@@ -14,8 +14,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from hpc_reid.config import load_config
-from hpc_reid.data.build import dataset_on_ranks
+from hpc_reid.data.build import dataset_on_ranks, dataset_root
+from hpc_reid.data.datasets import build_dataset
 from hpc_reid.data.loaders import build_backend_test_loader
+from hpc_reid.data.pack import pack_dataset
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.trainer import train
@@ -221,6 +223,26 @@ def test_class_means_over_ranks_equal_the_float64_single_process_reference(tmp_p
         if rank:  # and every rank holds the very same anchors
             for request in expected:
                 assert np.array_equal(out[rank][request], out[0][request])
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_class_means_from_an_hdf5_pack_equal_those_from_the_folder(tmp_path, backend):
+    """The anchors read through either loader backend, from the image folder or its HDF5 pack
+    (the same JPEG bytes), are the same."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    config = tiny_config(tmp_path, f"loader.backend={backend}")
+    name, root = dataset_root(config.data, announce=lambda _: None)
+    pack = tmp_path / "tiny.h5"
+    pack_dataset(build_dataset(name, root), pack)
+    requests = [("bn", True)]
+    means = {}
+    for source in (root, pack):
+        dataset = build_dataset(name, source)
+        means[source] = class_means(
+            TinyNet(), dataset.train, config, torch.device("cpu"), requests, dataset.num_train_pids
+        )[("bn", True)]
+    assert torch.equal(means[root], means[pack])
 
 
 def test_a_class_without_training_images_is_named(tmp_path):
