@@ -38,9 +38,9 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :class:`CheckpointManager` (on CPU). ``path`` may also be a
-    run's ``checkpoints/latest`` pointer or ``checkpoints/`` folder: its newest checkpoint."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: a file (``best.pt`` included), a run's
+    ``checkpoints/latest`` pointer, or a run or ``checkpoints/`` folder (its newest)."""
     path = Path(path)
     if path.is_dir() or (path.name == "latest" and path.is_file()):
         folder = path.parent if path.is_file() else path
@@ -49,9 +49,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         newest = newest_checkpoint(folder)
         if newest is None:
             raise CheckpointError(f"no checkpoint in {folder}")
-        path = newest
+        return newest
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :class:`CheckpointManager` (on CPU). ``path`` may also be a
+    run's ``checkpoints/latest`` pointer or a run or ``checkpoints/`` folder: its newest
+    checkpoint (:func:`resolve_checkpoint`)."""
+    path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for a damaged file

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from hpc_reid.config import Config, ConfigError
-from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint, newest_checkpoint
+from hpc_reid.engine import checkpoint
+from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import _StopSignal, run_dir_of, select_device, train
 from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
@@ -48,23 +49,13 @@ _ZERO_SHARDS = "*model_states.pt"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint file ``path`` names, as ``hpc-reid eval --checkpoint`` reads it: a file
-    (``best.pt`` included), a run's ``checkpoints/latest`` pointer, or a run or checkpoints
-    folder (its newest). DeepSpeed's sharded folders are refused with what to give instead."""
+    """The checkpoint file ``path`` names, as ``hpc-reid eval --checkpoint`` reads it
+    (:func:`hpc_reid.engine.checkpoint.resolve_checkpoint`); DeepSpeed's sharded folders are
+    refused with what to give instead."""
     path = Path(path)
     if path.is_dir() and (zero := _zero_folder(path)) is not None:
         raise CheckpointError(_zero_folder_message(path, zero))
-    if path.is_dir() or (path.name == "latest" and path.is_file()):
-        folder = path.parent if path.is_file() else path
-        if (folder / "checkpoints").is_dir():  # a run folder
-            folder = folder / "checkpoints"
-        newest = newest_checkpoint(folder)
-        if newest is None:
-            raise CheckpointError(f"no checkpoint in {folder}")
-        return newest
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    return path
+    return checkpoint.resolve_checkpoint(path)
 
 
 def _zero_folder(path: Path) -> Path | None:
