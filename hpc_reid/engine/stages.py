@@ -33,7 +33,7 @@ from hpc_reid.config import Config, ConfigError
 from hpc_reid.engine import checkpoint
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.trainer import _StopSignal, run_dir_of, select_device, train
+from hpc_reid.engine.trainer import StopSignal, run_dir_of, select_device, train
 from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
 
 #: Names shown per kind of mismatching key in a refusal (the counts are always given).
@@ -358,7 +358,7 @@ def run_stages(
         init_distributed(env, backends.pop(), max(c.distributed.timeout_s for c in configs))
     # Between stages (and while a stage builds) USR1/TERM are recorded rather than ending the
     # process, and a stop agreed at a stage boundary ends the chain for a requeue.
-    stop = _StopSignal()
+    stop = StopSignal()
 
     def say(line: str) -> None:
         if env.rank == 0:

@@ -106,7 +106,7 @@ def model_meta(config: Config, num_classes: int, model) -> dict[str, Any]:
     }
 
 
-class _StopSignal:
+class StopSignal:
     """Records SIGUSR1/SIGTERM; the ranks agree on stopping through one all-reduce per check.
 
     ``agreed`` is a collective (and a host sync): the trainer calls it on every rank at the same
@@ -260,7 +260,7 @@ class _Run:
     best: float | None = None
     consumed: int = 0
     last_saved_step: int = -1
-    stop: _StopSignal = field(default_factory=lambda: _StopSignal())
+    stop: StopSignal = field(default_factory=lambda: StopSignal())
 
     @property
     def epochs(self) -> int:
