@@ -71,6 +71,25 @@ class SyntheticConfig(Section):
     cache_dir: str | None = Field(None, description="default $HPC_REID_CACHE or ~/.cache/hpc_reid")
 
 
+class TexturesConfig(Section):
+    """Per-image target textures for SAN's decoder (the batch field ``texture``): none; the
+    synthetic set's own per-identity texture maps (``textures/PPPP.png``, the true textures, SAN's
+    PIT pairs); or pseudo textures written by ``hpc-reid textures`` (one per image, in a folder
+    mirroring the image names or an HDF5 file). Decoded and normalised to [-1, 1] and resized to
+    ``model.san.texture_size``; never flipped, cropped or erased with the person image (the texture
+    space is pose- and view-free)."""
+
+    kind: Literal["none", "synthetic", "pseudo"] = "none"
+    root: str | None = Field(
+        None, description="pseudo: the folder or .h5 file hpc-reid textures wrote"
+    )
+    missing: Literal["error", "skip"] = Field(
+        "error",
+        description="a training image without a texture: error, naming it; skip, the image "
+        "trains without the texture losses",
+    )
+
+
 class DataConfig(Section):
     dataset: str = Field(SYNTHETIC, description="a registered data set name or 'synthetic'")
     root: str | None = Field(None, description="data set folder; not used for 'synthetic'")
@@ -78,6 +97,7 @@ class DataConfig(Section):
         default_factory=dict, description="data set specific options, e.g. split_id, variant"
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    textures: TexturesConfig = Field(default_factory=TexturesConfig)
     height: int = Field(256, ge=32, description="input height in pixels")
     width: int = Field(128, ge=16, description="input width in pixels")
 
@@ -159,6 +179,26 @@ class LoaderConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class SanConfig(Section):
+    """SAN's semantics-aligned decoder (model.head: san; Jin et al., AAAI 2020): a U-Net-like
+    SA-Dec on the backbone's last map with skips from the three stages before it, regressing the
+    person's texture image; dropped at test time."""
+
+    texture_size: tuple[int, int] = Field(
+        (256, 256), description="(height, width) of the decoded texture and of its targets"
+    )
+    decoder_width: float = Field(
+        1.0, gt=0.0, description="the decoder's channels times this (smaller for CPU backbones)"
+    )
+    embedding_dim: int | None = Field(
+        None,
+        ge=1,
+        description="the seed's embedding: pooled feature -> Linear(D, n) + BN + ReLU, the "
+        "classifier and the retrieval feature on it (512 in the released code); null: the "
+        "baseline's neck (model.neck)",
+    )
+
+
 class LocalBranchConfig(Section):
     """The local branch of heads with stripe features (``model.head: aligned``): the final map
     pooled over each of ``stripes`` horizontal bands, a 1x1 conv to ``dim`` + BN + ReLU
@@ -208,6 +248,7 @@ class ModelConfig(Section):
         "bnneck, global pooling + neck (BoT); aligned, that + AlignedReID's stripe features",
     )
     local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
+    san: SanConfig = Field(default_factory=SanConfig)
     init_from: str | None = Field(
         None,
         description="start from another run's weights (a checkpoint file, its run or "
@@ -279,6 +320,26 @@ class MutualConfig(Section):
     weight: float = Field(0.0, ge=0.0)
 
 
+class TextureLossConfig(Section):
+    """SAN's reconstruction loss: mean |T_hat - T| of the decoded texture (output ``texture``)
+    against the image's target texture (batch field ``texture``, data.textures)."""
+
+    weight: float = Field(0.0, ge=0.0)
+
+
+class DecoderTripletConfig(Section):
+    """SAN's triplet ReID constraints on the decoder's four block outputs (``decoder.1`` ..
+    ``decoder.4``), MSE as the distance, summed over terms and blocks as the released code."""
+
+    weight: float = Field(0.0, ge=0.0)
+    margin: float = Field(0.3, ge=0.0)
+    mining: Literal["fixed", "hard"] = Field(
+        "fixed",
+        description="fixed: the released code's index pattern over a P x 4 batch (15 triplets a "
+        "block, no mining); hard: batch-hard positive and negative per anchor",
+    )
+
+
 class AnchorConfig(Section):
     """The cluster-level anchor loss (Chen et al. 2020, hpc_reid/methods/anchor): each feature is
     pulled towards its class anchor, the mean feature of all the class's training images under
@@ -311,6 +372,8 @@ class LossConfig(Section):
     center: CenterConfig = Field(default_factory=CenterConfig)
     local_triplet: LocalTripletConfig = Field(default_factory=LocalTripletConfig)
     anchor: AnchorConfig = Field(default_factory=AnchorConfig)
+    texture: TextureLossConfig = Field(default_factory=TextureLossConfig)
+    decoder_triplet: DecoderTripletConfig = Field(default_factory=DecoderTripletConfig)
     mutual_prob: MutualConfig = Field(
         default_factory=MutualConfig,
         description="KL divergence of each member's ID class probabilities from its peers' "
@@ -343,6 +406,17 @@ class OptimizerConfig(Section):
     bias_lr_factor: float = Field(1.0, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = Field(False, description="Adam/AdamW's AMSGrad variant (SAN's recipe)")
+    decoder_lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="a learning rate of its own for a decoder's parameters (SAN's SA-Dec; "
+        "parameters under the head's 'decoder'), constant, in one backward pass with the rest; "
+        "null: the model's",
+    )
+    decoder_betas: tuple[float, float] | None = Field(
+        None, description="the decoder group's Adam betas (SAN: 0.5, 0.999); null: betas"
+    )
     fused: bool | None = Field(None, description="null: fused where torch supports it")
     apex: bool = Field(False, description="use apex's fused optimizer if installed")
     lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
@@ -527,6 +601,21 @@ class Config(Section):
                         f"may hold no positive pair for loss.{name} (weight {weight}); use "
                         f"sampler.kind=identity or loss.{name}.weight=0"
                     )
+        if self.loss.texture.weight > 0 and self.data.textures.kind == "none":
+            raise ValueError(
+                f"loss.texture.weight={self.loss.texture.weight} needs target textures: set "
+                "data.textures.kind (synthetic: the synthetic set's own; pseudo: hpc-reid "
+                "textures' output in data.textures.root)"
+            )
+        if self.data.textures.kind == "pseudo" and not self.data.textures.root:
+            raise ValueError("data.textures.kind=pseudo needs data.textures.root")
+        dt = self.loss.decoder_triplet
+        if dt.weight > 0 and dt.mining == "fixed" and (s.kind, s.num_instances) != ("identity", 4):
+            raise ValueError(
+                "loss.decoder_triplet.mining=fixed is the released code's index pattern over "
+                f"identity batches of K=4 images (sampler.kind={s.kind}, num_instances="
+                f"{s.num_instances}); use mining=hard"
+            )
         if self.loss.triplet.weight > 0 and self.sampler.num_instances < 2:
             raise ValueError(
                 f"sampler.num_instances={self.sampler.num_instances} leaves no positive pair for "
