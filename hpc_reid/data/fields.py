@@ -8,12 +8,15 @@ between loaders, worker counts or ranks. A loss term that reads fields declares 
 active terms need to the batch they receive (``batch[name]``, on the training device). Built in:
 ``frames`` (the record's frame number, -1 where the data set has none: st-ReID's spatial-temporal
 scoring). A method whose target is heavier than a lookup (SAN's texture image) registers a field
-that loads it from the record's path.
+that loads it from the record's path; a field that also needs the run's settings (where SAN's
+textures are, their size) is registered ``configured=True`` and called as
+``fn(config, records, indices)`` with the run's :class:`~hpc_reid.config.Config`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,16 +25,20 @@ from hpc_reid.data.datasets.base import ImageRecord
 
 #: ``fn(records, indices) -> tensor`` whose first dimension is ``len(indices)``
 BatchField = Callable[[Sequence[ImageRecord], np.ndarray], torch.Tensor]
-_FIELDS: dict[str, BatchField] = {}
+_FIELDS: dict[str, Callable[..., torch.Tensor]] = {}
+_CONFIGURED: set[str] = set()  # fields called as fn(config, records, indices)
 
 
-def register_batch_field(name: str) -> Callable[[BatchField], BatchField]:
-    """Register ``fn(records, indices) -> (len(indices), ...) tensor`` as batch field ``name``."""
+def register_batch_field(name: str, *, configured: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn(records, indices) -> (len(indices), ...) tensor`` as batch field ``name``;
+    with ``configured``, ``fn(config, records, indices)`` (the run's config first)."""
 
-    def add(fn: BatchField) -> BatchField:
+    def add(fn: Callable) -> Callable:
         if name in _FIELDS or name in ("images", "pids", "camids", "indices"):
             raise ValueError(f"batch field {name!r} is already defined")
         _FIELDS[name] = fn
+        if configured:
+            _CONFIGURED.add(name)
         return fn
 
     return add
@@ -46,16 +53,22 @@ def batch_fields(
     records: Sequence[ImageRecord],
     indices: torch.Tensor,
     device: torch.device | str = "cpu",
+    config: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The fields ``names`` of the samples at dataset ``indices`` (a loader batch's), on
-    ``device``."""
+    ``device``; ``config``: the run's, for the fields registered ``configured``."""
     unknown = sorted(set(names) - set(_FIELDS))
     if unknown:
         raise KeyError(f"unknown batch field(s) {unknown}; registered: {available_batch_fields()}")
     idx = indices.detach().cpu().numpy().astype(np.int64)
     out = {}
     for name in names:
-        value = _FIELDS[name](records, idx)
+        if name not in _CONFIGURED:
+            value = _FIELDS[name](records, idx)
+        elif config is None:
+            raise ValueError(f"batch field {name!r} needs the run's config (config=)")
+        else:
+            value = _FIELDS[name](config, records, idx)
         if value.shape[:1] != (len(idx),):
             raise ValueError(
                 f"batch field {name!r} gave shape {tuple(value.shape)} for {len(idx)} samples"
@@ -69,12 +82,13 @@ def with_fields(
     names: Sequence[str],
     records: Sequence[ImageRecord],
     device: torch.device | str,
+    config: Any = None,
 ) -> Mapping[str, torch.Tensor]:
     """``batch`` plus the fields ``names``; ``batch`` itself when ``names`` is empty (every step
     of a run whose terms read none: nothing computed or copied)."""
     if not names:
         return batch
-    return {**batch, **batch_fields(names, records, batch["indices"], device)}
+    return {**batch, **batch_fields(names, records, batch["indices"], device, config)}
 
 
 @register_batch_field("frames")
