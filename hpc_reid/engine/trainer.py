@@ -422,7 +422,8 @@ class _Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             pids = batch["pids"].to(device, non_blocking=True)
             # the per-sample targets the loss terms declare (hpc_reid.data.fields), if any
-            batch = with_fields(batch, self.criterion.batch_fields, self.dataset.train, device)
+            fields = self.criterion.batch_fields
+            batch = with_fields(batch, fields, self.dataset.train, device, config)
             with self.strategy.autocast():
                 outputs = self.forward(images)
             outputs = {k: v.float() for k, v in outputs.items()}
