@@ -41,12 +41,21 @@ class ReidModel(nn.Module):
     trainer or evaluation: ``output_keys`` (the training outputs losses may read),
     ``retrieval_parts`` (name -> :class:`RetrievalPart`: the outputs evaluation ranks with, e.g.
     ``global``, and AlignedReID's ``local``) and ``feature_dim`` (the ``global`` output's size).
+
+    A head with ``wants_stages`` (SAN's, whose decoder takes skips) is given the backbone's
+    ``forward_stages`` maps too; every other head gets ``forward``'s map alone, as before.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.head_wants_stages = bool(getattr(head, "wants_stages", False))
+        if self.head_wants_stages and not callable(getattr(backbone, "forward_stages", None)):
+            raise TypeError(
+                f"the {type(head).__name__} head reads the backbone's stages, but "
+                f"{type(backbone).__name__} has no forward_stages (hpc_reid.models.backbones)"
+            )
         self._register_load_state_dict_pre_hook(_head_keys_of_before_heads)
 
     @property
@@ -62,6 +71,9 @@ class ReidModel(nn.Module):
         return int(self.head.feature_dim)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.head_wants_stages:
+            stages = self.backbone.forward_stages(x)
+            return self.head(stages[-1], stages)
         return self.head(self.backbone(x))
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -94,7 +106,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         backbone = build_backbone(
             cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
         )
-        return ReidModel(backbone, build_head(cfg.head, backbone.out_channels, num_classes, cfg))
+        stages = getattr(backbone, "stage_channels", None)
+        head = build_head(cfg.head, backbone.out_channels, num_classes, cfg, stages)
+        return ReidModel(backbone, head)
 
     if cfg.members == 1:
         return one()

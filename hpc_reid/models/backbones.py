@@ -1,6 +1,11 @@
 """Backbones by name: a registry of trunks whose forward returns the last feature map (N, C, h, w)
 and which carry ``out_channels`` (C). Pooling and the neck live in :mod:`hpc_reid.models.heads`.
 
+Every built-in trunk also has ``forward_stages(x)``: the maps of its last four stages, the last
+one ``forward``'s, with their channels in ``stage_channels`` (a decoder's skips: SAN's SA-Dec,
+:mod:`hpc_reid.methods.san`). A registered trunk without them serves every head but those that
+declare ``wants_stages``.
+
 No weights are ever downloaded: ImageNet weights come from a local file (``model.pretrained``),
 loaded strictly by :func:`load_pretrained`.
 """
@@ -27,7 +32,8 @@ _BACKBONES: dict[str, BackboneFactory] = {}
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register ``factory(last_stride) -> nn.Module`` under ``name``; the module's forward returns
-    the last feature map and it has ``out_channels``. A name can be registered once."""
+    the last feature map and it has ``out_channels`` (and, for heads with ``wants_stages``,
+    ``forward_stages`` and ``stage_channels``: module docstring). A name can be registered once."""
 
     def add(factory: BackboneFactory) -> BackboneFactory:
         if name in _BACKBONES:
@@ -67,7 +73,13 @@ class MobileNetV2Trunk(nn.Module):
     so the output stride is 16 instead of 32, the same ReID practice as a ResNet's last stride.
     The trunk keeps the ``features.`` prefix, so its keys are those of torchvision's ImageNet
     checkpoint as they are (the checkpoint's ``classifier.*`` is ignored on loading).
+
+    Its stages for ``forward_stages``: the ends of the stride-4, 8 and 16 resolutions (the last
+    24-, 32- and 96-channel blocks, ``features[3]``, ``[6]``, ``[13]``) and the final 1280-channel
+    map, the same ladder as a ResNet's layer1..layer4.
     """
+
+    STAGE_ENDS = (3, 6, 13)  # torchvision's layout: the block before each later stride-2 block
 
     def __init__(self, last_stride: int):
         super().__init__()
@@ -81,9 +93,22 @@ class MobileNetV2Trunk(nn.Module):
             conv.stride = (1, 1)
             last[-1].stride = 1  # its residual test is fixed at build time (96 -> 160: none)
         self.out_channels = 1280
+        ends = [self.features[i].out_channels for i in self.STAGE_ENDS]
+        self.stage_channels = (*ends, self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps after ``features[3]``, ``[6]``, ``[13]`` and the last; the last is
+        ``forward``'s."""
+        stages = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.STAGE_ENDS:
+                stages.append(x)
+        stages.append(x)
+        return stages
 
 
 # OSNet's last stage has no stride (output stride 16 by design), so ``last_stride`` is moot.

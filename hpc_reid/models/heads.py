@@ -10,6 +10,10 @@ imported. A head declares:
 - ``retrieval_parts``: name -> :class:`RetrievalPart`, the outputs evaluation ranks with (the
   ``global`` part; AlignedReID adds ``local``), so evaluation never special-cases a method;
 - ``feature_dim``: the dimension of the ``global`` output (the center loss's feature).
+
+A head whose class sets ``wants_stages = True`` (SAN's, whose decoder takes skips) is built with
+``stage_channels=`` the backbone's and called as ``head(fmap, stages)``, ``stages`` being the
+backbone's ``forward_stages`` (the last is ``fmap``); every other head as ``head(fmap)``.
 """
 
 from __future__ import annotations
@@ -63,14 +67,31 @@ def available_heads() -> list[str]:
     return sorted(_HEADS)
 
 
-def build_head(name: str, in_channels: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """The head ``name`` on a backbone with ``in_channels`` output channels."""
+def build_head(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    cfg: ModelConfig,
+    stage_channels: tuple[int, ...] | None = None,
+) -> nn.Module:
+    """The head ``name`` on a backbone with ``in_channels`` output channels (and the channels of
+    its ``forward_stages`` maps, which a head with ``wants_stages`` needs)."""
     _load_methods()
     if name not in _HEADS:
         close = difflib.get_close_matches(name, _HEADS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown head {name!r}{hint}; available: {', '.join(sorted(_HEADS))}")
-    head = _HEADS[name](in_channels, num_classes, cfg)
+    factory = _HEADS[name]
+    if getattr(factory, "wants_stages", False):
+        if stage_channels is None:
+            raise TypeError(
+                f"model.head={name!r} reads the backbone's intermediate stages, but model.backbone="
+                f"{cfg.backbone!r} has no `forward_stages` / `stage_channels` "
+                "(hpc_reid.models.backbones)"
+            )
+        head = factory(in_channels, num_classes, cfg, stage_channels=tuple(stage_channels))
+    else:
+        head = factory(in_channels, num_classes, cfg)
     for attr in ("output_keys", "retrieval_parts", "feature_dim"):
         if not hasattr(head, attr):
             raise TypeError(f"head {name!r} was built without `{attr}` (see hpc_reid.models.heads)")

@@ -105,7 +105,11 @@ class OSNet(nn.Module):
     """OSNet trunk (Table 1): conv1 7x7/2 + 3x3/2 max pool, stages conv2..conv4 of 2 OS blocks with
     transitions after conv2 and conv3, conv5 1x1. Channels are [64, 256, 384, 512] x ``width``
     (x0.25: [16, 64, 96, 128]); the output stride is 16 and ``out_channels = 512 * width``. The
-    paper's global pooling and 512-d FC embedding are left to the ReID head."""
+    paper's global pooling and 512-d FC embedding are left to the ReID head.
+
+    ``forward_stages`` returns the maps of conv2, conv3 (each before its transition), conv4 and
+    conv5, at Table 1's resolutions (output strides 4, 8, 16, 16, as a ResNet's layer1..layer4
+    with last stride 1); their channels are ``stage_channels``."""
 
     def __init__(self, width: float = 1.0, blocks: tuple[int, int, int] = (2, 2, 2)):
         super().__init__()
@@ -117,6 +121,7 @@ class OSNet(nn.Module):
         self.conv4 = _stage(c[2], c[3], blocks[2], transition=False)
         self.conv5 = ConvLayer(c[3], c[3], 1)
         self.out_channels = c[3]
+        self.stage_channels = (c[1], c[2], c[3], c[3])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -129,3 +134,18 @@ class OSNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.conv1(x))
         return self.conv5(self.conv4(self.conv3(self.conv2(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """conv2, conv3 (before their transitions), conv4 and conv5's maps; the last is
+        ``forward``'s."""
+        x = self.maxpool(self.conv1(x))
+        stages = []
+        for stage in (self.conv2, self.conv3):
+            for block in stage[:-1]:
+                x = block(x)
+            stages.append(x)
+            x = stage[-1](x)  # the transition: 1x1 conv and 2x2 average pooling
+        x = self.conv4(x)
+        stages.append(x)
+        stages.append(self.conv5(x))
+        return stages

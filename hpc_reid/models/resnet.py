@@ -15,6 +15,9 @@ from torch import nn
 class ResNetTrunk(nn.Module):
     """A ResNet without its average pooling and classifier, returning layer4's map.
 
+    ``forward_stages`` returns layer1..layer4's maps (output strides 4, 8, 16 and 16 or 32), whose
+    channels are ``stage_channels``: the skips of a decoder such as SAN's SA-Dec.
+
     ``last_stride=1`` removes layer4's downsampling (output stride 16 instead of 32): the larger
     final map gives finer features at little cost (Sun et al., PCB, ECCV 2018; Luo et al., Bag of
     Tricks, CVPRW 2019, Sec. 3.4). The stride sits on the first block's 3x3 conv (``conv1`` of a
@@ -44,10 +47,21 @@ class ResNetTrunk(nn.Module):
             resnet.layer4,
         )
         self.out_channels = resnet.fc.in_features
+        expansion = type(block).expansion  # 1 (BasicBlock) or 4 (Bottleneck)
+        self.stage_channels = tuple(width * expansion for width in (64, 128, 256, 512))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """layer1..layer4's maps; the last is ``forward``'s."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
 
 
 class IBN(nn.Module):

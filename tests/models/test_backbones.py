@@ -79,11 +79,48 @@ def test_last_stride_one_doubles_the_map_of_resnets_and_mobilenet_not_osnet():
     assert sizes["osnet_x0_25"] == [(8, 4), (8, 4)]
 
 
+# Each trunk's last four stage ends (forward_stages): their channels, from the papers' tables
+# (ResNet Table 1, MobileNetV2 Table 2's 24/32/96 ends and 1280, OSNet Table 1's conv2..conv5),
+# and how many of the trunk's strided layers (TRUNKS) precede each.
+STAGES = {
+    "resnet18": ((64, 128, 256, 512), (2, 3, 4, 5)),
+    "resnet34": ((64, 128, 256, 512), (2, 3, 4, 5)),
+    "resnet50": ((256, 512, 1024, 2048), (2, 3, 4, 5)),
+    "resnet50_ibn_a": ((256, 512, 1024, 2048), (2, 3, 4, 5)),
+    "mobilenet_v2": ((24, 32, 96, 1280), (2, 3, 4, 5)),
+    "osnet_x1_0": ((256, 384, 512, 512), (2, 3, 4, 4)),  # conv2, conv3 before their transitions
+    "osnet_x0_25": ((64, 96, 128, 128), (2, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("last_stride", [1, 2])
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_forward_stages_follow_the_strides_and_end_with_forwards_map(name, last_stride):
+    channels, preceding = STAGES[name]
+    layers = TRUNKS[name][1]
+    torch.manual_seed(0)
+    backbone = build_backbone(name, last_stride).eval()
+    x = torch.randn(2, 3, 100, 38)  # not a multiple of the output stride
+    with torch.no_grad():
+        stages, final = backbone.forward_stages(x), backbone(x)
+    assert backbone.stage_channels == channels
+    expected = [
+        (2, c, *(expected_size(s, layers[:k], last_stride) for s in (100, 38)))
+        for c, k in zip(channels, preceding, strict=True)
+    ]
+    assert [tuple(m.shape) for m in stages] == expected
+    assert torch.equal(stages[-1], final)
+
+
 def test_resnet101_builds_with_last_stride_one():  # the only resnet101 instance of the suite
     backbone = build_backbone("resnet101", 1).eval()
     assert backbone.out_channels == 2048 and len(backbone.layer3) == 23
+    assert backbone.stage_channels == (256, 512, 1024, 2048)
+    x = torch.randn(1, 3, 64, 32)
     with torch.no_grad():
-        assert backbone(torch.randn(1, 3, 64, 32)).shape == (1, 2048, 4, 2)
+        out, stages = backbone(x), backbone.forward_stages(x)
+    assert out.shape == (1, 2048, 4, 2)
+    assert [m.shape[1] for m in stages] == [256, 512, 1024, 2048] and torch.equal(stages[-1], out)
 
 
 def test_resnet_keys_are_torchvisions_without_the_classifier():
