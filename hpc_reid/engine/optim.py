@@ -7,6 +7,12 @@ get ``lr * bias_lr_factor`` and ``weight_decay_bias``; normalisation layers' wei
 ``weight_decay``. The schedule is BoT's warm-up (linear from ``warmup_factor`` to 1) followed by
 step decay or cosine annealing (Loshchilov and Hutter, "SGDR", ICLR 2017, Eq. 5), evaluated every
 iteration rather than every epoch.
+
+A decoder trained beside the encoder (SAN's SA-Dec: parameters under a module named ``decoder``)
+gets, with ``optimizer.decoder_lr``, groups of its own (the same three kinds) at that learning
+rate, constant (the schedule leaves a group marked ``constant_lr`` alone), with
+``optimizer.decoder_betas``: the released code's separate decoder Adam (lr 1e-5, betas 0.5 and
+0.999, never scheduled) within one optimizer and one backward pass.
 """
 
 from __future__ import annotations
@@ -70,21 +76,44 @@ def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> tuple[float, str]:
     return lr, f"lr {_fmt(cfg.lr)} x sqrt({global_batch}/{base}) (sqrt rule) = {_fmt(lr)}"
 
 
-def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
-    """BoT's groups: weights (lr, weight_decay), norm-layer weights (lr, weight_decay_bias),
-    biases (lr * bias_lr_factor, weight_decay_bias). Frozen parameters are left out; a shared
-    parameter is counted once; empty groups are dropped."""
-    groups = {
-        "weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay},
-        "norm_weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay_bias},
-        "biases": {
+#: The module name whose parameters ``optimizer.decoder_lr`` applies to (SAN's ``head.decoder``).
+DECODER_MODULE = "decoder"
+
+
+def _bot_groups(lr: float, cfg: OptimizerConfig, prefix: str = "") -> dict[str, dict[str, Any]]:
+    return {
+        f"{prefix}weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay},
+        f"{prefix}norm_weights": {"params": [], "lr": lr, "weight_decay": cfg.weight_decay_bias},
+        f"{prefix}biases": {
             "params": [],
             "lr": lr * cfg.bias_lr_factor,
             "weight_decay": cfg.weight_decay_bias,
         },
     }
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
+    """BoT's groups: weights (lr, weight_decay), norm-layer weights (lr, weight_decay_bias),
+    biases (lr * bias_lr_factor, weight_decay_bias). Frozen parameters are left out; a shared
+    parameter is counted once; empty groups are dropped.
+
+    With ``optimizer.decoder_lr``, the parameters of modules under one named ``decoder`` form the
+    same three groups again, named ``decoder_*``, at ``decoder_lr`` (as given: not ``lr``'s
+    batch-size rule), marked ``constant_lr`` (the schedule skips them) and with
+    ``decoder_betas`` when set. They come after the others, so group 0 stays the encoder's
+    weights (the learning rate the run log shows).
+    """
+    groups = _bot_groups(lr, cfg)
+    if cfg.decoder_lr is not None:
+        decoder = _bot_groups(cfg.decoder_lr, cfg, prefix="decoder_")
+        for group in decoder.values():
+            group["constant_lr"] = True
+            if cfg.decoder_betas is not None:
+                group["betas"] = tuple(cfg.decoder_betas)
+        groups.update(decoder)
     seen: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        in_decoder = cfg.decoder_lr is not None and DECODER_MODULE in module_name.split(".")
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
@@ -95,11 +124,33 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict
                 kind = "norm_weights"
             else:
                 kind = "weights"
-            groups[kind]["params"].append(p)
+            groups[f"decoder_{kind}" if in_decoder else kind]["params"].append(p)
     out = [{"name": name, **g} for name, g in groups.items() if g["params"]]
     if not out:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
+    if cfg.decoder_lr is not None and not any(g["name"].startswith("decoder_") for g in out):
+        raise ValueError(
+            f"optimizer.decoder_lr={cfg.decoder_lr} but {type(model).__name__} has no trainable "
+            f"parameter under a module named {DECODER_MODULE!r} (model.head: san has one); "
+            "set optimizer.decoder_lr=null"
+        )
     return out
+
+
+def _check_adam_options(cfg: OptimizerConfig) -> None:
+    """Options that only an Adam-type optimizer has, refused rather than ignored."""
+    if cfg.decoder_betas is not None and cfg.decoder_lr is None:
+        raise ValueError(
+            f"optimizer.decoder_betas={tuple(cfg.decoder_betas)} applies to the decoder's own "
+            "groups, which exist only with optimizer.decoder_lr set; set both or neither"
+        )
+    if cfg.name == "sgd":
+        for key in ("amsgrad", "decoder_betas"):
+            if getattr(cfg, key) not in (None, False):
+                raise ValueError(
+                    f"optimizer.{key}={getattr(cfg, key)} is an Adam option, but "
+                    "optimizer.name=sgd; use adam or adamw, or unset it"
+                )
 
 
 @functools.cache
@@ -135,6 +186,11 @@ def _apex_optimizer(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torc
         ) from None
     if cfg.name == "sgd":
         return apex_optimizers.FusedSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
+    if cfg.amsgrad:
+        raise ValueError(
+            "optimizer.amsgrad=true: apex's FusedAdam has no AMSGrad variant; set "
+            "optimizer.apex=false (torch's Adam has it, fused or not)"
+        )
     return apex_optimizers.FusedAdam(
         groups, lr=lr, betas=tuple(cfg.betas), adam_w_mode=cfg.name == "adamw"
     )
@@ -149,7 +205,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
     they are slower than foreach (Adam over OSNet x0.25's 148k parameters on 2 cores: 165 ms against
     20 ms a step), so null does not pick them there; true asks for them anyway, and is an error
     where they do not exist. ``optimizer.apex`` uses apex's FusedAdam / FusedSGD.
+
+    ``optimizer.amsgrad``: Adam's and AdamW's AMSGrad variant (Reddi, Kale and Kumar, "On the
+    Convergence of Adam and Beyond", ICLR 2018: the denominator from the running maximum of the
+    second-moment estimate), the optimizer of SAN's released recipe.
     """
+    _check_adam_options(cfg)
     groups = param_groups(model, cfg, lr)
     if cfg.apex:
         return _apex_optimizer(groups, cfg, lr)
@@ -167,7 +228,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
     if cfg.name == "sgd":
         extra: dict[str, Any] = {"momentum": cfg.momentum, "nesterov": False}
     else:
-        extra = {"betas": tuple(cfg.betas)}
+        extra = {"betas": tuple(cfg.betas), "amsgrad": cfg.amsgrad}
     return cls(groups, lr=lr, weight_decay=cfg.weight_decay, fused=fused, **extra)
 
 
@@ -200,7 +261,8 @@ def strategy_args(config: Config, criterion) -> dict:
 
 class WarmupScheduler(LRScheduler):
     """Per-iteration LR: ``group base lr * factor(iteration)`` for every parameter group, so the
-    groups keep their ratios (bias_lr_factor) throughout.
+    groups keep their ratios (bias_lr_factor) throughout; a group marked ``constant_lr`` (SAN's
+    decoder, :func:`param_groups`) keeps its base lr.
 
     With W = warmup_epochs * iters_per_epoch and T = epochs * iters_per_epoch:
     - warm-up, it < W: warmup_factor + (1 - warmup_factor) * it / W (BoT's linear warm-up);
@@ -262,7 +324,11 @@ class WarmupScheduler(LRScheduler):
 
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
-        return [base * f for base in self.base_lrs]
+        groups = self.optimizer.param_groups
+        return [
+            base if group.get("constant_lr", False) else base * f
+            for base, group in zip(self.base_lrs, groups, strict=True)
+        ]
 
     _POSITION = ("last_epoch", "_step_count", "base_lrs", "_last_lr")
 

@@ -280,3 +280,143 @@ def test_cosine_floor_above_base_lr_is_an_error():
     opt = build_optimizer(nn.Linear(2, 2), _opt_cfg(), lr=1e-3)
     with pytest.raises(ValueError, match=r"schedule\.min_lr"):
         build_scheduler(opt, cfg, IPE)
+
+
+# ----------------------------------------------------------------------------- decoder groups
+
+
+class _EncoderDecoder(nn.Module):
+    """An encoder and, under a nested module named ``decoder`` (SAN's ``head.decoder``), a decoder;
+    ``decoders`` (another name that merely starts alike) stays with the encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.decoders = nn.Linear(4, 4)
+        self.head = nn.Module()
+        self.head.bn = nn.BatchNorm1d(4)
+        self.head.decoder = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+
+DECODER_GROUP = {  # by hand, from the rule: a module path component equal to "decoder"
+    "conv.weight": "weights",
+    "conv.bias": "biases",
+    "decoders.weight": "weights",
+    "decoders.bias": "biases",
+    "head.bn.weight": "norm_weights",
+    "head.bn.bias": "biases",
+    "head.decoder.0.weight": "decoder_weights",
+    "head.decoder.0.bias": "decoder_biases",
+    "head.decoder.1.weight": "decoder_norm_weights",
+    "head.decoder.1.bias": "decoder_biases",
+}
+
+
+def test_decoder_parameters_get_groups_of_their_own_lr_betas_and_constant_mark():
+    model = _EncoderDecoder()
+    cfg = _opt_cfg(
+        bias_lr_factor=2.0, betas=(0.9, 0.999), decoder_lr=1e-5, decoder_betas=(0.5, 0.999)
+    )
+    opt = build_optimizer(model, cfg, lr=8e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: g["name"] for g in opt.param_groups for p in g["params"]}
+    assert got == DECODER_GROUP
+    assert opt.param_groups[0]["name"] == "weights"  # the lr the run log shows
+    hyper = {
+        g["name"]: (g["lr"], g["betas"], g.get("constant_lr", False)) for g in opt.param_groups
+    }
+    assert hyper == {
+        "weights": (8e-4, (0.9, 0.999), False),
+        "norm_weights": (8e-4, (0.9, 0.999), False),
+        "biases": (pytest.approx(1.6e-3), (0.9, 0.999), False),
+        "decoder_weights": (1e-5, (0.5, 0.999), True),
+        "decoder_norm_weights": (1e-5, (0.5, 0.999), True),
+        "decoder_biases": (pytest.approx(2e-5), (0.5, 0.999), True),
+    }
+
+
+def test_without_decoder_lr_the_decoder_is_grouped_like_any_module():
+    model = _EncoderDecoder()
+    opt = build_optimizer(model, _opt_cfg(), lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: g["name"] for g in opt.param_groups for p in g["params"]}
+    assert got == {n: kind.removeprefix("decoder_") for n, kind in DECODER_GROUP.items()}
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_decoder_lr_stays_constant_while_the_schedule_moves_the_rest(kind):
+    cfg = SCHEDULES[kind]
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    opt = build_optimizer(model, _opt_cfg(bias_lr_factor=BIAS_FACTOR, decoder_lr=3e-5), lr=BASE_LR)
+    sched = build_scheduler(opt, cfg, IPE)
+    for it in range(cfg.epochs * IPE):
+        lr = {grp["name"]: grp["lr"] for grp in opt.param_groups}
+        assert lr["weights"] == pytest.approx(_expected_weight_lr(it, cfg), rel=1e-12), it
+        assert lr["decoder_weights"] == lr["decoder_norm_weights"] == 3e-5, it
+        assert lr["decoder_biases"] == pytest.approx(3e-5 * BIAS_FACTOR, rel=1e-12), it
+        opt.step()  # no gradients: only the schedule moves
+        sched.step()
+
+
+def test_decoder_options_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match=r"optimizer\.decoder_lr=0\.001 .* no trainable .*decoder"):
+        build_optimizer(_Net(), _opt_cfg(decoder_lr=1e-3), lr=1e-3)
+    betas = r"decoder_betas=\(0\.5, 0\.999\) .* optimizer\.decoder_lr set"
+    with pytest.raises(ValueError, match=betas):
+        build_optimizer(_EncoderDecoder(), _opt_cfg(decoder_betas=(0.5, 0.999)), lr=1e-3)
+    with pytest.raises(ValueError, match=r"optimizer\.amsgrad=True is an Adam option"):
+        build_optimizer(_Net(), _opt_cfg(name="sgd", amsgrad=True), lr=1e-3)
+
+
+def test_amsgrad_with_apex_is_refused(monkeypatch):
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.ModuleType("apex.optimizers")
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    with pytest.raises(ValueError, match="FusedAdam has no AMSGrad"):
+        build_optimizer(_Net(), _opt_cfg(apex=True, amsgrad=True), lr=1e-3)
+
+
+def _adam_reference(p, grads, lr, betas, eps, weight_decay, decoupled, amsgrad=True):
+    """AMSGrad (Reddi, Kale and Kumar, ICLR 2018, Algorithm 2) with Adam's bias corrections, as
+    torch documents it, in float64 numpy: the step divides by the running maximum of v (by v
+    itself without ``amsgrad``: plain Adam)."""
+    import numpy as np
+
+    p = p.astype(np.float64).copy()
+    m, v, v_max = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    b1, b2 = betas
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        v_max = np.maximum(v_max, v) if amsgrad else v
+        p = p - lr / (1 - b1**t) * m / (np.sqrt(v_max / (1 - b2**t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_amsgrad_follows_the_running_maximum_of_the_second_moment(name):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, dtype=torch.float64))
+    start = w.detach().numpy().copy()
+    # large gradients first, then small ones: v falls below its maximum and AMSGrad leaves Adam
+    grads = [torch.randn(6, dtype=torch.float64) * scale for scale in (5.0, 3.0, 0.1, 0.1, 0.05)]
+    cfg = _opt_cfg(name=name, amsgrad=True, weight_decay=1e-2, betas=(0.9, 0.99))
+    holder = nn.Module()
+    holder.w = w
+    opt = build_optimizer(holder, cfg, lr=1e-2)
+    assert all(g["amsgrad"] is True for g in opt.param_groups)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    args = (start, [g.numpy() for g in grads], 1e-2, (0.9, 0.99), 1e-8, 1e-2, name == "adamw")
+    expected = _adam_reference(*args)
+    torch.testing.assert_close(w.detach(), torch.from_numpy(expected), rtol=1e-12, atol=1e-14)
+    plain = _adam_reference(*args, amsgrad=False)  # the inputs tell the two apart
+    assert abs(plain - expected).max() > 1e-6  # far beyond the tolerance above
