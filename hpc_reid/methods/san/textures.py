@@ -318,14 +318,14 @@ class TextureTargets:
 
     def textures(self, indices: np.ndarray) -> torch.Tensor:
         """(len(indices), 3, H, W) float32 in [-1, 1]; zeros where there is no texture."""
-        out = np.zeros((len(indices), *self.size, 3), dtype=np.uint8)
+        out = np.zeros((len(indices), 3, *self.size), dtype=np.uint8)
         for j, i in enumerate(indices.tolist()):
             if self.valid[i]:
-                out[j] = self._texture(self.keys[i])
-        x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0)
-        x = x.sub(0.5).div(0.5)  # ToTensor + Normalize(0.5, 0.5), as the released loader
+                out[j] = self._texture(self.keys[i]).transpose(2, 0, 1)
+        x = torch.from_numpy(out).float()
+        x.div_(255.0).sub_(0.5).div_(0.5)  # ToTensor + Normalize(0.5, 0.5), as the released loader
         x[torch.from_numpy(~self.valid[indices])] = 0.0
-        return x.contiguous()
+        return x
 
 
 _bound: tuple[Config, Sequence[ImageRecord], TextureTargets] | None = None
