@@ -12,6 +12,10 @@ Where the parts are:
 - :mod:`~hpc_reid.methods.san.model`: ``model.head: san`` (the baseline's head plus the decoder's
   outputs ``texture`` and ``decoder.1`` .. ``decoder.4``) and :func:`decoding`, which turns the
   decoder on in eval mode;
+- :mod:`~hpc_reid.methods.san.losses`: ``loss.texture`` (L1 reconstruction) and
+  ``loss.decoder_triplet`` (the triplet ReID constraints on the decoder's blocks);
+- :mod:`~hpc_reid.methods.san.textures`: the target textures as the batch fields ``texture`` and
+  ``texture_valid`` (``data.textures``), and the writer of ``hpc-reid textures``' output;
 - the decoder's own learning rate and AMSGrad: ``optimizer.decoder_lr``, ``optimizer.amsgrad``
   (:mod:`hpc_reid.engine.optim`).
 
@@ -20,8 +24,8 @@ Implementation notes from the released code: ../shared/methods/san.md.
 
 from __future__ import annotations
 
-# importing registers model.head "san"
-from hpc_reid.methods.san import model  # noqa: F401
+# importing registers model.head "san", loss.texture, loss.decoder_triplet and the texture fields
+from hpc_reid.methods.san import losses, model, textures  # noqa: F401
 from hpc_reid.methods.san.model import SanHead, decoding
 
 __all__ = ["SanHead", "decoding"]
