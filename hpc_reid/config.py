@@ -43,7 +43,7 @@ BACKBONES = (
 )
 SYNTHETIC = "synthetic"
 # The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
-HEADS = ("bnneck", "aligned")
+HEADS = ("bnneck", "aligned", "san")
 #: model.<key> -> (built-in names, the module and function listing every registered one)
 _REGISTRIES = {
     "backbone": (BACKBONES, "hpc_reid.models.backbones", "available_backbones"),

@@ -24,8 +24,8 @@ def test_frames_are_the_records_frames_at_the_batch_indices_and_minus_one_withou
 
 
 def test_unknown_and_reserved_fields_are_refused_naming_them():
-    with pytest.raises(KeyError, match=r"unknown batch field\(s\) \['texture'\]"):
-        batch_fields(["texture"], [], torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(KeyError, match=r"unknown batch field\(s\) \['no_such_field'\]"):
+        batch_fields(["no_such_field"], [], torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="'pids' is already defined"):
         register_batch_field("pids")(lambda records, idx: torch.zeros(len(idx)))
     assert "frames" in available_batch_fields()
