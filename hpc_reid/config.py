@@ -417,6 +417,9 @@ class OptimizerConfig(Section):
     decoder_betas: tuple[float, float] | None = Field(
         None, description="the decoder group's Adam betas (SAN: 0.5, 0.999); null: betas"
     )
+    decoder_weight_decay: float | None = Field(
+        None, ge=0.0, description="the decoder groups' weight decay (SAN: 0); null: the model's"
+    )
     fused: bool | None = Field(None, description="null: fused where torch supports it")
     apex: bool = Field(False, description="use apex's fused optimizer if installed")
     lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)

@@ -110,6 +110,8 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict
             group["constant_lr"] = True
             if cfg.decoder_betas is not None:
                 group["betas"] = tuple(cfg.decoder_betas)
+            if cfg.decoder_weight_decay is not None:  # the released decoder Adam's is 0
+                group["weight_decay"] = cfg.decoder_weight_decay
         groups.update(decoder)
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -139,11 +141,12 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr: float) -> list[dict
 
 def _check_adam_options(cfg: OptimizerConfig) -> None:
     """Options that only an Adam-type optimizer has, refused rather than ignored."""
-    if cfg.decoder_betas is not None and cfg.decoder_lr is None:
-        raise ValueError(
-            f"optimizer.decoder_betas={tuple(cfg.decoder_betas)} applies to the decoder's own "
-            "groups, which exist only with optimizer.decoder_lr set; set both or neither"
-        )
+    for key in ("decoder_betas", "decoder_weight_decay"):
+        if getattr(cfg, key) is not None and cfg.decoder_lr is None:
+            raise ValueError(
+                f"optimizer.{key}={getattr(cfg, key)} applies to the decoder's own groups, which "
+                "exist only with optimizer.decoder_lr set; set both or neither"
+            )
     if cfg.name == "sgd":
         for key in ("amsgrad", "decoder_betas"):
             if getattr(cfg, key) not in (None, False):

@@ -335,6 +335,17 @@ def test_decoder_parameters_get_groups_of_their_own_lr_betas_and_constant_mark()
     }
 
 
+def test_decoder_weight_decay_applies_to_the_decoder_groups_only():
+    cfg = _opt_cfg(weight_decay=5e-4, decoder_lr=1e-5, decoder_weight_decay=0.0)
+    opt = build_optimizer(_EncoderDecoder(), cfg, lr=8e-4)
+    decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert decay["weights"] == 5e-4
+    assert decay["decoder_weights"] == decay["decoder_norm_weights"] == 0.0
+    assert decay["decoder_biases"] == 0.0
+    with pytest.raises(ValueError, match=r"decoder_weight_decay=0\.0 .*decoder_lr set"):
+        build_optimizer(_EncoderDecoder(), _opt_cfg(decoder_weight_decay=0.0), lr=1e-3)
+
+
 def test_without_decoder_lr_the_decoder_is_grouped_like_any_module():
     model = _EncoderDecoder()
     opt = build_optimizer(model, _opt_cfg(), lr=1e-3)
