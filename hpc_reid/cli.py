@@ -336,6 +336,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_textures(args: argparse.Namespace) -> int:
+    from hpc_reid.methods.san.generate import generate_textures
+
+    data_config = load_config(args.config, args.overrides)
+    generate_textures(args.checkpoint, data_config, args.out, preview=args.preview)
+    return 0
+
+
 def cmd_export_weights(args: argparse.Namespace) -> int:
     from hpc_reid.engine.deepspeed_strategy import export_weights
 
@@ -679,6 +687,24 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out-dir", required=True, help="folder for query.h5 and gallery.h5")
     _add_config_args(extract, required=False)
     extract.set_defaults(func=cmd_extract)
+
+    textures = commands.add_parser(
+        "textures",
+        help="SAN-PG's pseudo textures for every image of a data set (SAN's targets)",
+        description="Runs a checkpoint with a SAN head (SAN-PG, configs/synthetic/san_pg.yaml) "
+        "on every train/query/gallery image of --config's data set, resized to the size it was "
+        "trained at, and writes one texture per image into --out (a folder mirroring the image "
+        "names, or an .h5 file; one file a rank when launched on several), which "
+        "data.textures: {kind: pseudo, root: OUT} reads. Textures already written are skipped, "
+        "so a rerun continues; then a preview figure beside --out.",
+    )
+    textures.add_argument("--checkpoint", required=True, help="SAN-PG: a run, folder or file")
+    textures.add_argument("--out", required=True, help="a folder, or a .h5 file")
+    textures.add_argument(
+        "--preview", type=int, default=6, help="(image, texture) pairs drawn; 0: none"
+    )
+    _add_config_args(textures, required=True)
+    textures.set_defaults(func=cmd_textures)
 
     export = commands.add_parser(
         "export-weights",

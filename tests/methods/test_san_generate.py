@@ -1,0 +1,178 @@
+"""``hpc-reid textures``: SAN-PG's pseudo textures equal the model's decoded output for every image,
+in a folder or an HDF5 file; 2 gloo ranks write what one process writes; a rerun continues where
+it stopped; a model without a SAN head is refused; the written textures train SAN (kind: pseudo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hpc_reid.cli import main as cli
+from hpc_reid.config import load_config
+from hpc_reid.data.build import dataset_on_ranks, dataset_root
+from hpc_reid.data.loaders import build_backend_test_loader
+from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.trainer import train
+from hpc_reid.methods.san.generate import all_images, generate_textures, to_uint8
+from hpc_reid.methods.san.model import decoding
+from hpc_reid.methods.san.textures import PseudoTextures, decode_texture, image_key
+from hpc_reid.models import build_model
+from tests.ports import free_port
+from tests.tiny import TINY_BATCH, TINY_DATA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    *TINY_DATA,
+    *TINY_BATCH,
+    "schedule.epochs=1",
+    "schedule.milestones=[1]",
+    "schedule.warmup_epochs=0",
+    "evaluation.every_epochs=0",
+    "evaluation.plots=false",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "engine.device=cpu",
+    "model.san.texture_size=[16,8]",
+]
+
+
+def tiny(tmp: Path, config: str, *extra: str):
+    sets = [
+        *TINY,
+        f"data.synthetic.cache_dir={tmp / 'cache'}",
+        f"logging.output_dir={tmp / 'runs'}",
+    ]
+    return load_config(REPO / config, [*sets, *extra])
+
+
+@pytest.fixture(scope="module")
+def san_pg(tmp_path_factory) -> tuple[Path, Path]:
+    """A SAN-PG checkpoint trained 2 steps on the tiny synthetic pairs, and the temp folder."""
+    tmp = tmp_path_factory.mktemp("sanpg")
+    train(tiny(tmp, "configs/synthetic/san_pg.yaml"), max_steps=2)
+    return CheckpointManager(tmp / "runs/san_pg_synthetic").latest(), tmp
+
+
+def expected_textures(checkpoint: Path, data_config) -> dict[str, np.ndarray]:
+    """Every image's texture computed here: the checkpoint's model on the test transform."""
+    stored = load_config(None, [])  # a Config to validate the stored dict with
+    stored = type(stored).model_validate(load_checkpoint(checkpoint)["config"])
+    dataset = dataset_on_ranks(data_config.data, True)
+    model = build_model(stored.model, dataset.num_train_pids)
+    model.load_state_dict(load_checkpoint(checkpoint)["strategy"]["model"])
+    model.eval()
+    root = dataset_root(data_config.data, announce=lambda _: None)[1]
+    records = all_images(dataset)
+    loader = build_backend_test_loader(
+        records, data_config.loader, stored.data.height, stored.data.width, "cpu"
+    )
+    out, i = {}, 0
+    with decoding(model), torch.no_grad():
+        for batch in loader:
+            for texture in to_uint8(model(batch["images"])["texture"]):
+                out[image_key(records[i].path, root)] = texture
+                i += 1
+    return out
+
+
+def read_all(out: Path, data_config) -> dict[str, np.ndarray]:
+    root = dataset_root(data_config.data, announce=lambda _: None)[1]
+    store = PseudoTextures(out, root)
+    dataset = dataset_on_ranks(data_config.data, True)
+    result = {}
+    for record in all_images(dataset):
+        key = store.key(record.path)
+        assert store.has(key), key
+        result[key] = decode_texture(store.read(key), key, (16, 8))
+    return result
+
+
+@pytest.mark.parametrize("suffix", ["", ".h5"])
+def test_every_image_gets_its_decoded_texture_and_a_rerun_writes_nothing(san_pg, suffix, capsys):
+    checkpoint, tmp = san_pg
+    data = tiny(tmp, "configs/synthetic/bot.yaml")
+    out = tmp / f"textures{suffix or '_dir'}{suffix}"
+    first = generate_textures(checkpoint, data, out, preview=2)
+    expected = expected_textures(checkpoint, data)
+    assert first["written"] == first["images"] == len(expected)
+    got = read_all(out, data)
+    assert got.keys() == expected.keys()
+    for key, texture in expected.items():
+        assert np.array_equal(got[key], texture), key
+    assert Path(first["preview"]).stat().st_size > 0
+    again = generate_textures(checkpoint, data, out, preview=0)
+    assert again["written"] == 0 and again["skipped"] == len(expected)
+
+
+def test_an_interrupted_folder_continues_with_the_missing_textures_only(san_pg):
+    checkpoint, tmp = san_pg
+    data = tiny(tmp, "configs/synthetic/bot.yaml")
+    out = tmp / "resume"
+    generate_textures(checkpoint, data, out, preview=0)
+    removed = sorted(out.rglob("*.png"))[:3]
+    for path in removed:
+        path.unlink()
+    again = generate_textures(checkpoint, data, out, preview=0)
+    assert again["written"] == 3 and all(p.is_file() for p in removed)
+
+
+def _rank(rank: int, port: int, checkpoint: str, tmp: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    generate_textures(checkpoint, tiny(Path(tmp), "configs/synthetic/bot.yaml"), out, preview=1)
+
+
+def test_two_ranks_write_the_textures_one_process_writes(san_pg):
+    checkpoint, tmp = san_pg
+    data = tiny(tmp, "configs/synthetic/bot.yaml")
+    one, two = tmp / "one.h5", tmp / "two.h5"
+    generate_textures(checkpoint, data, one, preview=0)
+    mp.spawn(_rank, args=(free_port(), str(checkpoint), str(tmp), str(two)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp.glob("two*.h5")) == [
+        "two-rank00000-of-00002.h5",
+        "two-rank00001-of-00002.h5",
+    ]
+    a, b = read_all(one, data), read_all(two, data)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_the_cli_refuses_a_checkpoint_without_a_san_head(tmp_path, capsys):
+    config = tiny(tmp_path, "configs/synthetic/bot.yaml", "logging.run_name=bot")
+    train(config, max_steps=1)
+    checkpoint = CheckpointManager(tmp_path / "runs/bot").latest()
+    args = ["textures", "--checkpoint", str(checkpoint), "--config"]
+    args += [str(REPO / "configs/synthetic/bot.yaml"), "--out", str(tmp_path / "t")]
+    args += [
+        f"--set=data.synthetic.cache_dir={tmp_path / 'cache'}",
+        *(f"--set={s}" for s in TINY_DATA),
+    ]
+    with pytest.raises(ValueError, match="has no SAN head"):
+        cli(args)
+
+
+def test_pseudo_textures_train_san(san_pg):
+    """The written textures as SAN's targets (data.textures.kind=pseudo): the texture loss is
+    computed against them in a short run."""
+    checkpoint, tmp = san_pg
+    out = tmp / "targets.h5"
+    generate_textures(checkpoint, tiny(tmp, "configs/synthetic/bot.yaml"), out, preview=0)
+    config = tiny(
+        tmp,
+        "configs/synthetic/san.yaml",
+        "data.textures.kind=pseudo",
+        f"data.textures.root={out}",
+        "logging.run_name=san_pseudo",
+        "loss.decoder_triplet.weight=0",
+    )
+    train(config, max_steps=2)
+    state = load_checkpoint(CheckpointManager(tmp / "runs/san_pseudo").latest())
+    assert state["step"] == 2
