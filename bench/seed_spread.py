@@ -8,8 +8,9 @@ only the training seed varies.
 
 Each seed is one ``hpc-reid train`` process (``python -m hpc_reid.cli`` of this interpreter) with
 ``OMP_NUM_THREADS`` = cores / ``--parallel``, writing ``OUT/seed{S}/`` (its results.json, log.txt,
-and run.json with the wall time); a seed whose results.json exists is skipped, so an interrupted
-measurement continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summary.md``.
+and run.json with the wall time); a seed whose results.json exists is skipped and one stopped
+part-way resumes from its newest checkpoint (``--resume auto``), so an interrupted measurement
+continues where it stopped. Then ``OUT/summary.json`` and ``OUT/summary.md``.
 
     python bench/seed_spread.py --config configs/synthetic/bot.yaml --seeds 0 1 2 3 4 \\
         --out runs/seed_spread/bot --parallel 2
@@ -53,7 +54,8 @@ def run_argv(config: Path, seed: int, out: Path, overrides: Sequence[str] = ()) 
     the seed and the run folder (last, so no override can move them)."""
     sets = [*(o.replace("{seed}", str(seed)) for o in overrides), *QUIET, f"engine.seed={seed}"]
     sets += [f"logging.output_dir={out}", f"logging.run_name={seed_folder(out, seed).name}"]
-    return ["train", "--config", str(config), *[f"--set={s}" for s in sets]]
+    # --resume auto: a seed stopped part-way (a killed campaign) continues from its checkpoint
+    return ["train", "--config", str(config), "--resume", "auto", *[f"--set={s}" for s in sets]]
 
 
 # ----------------------------------------------------------------------------- aggregation

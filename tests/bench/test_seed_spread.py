@@ -92,3 +92,9 @@ def test_seed_placeholder_in_an_override_names_each_seeds_own_stage_1(ss, tmp_pa
         argv = ss.run_argv(config, seed, tmp_path, ["model.init_from=stage1/seed{seed}"])
         assert f"--set=model.init_from=stage1/seed{seed}" in argv
         assert f"--set=engine.seed={seed}" in argv
+
+
+def test_each_seed_resumes_its_own_run_folder(ss, tmp_path):
+    argv = ss.run_argv(REPO / "configs/synthetic/bot.yaml", 2, tmp_path)
+    assert argv[argv.index("--resume") + 1] == "auto"
+    assert "--set=logging.run_name=seed2" in argv and f"--set=logging.output_dir={tmp_path}" in argv
