@@ -2,6 +2,14 @@
 6 images each, at 64x32): a training step takes milliseconds on a CPU. As ``--set`` overrides of
 ``configs/synthetic/bot.yaml``; each test adds its own settings to these."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpc_reid.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
 TINY_DATA = [
     "data.synthetic.ids=16",
     "data.synthetic.cams=3",
@@ -21,3 +29,19 @@ TINY_BATCH = [
 ]
 #: 3 epochs, the first a warm-up, the learning rate dropping after the second.
 TINY_SCHEDULE = ["schedule.epochs=3", "schedule.milestones=[2]", "schedule.warmup_epochs=1"]
+#: A quiet run on the CPU: no progress bar, TensorBoard, plots or periodic evaluation.
+TINY_QUIET = [
+    "evaluation.every_epochs=0",
+    "evaluation.plots=false",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "engine.device=cpu",
+]
+
+
+def tiny_config(tmp: Path, config: str, *extra: str) -> Config:
+    """``config`` (relative to the repository) on the tiny set with the tiny batch, schedule and
+    quiet settings, its synthetic cache and run folders under ``tmp``, then ``extra``."""
+    sets = [*TINY_DATA, *TINY_BATCH, *TINY_SCHEDULE, *TINY_QUIET]
+    sets += [f"data.synthetic.cache_dir={tmp / 'cache'}", f"logging.output_dir={tmp / 'runs'}"]
+    return load_config(REPO / config, [*sets, *extra])

@@ -16,11 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def ar(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import anchor_refresh
-
-    return anchor_refresh
+def ar(bench_script):
+    return bench_script("anchor_refresh")
 
 
 def test_records_are_repeated_in_order_with_their_labels(ar):

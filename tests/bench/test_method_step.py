@@ -15,11 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def ms(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import method_step
-
-    return method_step
+def ms(bench_script):
+    return bench_script("method_step")
 
 
 def test_san_against_the_baseline_on_the_same_batches(ms, tmp_path):

@@ -21,12 +21,8 @@ METRICS = ("rank-1", "rank-5", "rank-10", "mAP")
 
 
 @pytest.fixture
-def rd(monkeypatch):
-    """bench/real_data.py, imported as the script is run."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import real_data
-
-    return real_data
+def rd(bench_script):
+    return bench_script("real_data")
 
 
 def random_results(seed: int, variants, datasets, splits, drop=()):

@@ -18,12 +18,8 @@ METRICS = ("rank-1", "rank-5", "rank-10", "mAP", "mINP")
 
 
 @pytest.fixture
-def ss(monkeypatch):
-    """bench/seed_spread.py, imported as the script is run (bench/ on the path)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import seed_spread
-
-    return seed_spread
+def ss(bench_script):
+    return bench_script("seed_spread")
 
 
 def test_aggregate_equals_a_direct_numpy_mean_and_sample_std_over_seeds(ss):

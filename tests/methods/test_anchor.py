@@ -25,36 +25,15 @@ from hpc_reid.losses import ReidLoss
 from hpc_reid.methods.anchor import AnchorLoss, anchor_loss
 from hpc_reid.models import build_model
 from tests.ports import free_port
-from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
+from tests.tiny import tiny_config as tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    *TINY_DATA,
-    "model.backbone=osnet_x0_25",
-    *TINY_BATCH,
-    *TINY_SCHEDULE,
-    "evaluation.every_epochs=0",
-    "evaluation.at_start=false",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "evaluation.plots=false",
-    "engine.device=cpu",
-    "loss.anchor.weight=1.0",
-]
+ANCHOR = ["model.backbone=osnet_x0_25", "evaluation.at_start=false", "loss.anchor.weight=1.0"]
 
 
 def tiny_config(tmp_path: Path, *extra: str):
-    return load_config(
-        REPO / "configs/synthetic/bot.yaml",
-        [
-            *TINY,
-            f"data.synthetic.cache_dir={tmp_path / 'cache'}",
-            f"logging.output_dir={tmp_path / 'runs'}",
-            *extra,
-        ],
-    )
+    return tiny(tmp_path, "configs/synthetic/bot.yaml", *ANCHOR, *extra)
 
 
 # ------------------------------------------------------------------------------ the loss

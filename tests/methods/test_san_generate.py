@@ -23,32 +23,17 @@ from hpc_reid.methods.san.model import decoding
 from hpc_reid.methods.san.textures import PseudoTextures, decode_texture, image_key
 from hpc_reid.models import build_model
 from tests.ports import free_port
-from tests.tiny import TINY_BATCH, TINY_DATA
+from tests.tiny import TINY_DATA, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    *TINY_DATA,
-    *TINY_BATCH,
-    "schedule.epochs=1",
-    "schedule.milestones=[1]",
-    "schedule.warmup_epochs=0",
-    "evaluation.every_epochs=0",
-    "evaluation.plots=false",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "engine.device=cpu",
-    "model.san.texture_size=[16,8]",
-]
+#: one epoch, and a small texture
+TINY = ["schedule.epochs=1", "schedule.milestones=[1]", "schedule.warmup_epochs=0"]
+TINY += ["model.san.texture_size=[16,8]"]
 
 
 def tiny(tmp: Path, config: str, *extra: str):
-    sets = [
-        *TINY,
-        f"data.synthetic.cache_dir={tmp / 'cache'}",
-        f"logging.output_dir={tmp / 'runs'}",
-    ]
-    return load_config(REPO / config, [*sets, *extra])
+    return tiny_config(tmp, config, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")
