@@ -48,6 +48,7 @@ import torch.distributed as dist
 import hpc_reid
 from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.build import dataset_on_ranks
+from hpc_reid.data.fields import batch_fields
 from hpc_reid.data.loaders import BACKENDS as LOADER_BACKENDS
 from hpc_reid.data.loaders import build_backend_train_loader, resolve_backend
 from hpc_reid.data.samplers import build_sampler, rank_batch_size
@@ -257,7 +258,11 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
     ids, per_id = (s.num_identities, s.num_instances) if s.kind == "identity" else (batch, 1)
     pids = (torch.arange(ids) + rank * ids) % num_classes
     pids = pids.repeat_interleave(per_id).to(device)
-    fixed = iter(lambda: (images, pids), None)
+    # the batch fields the loss terms read (SAN's textures), of the first training images
+    names = criterion.batch_fields
+    indices = torch.arange(batch) % len(dataset.train)
+    fields = batch_fields(names, dataset.train, indices, device, config) if names else {}
+    fixed = iter(lambda: (images, pids, fields), None)
     if strategy.distributed:  # steps with and without DDP's all-reduce, alternating
         contexts = (contextlib.nullcontext, strategy.model.no_sync)
         phases = _train_phase(fixed, steps, warmup, timer, device, batch, contexts)
@@ -280,7 +285,9 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
             device,
             channels_last=config.engine.channels_last,
         )
-        stream = _loader_batches(loader, sampler, device, config.engine.channels_last)
+        stream = _loader_batches(
+            loader, sampler, device, config.engine.channels_last, (names, dataset.train, config)
+        )
         local["loaders"][backend] = {
             "loader_only": _loader_phase(stream, steps, warmup, device, batch),
             "end_to_end": _train_phase(stream, steps, warmup, timer, device, batch)[0],
@@ -339,13 +346,16 @@ class _StepTimer:
         _sync(self.device)
         self.optimizer_s += time.perf_counter() - self._tic
 
-    def step(self, images: torch.Tensor, pids: torch.Tensor) -> tuple[float, float, float]:
-        """(forward_s, backward_s, optimizer_s) of one step."""
+    def step(
+        self, images: torch.Tensor, pids: torch.Tensor, fields: dict | None = None
+    ) -> tuple[float, float, float]:
+        """(forward_s, backward_s, optimizer_s) of one step; ``fields``: the batch fields the
+        loss terms read (computed outside the timed step, as the loader's work)."""
         _sync(self.device)
         t0 = time.perf_counter()
         with self.strategy.autocast():
             outputs = self.forward(images)
-        total, _ = self.criterion({k: v.float() for k, v in outputs.items()}, pids)
+        total, _ = self.criterion({k: v.float() for k, v in outputs.items()}, pids, fields)
         _sync(self.device)
         t1 = time.perf_counter()
         self.optimizer_s = 0.0
@@ -359,8 +369,12 @@ class _StepTimer:
             handle.remove()
 
 
-def _loader_batches(loader, sampler, device, channels_last) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The loader's batches on ``device``, epochs chained."""
+def _loader_batches(
+    loader, sampler, device, channels_last, fields_of=((), (), None)
+) -> Iterator[tuple[Any, ...]]:
+    """The loader's batches on ``device``, epochs chained: (images, pids, fields), the fields
+    ``fields_of`` = (names, training records, config) says (none when no name)."""
+    names, records, config = fields_of
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
@@ -368,7 +382,8 @@ def _loader_batches(loader, sampler, device, channels_last) -> Iterator[tuple[to
             images = b["images"].to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images, b["pids"].to(device, non_blocking=True)
+            fields = batch_fields(names, records, b["indices"], device, config) if names else {}
+            yield images, b["pids"].to(device, non_blocking=True), fields
         epoch += 1
 
 
@@ -388,10 +403,10 @@ def _train_phase(
             with context():
                 _sync(device)
                 t0 = time.perf_counter()
-                images, pids = next(batches)
+                images, pids, fields = next(batches)
                 _sync(device)
                 wait = time.perf_counter() - t0
-                f, b, o = timer.step(images, pids)
+                f, b, o = timer.step(images, pids, fields)
                 rec.append((time.perf_counter() - t0, wait, f, b, o))
     out = []
     for rec in records:

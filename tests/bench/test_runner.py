@@ -203,3 +203,18 @@ def test_a_process_group_initialised_by_the_caller_is_used_and_left_alone(tmp_pa
     assert report["environment"]["launcher"] == "external"
     assert report["environment"]["backend"] == "gloo" and report["settings"]["loaders"] == []
     assert report["aggregate"]["compute"]["img_per_s"] > 0
+
+
+def test_a_method_whose_losses_read_batch_fields_benches_with_them(tmp_path):
+    """SAN's texture loss reads the batch field 'texture': the bench's fixed batch and its loader
+    phase both hand the fields to the loss terms, as the trainer does."""
+    from hpc_reid.bench.runner import run_bench
+
+    sets = [*TINY, "sampler.num_instances=4", "model.san.texture_size=[16,8]"]
+    config = load_config(
+        REPO / "configs/synthetic/san.yaml",
+        [*sets, f"data.synthetic.cache_dir={tmp_path / 'cache'}"],
+    )
+    report = run_bench(config, steps=1, warmup=0, loaders="torch", eval_query=0, eval_gallery=0)
+    assert report["aggregate"]["compute"]["img_per_s"] > 0
+    assert report["ranks"][0]["loaders"]["torch"]["end_to_end"]["steps"] == 1
