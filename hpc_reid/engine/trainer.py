@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
-from hpc_reid.data.fields import with_fields
+from hpc_reid.data.fields import batch_fields, with_fields
 from hpc_reid.data.loaders import build_backend_train_loader
 from hpc_reid.data.samplers import PlannedBatchSampler, build_sampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
@@ -311,6 +311,10 @@ class _Run:
         criterion = ReidLoss(
             config.loss, num_classes, model.feature_dim, model.output_keys, config.model.head
         ).to(device)
+        # the batch fields the terms read, on no sample: a field's setup error (a training image
+        # without its SAN texture) now, before any training
+        no_sample = torch.zeros(0, dtype=torch.long)
+        batch_fields(criterion.batch_fields, dataset.train, no_sample, device, config)
         accum = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
         if config.engine.strategy == "deepspeed":  # imported here: deepspeed is an optional extra
             from hpc_reid.engine.deepspeed_strategy import accumulation_steps

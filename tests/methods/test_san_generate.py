@@ -20,7 +20,7 @@ from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.trainer import train
 from hpc_reid.methods.san.generate import all_images, generate_textures, to_uint8
 from hpc_reid.methods.san.model import decoding
-from hpc_reid.methods.san.textures import PseudoTextures, decode_texture, image_key
+from hpc_reid.methods.san.textures import PseudoTextures, TextureError, decode_texture, image_key
 from hpc_reid.models import build_model
 from tests.ports import free_port
 from tests.tiny import TINY_DATA, tiny_config
@@ -161,3 +161,25 @@ def test_pseudo_textures_train_san(san_pg):
     train(config, max_steps=2)
     state = load_checkpoint(CheckpointManager(tmp / "runs/san_pseudo").latest())
     assert state["step"] == 2
+
+
+def test_a_training_image_without_its_texture_stops_the_run_before_any_step(san_pg):
+    checkpoint, tmp = san_pg
+    out = tmp / "holes"
+    generate_textures(checkpoint, tiny(tmp, "configs/synthetic/bot.yaml"), out, preview=0)
+    gone = sorted((out / "bounding_box_train").glob("*.png"))[0]
+    gone.unlink()
+    config = tiny(
+        tmp,
+        "configs/synthetic/san.yaml",
+        "data.textures.kind=pseudo",
+        f"data.textures.root={out}",
+        "logging.run_name=san_holes",
+        "loss.decoder_triplet.weight=0",
+        "evaluation.at_start=true",
+    )
+    with pytest.raises(TextureError, match=gone.stem):
+        train(config, max_steps=1)
+    # raised while the run is built: before the evaluation at start, before any file of the run
+    assert not (tmp / "runs/san_holes/results_start.json").exists()
+    assert not (tmp / "runs/san_holes/config.yaml").exists()
