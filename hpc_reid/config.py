@@ -501,6 +501,11 @@ class EvaluationConfig(Section):
     )
     metric: Literal["cosine", "euclidean"] = "cosine"
     flip_average: bool = False
+    report_without_flip: bool = Field(
+        True,
+        description="with flip_average, also the metrics of the image-only features "
+        "(without_flip/rank-1 ...; papers report both), from the same extraction pass",
+    )
     max_rank: int = Field(50, ge=1)
     backend: Literal["auto", "numpy", "torch", "cython", "cuda"] = "auto"
     rerank: RerankConfig = Field(default_factory=RerankConfig)

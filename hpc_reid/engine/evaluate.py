@@ -36,6 +36,7 @@ from hpc_reid.config import Config, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
 from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import RowDistance, evaluate_features, extract_features
+from hpc_reid.evaluation.features import extract_flip_and_plain
 from hpc_reid.evaluation.parts import METRIC, check_distance, declared_parts, probe_layout
 from hpc_reid.evaluation.plots import plot_cmc, plot_ranked_lists
 from hpc_reid.evaluation.ranking import RankResult, combine, query_ranks
@@ -73,25 +74,46 @@ def evaluation_distance(model, config: Config, device) -> RowDistance:
     return RowDistance.from_config(layout, config.evaluation)
 
 
-def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
-    """Rows (n, W) float32 of this rank's contiguous shard of ``records``
-    (:func:`~hpc_reid.evaluation.sharded.shard_range`; every retrieval part the model declares,
-    :func:`~hpc_reid.evaluation.extract_features`), on the device the model computed them on
-    (``device``); (0, 0) there for an empty shard."""
+def _shard_loader(records: list[ImageRecord], config: Config, device):
+    """The test loader of this rank's contiguous shard of ``records``
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`); None for an empty shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     part = shard_range(len(records), rank, world)
     if not part:
-        return torch.empty(0, 0, device=device)
-    loader = build_backend_test_loader(
+        return None
+    return build_backend_test_loader(
         records[part.start : part.stop],
         config.loader,
         config.data.height,
         config.data.width,
         device,
     )
+
+
+def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
+    """Rows (n, W) float32 of this rank's contiguous shard of ``records``
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`; every retrieval part the model declares,
+    :func:`~hpc_reid.evaluation.extract_features`), on the device the model computed them on
+    (``device``); (0, 0) there for an empty shard."""
+    loader = _shard_loader(records, config, device)
+    if loader is None:
+        return torch.empty(0, 0, device=device)
     feats, _, _ = extract_features(model, loader, device, flip=config.evaluation.flip_average)
     return feats.float()  # a no-op: extract_features gives float32 on the model's device
+
+
+def shard_features_and_plain(
+    model, records: list[ImageRecord], config: Config, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shard_features` flip-averaged, and the same shard's image-only rows, from one pass
+    (:func:`~hpc_reid.evaluation.features.extract_flip_and_plain`)."""
+    loader = _shard_loader(records, config, device)
+    if loader is None:
+        empty = torch.empty(0, 0, device=device)
+        return empty, empty
+    feats, plain, _, _ = extract_flip_and_plain(model, loader, device)
+    return feats.float(), plain.float()
 
 
 def _all_rows(local: torch.Tensor) -> torch.Tensor:
@@ -134,8 +156,14 @@ def evaluate_model(
     With ``out_dir`` the main process writes ``results.json``, ``cmc.png`` and ``ranked.png``.
     """
     distance = evaluation_distance(model, config, device)  # a ConfigError before extraction
-    qf = shard_features(model, dataset.query, config, device)
-    gf = shard_features(model, dataset.gallery, config, device)
+    ev = config.evaluation
+    both = ev.flip_average and ev.report_without_flip  # papers report both protocols
+    if both:
+        qf, q_plain = shard_features_and_plain(model, dataset.query, config, device)
+        gf, g_plain = shard_features_and_plain(model, dataset.gallery, config, device)
+    else:
+        qf = shard_features(model, dataset.query, config, device)
+        gf = shard_features(model, dataset.gallery, config, device)
     q_pids = np.array([r.pid for r in dataset.query])
     g_pids = np.array([r.pid for r in dataset.gallery])
     q_cams = np.array([r.camid for r in dataset.query])
@@ -146,13 +174,8 @@ def evaluate_model(
     gs = shard_range(len(g_pids), rank, world)
     local = (qf, gf, q_pids[qs.start : qs.stop], g_pids[gs.start : gs.stop])
     local += (q_cams[qs.start : qs.stop], g_cams[gs.start : gs.stop])
-    ev = config.evaluation
-    if world == 1:
-        result = evaluate_features(
-            *local, metric=distance, max_rank=ev.max_rank, backend=ev.backend
-        )
-    else:
-        result = evaluate_sharded(*local, metric=distance, max_rank=ev.max_rank, backend=ev.backend)
+    rank_all = evaluate_features if world == 1 else evaluate_sharded
+    result = rank_all(*local, metric=distance, max_rank=ev.max_rank, backend=ev.backend)
     summary = result.summary()
     if ev.rerank.enabled:
         plain = summary
@@ -168,6 +191,11 @@ def evaluate_model(
             device,
         )
         summary = {**result.summary(), **{f"without_rerank/{k}": v for k, v in plain.items()}}
+    if both:  # the image-only features, plainly ranked, beside the flip-averaged result
+        plain = rank_all(
+            q_plain, g_plain, *local[2:], metric=distance, max_rank=ev.max_rank, backend=ev.backend
+        )
+        summary.update({f"without_flip/{k}": v for k, v in plain.summary().items()})
     main = rank == 0
     plot_ranked = out_dir is not None and ev.plots
     if plot_ranked:  # collective: every rank takes part before the main process plots

@@ -63,9 +63,25 @@ def extract_features(
     average of the image's and its horizontal flip's (halving is exact in floating point, so a
     cosine or euclidean ranking is that of their sum, as before parts existed).
     """
+    feats, _, pids, camids = _extract(model, loader, device, flip, keep_plain=False)
+    return feats, pids, camids
+
+
+def extract_flip_and_plain(
+    model: torch.nn.Module, loader: Iterable[Any], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """The flip-averaged rows and the plain ones (image only) from one pass, then pids and
+    camids: :func:`extract_features` with ``flip`` and without, for the cost of the first (papers
+    report both protocols)."""
+    feats, plain, pids, camids = _extract(model, loader, device, flip=True, keep_plain=True)
+    return feats, plain, pids, camids
+
+
+def _extract(model, loader, device, flip: bool, keep_plain: bool):
     was_training = model.training
     model.eval()
     feats: list[torch.Tensor] = []
+    plain: list[torch.Tensor] = []
     pids: list[np.ndarray] = []
     camids: list[np.ndarray] = []
     layout = None
@@ -75,6 +91,8 @@ def extract_features(
                 images, batch_pids, batch_camids = _unpack(batch)
                 images = images.to(device, non_blocking=True)
                 f, layout = _rows(model, images, layout)
+                if keep_plain:
+                    plain.append(f.clone())
                 if flip:
                     flipped, _ = _rows(model, torch.flip(images, dims=[-1]), layout)
                     f = f.add_(flipped).mul_(0.5)
@@ -85,4 +103,5 @@ def extract_features(
         model.train(was_training)
     if not feats:
         raise ValueError("the test loader yielded no batch; nothing to extract")
-    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)
+    kept = torch.cat(plain) if keep_plain else None
+    return torch.cat(feats), kept, np.concatenate(pids), np.concatenate(camids)

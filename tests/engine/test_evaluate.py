@@ -66,6 +66,56 @@ def test_rerank_in_evaluation_matches_between_one_and_two_ranks(tmp_path):
     assert b == pytest.approx(a, abs=1e-6) and a["mAP"] == pytest.approx(summary["mAP"])
 
 
+def test_flip_averaged_evaluation_reports_the_plain_protocol_beside_it(tmp_path):
+    """evaluation.flip_average: the metrics of the flip-averaged features, and under without_flip/
+    those of the image-only features from the same pass, equal to evaluating without flip."""
+    train(tiny_config(tmp_path, "logging.run_name=x"), max_steps=1)
+    checkpoint = CheckpointManager(tmp_path / "runs/x").latest()
+    flip = tiny_config(tmp_path, "logging.run_name=x", "evaluation.flip_average=true")
+    summary = evaluate_checkpoint(checkpoint, flip, out_dir=tmp_path / "flip")
+    plain = evaluate_checkpoint(checkpoint, out_dir=tmp_path / "plain")  # its own config: no flip
+    assert {k.removeprefix("without_flip/"): v for k, v in summary.items() if "/" in k} == (
+        pytest.approx(plain)
+    )
+    assert summary["mAP"] != plain["mAP"]
+    quiet = tiny_config(
+        tmp_path,
+        "logging.run_name=x",
+        "evaluation.flip_average=true",
+        "evaluation.report_without_flip=false",
+    )
+    alone = evaluate_checkpoint(checkpoint, quiet, out_dir=tmp_path / "alone")
+    assert alone == pytest.approx({k: v for k, v in summary.items() if "/" not in k})
+
+
+@pytest.mark.slow
+def test_flip_and_plain_protocols_match_between_one_and_two_ranks(tmp_path):
+    from tests.engine.test_trainer import REPO, TINY
+
+    train(tiny_config(tmp_path, "logging.run_name=x"), max_steps=1)
+    checkpoint = CheckpointManager(tmp_path / "runs/x").latest()
+    flip = tiny_config(tmp_path, "logging.run_name=x", "evaluation.flip_average=true")
+    one, two = tmp_path / "one", tmp_path / "two"
+    evaluate_checkpoint(checkpoint, flip, out_dir=one)
+    sets = [
+        f"--set={s}"
+        for s in (
+            *TINY,
+            "evaluation.flip_average=true",
+            f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+        )
+    ]
+    args = ["eval", "--checkpoint", str(checkpoint), "--out", str(two)]
+    args += ["--config", str(REPO / "configs/synthetic/bot.yaml"), *sets]
+    proc = _torchrun(2, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    assert "without_flip/mAP" in a
+    assert b.pop("cmc") == pytest.approx(a.pop("cmc"), abs=1e-6)
+    assert b == pytest.approx(a, abs=1e-6)
+
+
 # --- features stay on their device ("meta" stands in for a GPU: copying it to the host fails) ---
 
 
