@@ -618,11 +618,13 @@ class Config(Section):
         if self.data.textures.kind == "pseudo" and not self.data.textures.root:
             raise ValueError("data.textures.kind=pseudo needs data.textures.root")
         dt = self.loss.decoder_triplet
-        if dt.weight > 0 and dt.mining == "fixed" and (s.kind, s.num_instances) != ("identity", 4):
+        fixed_layout = (s.kind, s.num_instances) == ("identity", 4) and s.num_identities >= 2
+        if dt.weight > 0 and dt.mining == "fixed" and not fixed_layout:
             raise ValueError(
                 "loss.decoder_triplet.mining=fixed is the released code's index pattern over "
-                f"identity batches of K=4 images (sampler.kind={s.kind}, num_instances="
-                f"{s.num_instances}); use mining=hard"
+                f"identity batches of P >= 2 identities x K=4 images (sampler.kind={s.kind}, "
+                f"num_identities={s.num_identities}, num_instances={s.num_instances}); use "
+                "mining=hard"
             )
         if self.loss.triplet.weight > 0 and self.sampler.num_instances < 2:
             raise ValueError(

@@ -172,3 +172,14 @@ def test_a_batch_size_the_identity_sampler_would_ignore_is_refused_at_load():
     with pytest.raises(ConfigError, match=r"sampler\.batch_size=32 with sampler\.kind=identity"):
         load_config(None, ["sampler.batch_size=32"])
     assert load_config(None, ["sampler.batch_size=64"]).sampler.batch_size == 64  # P x K: fine
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [["sampler.num_instances=2"], ["sampler.num_identities=1"], ["sampler.kind=random"]],
+)
+def test_san_fixed_decoder_triplets_need_identity_batches_of_p_ids_x_4(sets):
+    base = ["loss.decoder_triplet.weight=1", "loss.triplet.weight=0"]
+    with pytest.raises(ConfigError, match=r"mining=fixed .* P >= 2 identities x K=4"):
+        load_config(None, [*base, *sets])
+    assert load_config(None, base).loss.decoder_triplet.mining == "fixed"  # 16 x 4: fine
