@@ -43,7 +43,7 @@ BACKBONES = (
 )
 SYNTHETIC = "synthetic"
 # The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
-HEADS = ("bnneck", "aligned", "san")
+HEADS = ("bnneck", "aligned", "san", "cace")
 #: model.<key> -> (built-in names, the module and function listing every registered one)
 _REGISTRIES = {
     "backbone": (BACKBONES, "hpc_reid.models.backbones", "available_backbones"),
@@ -199,6 +199,25 @@ class SanConfig(Section):
     )
 
 
+class CaceConfig(Section):
+    """CACE-Net's head (model.head: cace; Zhang et al., arXiv 2009.05250): every ordered pair of a
+    rank's batch side by side on the feature-map grid, a learned correspondence attention between
+    their cells and a discrepancy graph convolution conditioning each image on the other, then one
+    shared embedding head for single and conditioned maps."""
+
+    embedding_dim: int = Field(768, ge=1, description="1x1 conv + BN after pooling")
+    pooling: Literal["concat", "gem"] = Field(
+        "concat", description="concat: [GAP, GMP] (the TF release); gem: GeM, learnable p = 3"
+    )
+    attention_dim: int | None = Field(
+        None, ge=1, description="the 1x1 projections' width; null: channels / 16 (128 on R50)"
+    )
+    pair_chunk: int = Field(
+        64, ge=1, description="ordered pairs through the graph module at a time (memory ~ chunk)"
+    )
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="before both classifiers")
+
+
 class LocalBranchConfig(Section):
     """The local branch of heads with stripe features (``model.head: aligned``): the final map
     pooled over each of ``stripes`` horizontal bands, a 1x1 conv to ``dim`` + BN + ReLU
@@ -249,6 +268,12 @@ class ModelConfig(Section):
     )
     local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
     san: SanConfig = Field(default_factory=SanConfig)
+    cace: CaceConfig = Field(default_factory=CaceConfig)
+    non_local: bool = Field(
+        False,
+        description="embedded-Gaussian non-local blocks (zero-initialised output) after the "
+        "second-to-last bottleneck of layers 2, 3 and 4 of a ResNet (CACE-Net's backbone)",
+    )
     init_from: str | None = Field(
         None,
         description="start from another run's weights (a checkpoint file, its run or "
@@ -290,6 +315,9 @@ class TripletConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     margin: float | None = Field(0.3, gt=0.0, description="null for the soft-margin variant")
     cross_rank: bool = Field(False, description="mine over features all-gathered from all ranks")
+    normalize: bool = Field(
+        False, description="on L2-normalised features (CACE-Net's triplet, margin 0.5)"
+    )
 
 
 class CenterConfig(Section):
@@ -340,6 +368,27 @@ class DecoderTripletConfig(Section):
     )
 
 
+class PairIdConfig(Section):
+    """CACE-Net's mixed-up ID loss on the conditioned features of every ordered pair (i, j):
+    alpha CE(pair_fc(f0), y_j) + (1 - alpha) CE(pair_fc(f0), y_i), and the same for f1 with the
+    labels swapped, mean over the pairs."""
+
+    weight: float = Field(0.0, ge=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class PairTripletConfig(Section):
+    """CACE-Net's pair triplet: the B x B matrix of ||n(f0) - n(f1)|| over the ordered pairs,
+    batch-hard with the pair labels (y_i, y_j)."""
+
+    weight: float = Field(0.0, ge=0.0)
+    margin: float = Field(0.5, gt=0.0)
+    exclude_diagonal: bool = Field(
+        True, description="the TF release leaves the (i, i) pairs out of the positives"
+    )
+
+
 class AnchorConfig(Section):
     """The cluster-level anchor loss (Chen et al. 2020, hpc_reid/methods/anchor): each feature is
     pulled towards its class anchor, the mean feature of all the class's training images under
@@ -374,6 +423,8 @@ class LossConfig(Section):
     anchor: AnchorConfig = Field(default_factory=AnchorConfig)
     texture: TextureLossConfig = Field(default_factory=TextureLossConfig)
     decoder_triplet: DecoderTripletConfig = Field(default_factory=DecoderTripletConfig)
+    pair_id: PairIdConfig = Field(default_factory=PairIdConfig)
+    pair_triplet: PairTripletConfig = Field(default_factory=PairTripletConfig)
     mutual_prob: MutualConfig = Field(
         default_factory=MutualConfig,
         description="KL divergence of each member's ID class probabilities from its peers' "
