@@ -100,6 +100,7 @@ def model_meta(config: Config, num_classes: int, model) -> dict[str, Any]:
         "last_stride": m.last_stride,
         "pooling": m.pooling,
         "neck": m.neck,
+        **({"non_local": True} if m.non_local else {}),  # absent when off: older checkpoints fit
         "num_classes": num_classes,
         "feature_dim": model.feature_dim,
         **getattr(model.head, "meta", {}),
