@@ -104,7 +104,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
     def one() -> ReidModel:
         backbone = build_backbone(
-            cfg.backbone, cfg.last_stride, cfg.pretrained, zero_residual=cfg.zero_init_residual
+            cfg.backbone,
+            cfg.last_stride,
+            cfg.pretrained,
+            zero_residual=cfg.zero_init_residual,
+            non_local=cfg.non_local,
         )
         stages = getattr(backbone, "stage_channels", None)
         head = build_head(cfg.head, backbone.out_channels, num_classes, cfg, stages)

@@ -8,11 +8,15 @@ declare ``wants_stages``.
 
 No weights are ever downloaded: ImageNet weights come from a local file (``model.pretrained``),
 loaded strictly by :func:`load_pretrained`.
+
+``model.non_local`` asks the trunk for its non-local blocks (``add_non_local()``, the ResNets':
+:class:`hpc_reid.models.resnet.NonLocalBlock`); a trunk without that method is refused.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +29,8 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from hpc_reid.config import ConfigError
 from hpc_reid.models.osnet import OSNet
 from hpc_reid.models.resnet import ResNetTrunk, resnet50_ibn_a
+
+log = logging.getLogger(__name__)
 
 BackboneFactory = Callable[[int], nn.Module]
 _BACKBONES: dict[str, BackboneFactory] = {}
@@ -148,11 +154,14 @@ def build_backbone(
     last_stride: int = 1,
     pretrained: str | Path | None = None,
     zero_residual: bool = False,
+    non_local: bool = False,
 ) -> nn.Module:
     """The backbone ``name`` with ``last_stride`` (1 or 2; ResNets and MobileNetV2 follow it,
     OSNet has no last stride), loaded from the local state dict ``pretrained`` when given; with
     ``zero_residual`` and no ``pretrained``, every residual block starts as the identity
-    (:func:`zero_init_residual`)."""
+    (:func:`zero_init_residual`). With ``non_local``, the trunk's non-local blocks are added
+    (``add_non_local()``, before loading: an ImageNet file lacks them and they keep their
+    identity start); a ConfigError for a trunk without them (MobileNetV2, OSNet)."""
     if name not in _BACKBONES:
         close = difflib.get_close_matches(name, _BACKBONES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -162,6 +171,15 @@ def build_backbone(
     backbone = _BACKBONES[name](last_stride)
     if not isinstance(getattr(backbone, "out_channels", None), int):
         raise TypeError(f"backbone {name!r} was built without an integer `out_channels`")
+    if non_local:
+        if not callable(getattr(backbone, "add_non_local", None)):
+            raise ConfigError(
+                f"model.non_local=true: backbone {name!r} has no place for non-local blocks "
+                "(they go after the second-to-last residual block of a ResNet's layer2, layer3 "
+                "and layer4); use a ResNet backbone (resnet18, resnet34, resnet50, resnet101, "
+                "resnet50_ibn_a) or model.non_local=false"
+            )
+        backbone.add_non_local()
     if pretrained:
         load_pretrained(backbone, pretrained, what=f"backbone {name!r}")
     elif zero_residual:
@@ -207,9 +225,11 @@ def load_pretrained(module: nn.Module, path: str | Path, what: str | None = None
     Accepted: a state dict, or a checkpoint dict holding one under "state_dict" or "model"; a
     ``module.`` prefix is removed. The checkpoint's classifier (``fc.*``, ``classifier.*``,
     ``last_linear.*``, when ``module`` has no such keys) is ignored, and so are BatchNorm
-    ``num_batches_tracked`` counters absent from checkpoints older than PyTorch 0.4.1. Any other
-    missing, unexpected or mismatched-shape key is a ConfigError (a ValueError) naming the file
-    and listing them, so weights of another architecture are never half-loaded.
+    ``num_batches_tracked`` counters absent from checkpoints older than PyTorch 0.4.1, and so are
+    keys under ``module.fresh_prefixes`` (modules added to an ImageNet architecture, a ResNet's
+    ``non_local.``): absent from the file, they keep their initialisation, said in one log line.
+    Any other missing, unexpected or mismatched-shape key is a ConfigError (a ValueError) naming
+    the file and listing them, so weights of another architecture are never half-loaded.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -226,6 +246,9 @@ def load_pretrained(module: nn.Module, path: str | Path, what: str | None = None
     own = module.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEAD_PREFIXES)}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    fresh_prefixes = tuple(getattr(module, "fresh_prefixes", ()))
+    fresh = [k for k in missing if fresh_prefixes and k.startswith(fresh_prefixes)]
+    missing = [k for k in missing if k not in fresh]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
@@ -239,6 +262,13 @@ def load_pretrained(module: nn.Module, path: str | Path, what: str | None = None
             + _listing("unexpected keys", unexpected)
             + _listing("shape mismatches", mismatched)
         )
-    for key in own.keys() - state.keys():  # only num_batches_tracked: keep the module's own
+    for key in own.keys() - state.keys():  # num_batches_tracked and fresh: keep the module's own
         state[key] = own[key]
     module.load_state_dict(state)
+    if fresh:
+        prefixes = sorted({p for p in fresh_prefixes for k in fresh if k.startswith(p)})
+        log.info(
+            f"model.pretrained: {path} has no weights for the {len(fresh)} keys under "
+            f"{', '.join(prefixes)} of {what or type(module).__name__} (added to the ImageNet "
+            "architecture): they keep their initialisation"
+        )
