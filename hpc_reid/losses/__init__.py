@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from hpc_reid.config import ConfigError, LossConfig
@@ -140,7 +141,12 @@ def _triplet(section, num_classes: int, feature_dim: int) -> Term:
             if section.cross_rank and distributed
             else batch_hard_triplet_loss
         )
-        return mine(outputs["global"], pids, section.margin)
+        features = outputs["global"]
+        if section.normalize:
+            # on the unit sphere (CACE-Net's triplet, margin 0.5): each rank normalises its own
+            # rows before any gather, so cross_rank mines the same distances
+            features = F.normalize(features, dim=1)
+        return mine(features, pids, section.margin)
 
     return triplet
 
