@@ -12,5 +12,6 @@ from __future__ import annotations
 from hpc_reid.methods import (
     alignedreid,  # noqa: F401  (registers the aligned head and its terms)
     anchor,  # noqa: F401  (registers loss.anchor)
+    cace,  # noqa: F401  (registers the cace head, loss.pair_id and loss.pair_triplet)
     san,  # noqa: F401  (registers the san head, its terms and the texture batch fields)
 )
