@@ -187,6 +187,40 @@ def test_head_pairs_at_init_are_the_single_features_of_image_j_and_image_i():
     torch.testing.assert_close(b, f[1:], rtol=0, atol=1e-12)
 
 
+def test_head_computes_the_pairs_i_le_j_and_equals_all_ordered_pairs_computed():
+    """The head sends B(B + 1)/2 pairs through the graph and mirrors the rest: its pair features
+    and gradients equal those of all B^2 ordered pairs computed one by one."""
+    cfg = cace_config("model.cace.embedding_dim=8", "model.cace.pair_chunk=4").model
+    torch.manual_seed(0)
+    head = build_head("cace", 16, 5, cfg).double().train()
+    with torch.no_grad():
+        head.pair_graph.out.weight.normal_()
+    maps = torch.rand(5, 16, 3, 2, generator=torch.Generator().manual_seed(8)).double()
+    seen = []
+    head.pair_graph.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[0]))
+    probe = torch.randn(2, 25, 8, generator=torch.Generator().manual_seed(9), dtype=maps.dtype)
+    results = []
+    for mirrored in (True, False):
+        x = maps.clone().requires_grad_(True)
+        if mirrored:
+            out = head(x)
+            f0, f1 = out["pair_feat0"], out["pair_feat1"]
+        else:
+            i, j = pair_index(5)
+            pooled0, pooled1 = head.pair_graph(x, j, i, reduce=head.pool)
+            f0, f1 = head.bn(head.embedding(pooled0)), head.bn(head.embedding(pooled1))
+        loss = (f0 * probe[0]).sum() + (f1 * probe[1]).sum()
+        grads = torch.autograd.grad(loss, [x, head.pair_graph.theta.weight, head.embedding.weight])
+        results.append((f0.detach(), f1.detach(), grads))
+    assert seen == [15, 25]
+    (a0, a1, ga), (b0, b1, gb) = results
+    torch.testing.assert_close(a0, b0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a1, b1, rtol=0, atol=1e-12)
+    for got, ref in zip(ga, gb, strict=True):
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
+
+
 # ------------------------------------------------------------------------------ the losses
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpc_reid.config import ModelConfig
-from hpc_reid.methods.cace.pair_graph import PairGraph, pair_index
+from hpc_reid.methods.cace.pair_graph import PairGraph, mirrored_pairs
 from hpc_reid.models.heads import GeM, RetrievalPart, register_head
 
 #: the training outputs of the pairs, k = i * B + j (pair_graph.pair_index): logits (B^2, #ids) and
@@ -103,8 +103,11 @@ class CaceHead(nn.Module):
         out = {"global": f, "bn": f}
         if not self.training:
             return out
-        right, left = pair_index(fmap.shape[0], fmap.device)  # pair k = (i, j): X[j] | X[i]
-        pooled0, pooled1 = self.pair_graph(fmap, left, right, reduce=self.pool)
+        # pair k = (i, j): X[j] | X[i]; the pairs j < i are the pairs i < j mirrored, so only
+        # the i <= j ones go through the graph
+        left, right, take0, take1 = mirrored_pairs(fmap.shape[0], fmap.device)
+        halves = torch.cat(self.pair_graph(fmap, left, right, reduce=self.pool))
+        pooled0, pooled1 = halves[take0], halves[take1]
         f0 = self.bn(self.embedding(pooled0))
         f1 = self.bn(self.embedding(pooled1))
         out.update(

@@ -26,7 +26,9 @@ conditioned on image j; :func:`pair_index` gives (i, j) of every k.
 
 Cost: theta, g and the normalisation act on each cell alone, so they run once per image, not per
 pair (B instead of B^2 maps through two C x c convolutions); the per-pair work is the two N x N
-products, W_o and the pooling the caller passes. ``chunk`` pairs go through at a time, so the
+products, W_o and the pooling the caller passes. Pair (j, i) is pair (i, j) mirrored
+(:func:`mirrored_pairs`): the head computes the B(B + 1)/2 pairs i <= j (136 of 256 at B = 16) and
+reads the others' halves from them. ``chunk`` pairs go through at a time, so the
 N x N matrices exist for one chunk; when gradients are on and there is more than one chunk, each
 chunk is also checkpointed (recomputed in the backward pass), so what training keeps per pair is
 the pooled halves rather than every intermediate map: memory grows with the chunk, at the price
@@ -53,6 +55,26 @@ def pair_index(batch: int, device: torch.device | str | None = None):
     on the left and image i on the right (the released ``get_pair_feature``)."""
     k = torch.arange(batch * batch, device=device)
     return torch.div(k, batch, rounding_mode="floor"), k % batch
+
+
+def mirrored_pairs(batch: int, device: torch.device | str | None = None):
+    """The B(B + 1)/2 pairs to compute for all B^2 ordered ones, and where each ordered pair's
+    halves are among them: (left, right, take0, take1).
+
+    Swapping a pair's two maps permutes its nodes, and every step of the graph is equivariant to
+    a permutation of the nodes (theta, g and W_o act per node; A, D and L permute with them), so
+    the pair (j, i) is the pair (i, j) mirrored: its left half is (i, j)'s right half and the
+    other way round. The pairs i <= j are computed (``left`` = j, ``right`` = i: pair k = i * B +
+    j of :func:`pair_index`) and, with h0, h1 their (U, ...) halves, ordered pair k's halves are
+    ``cat([h0, h1])[take0[k]]`` and ``[take1[k]]``: the same values and gradients as computing all
+    B^2 pairs, for 1/2 + 1/(2B) of the work."""
+    rows, cols = torch.triu_indices(batch, batch, device=device)  # i <= j
+    table = torch.zeros(batch, batch, dtype=torch.long, device=device)
+    table[rows, cols] = torch.arange(rows.shape[0], device=device)
+    i, j = pair_index(batch, device)
+    u = table[torch.minimum(i, j), torch.maximum(i, j)]
+    mirrored = (i > j).long() * rows.shape[0]
+    return cols, rows, u + mirrored, u + rows.shape[0] - mirrored
 
 
 def correspondence_attention(y: torch.Tensor) -> torch.Tensor:
