@@ -200,7 +200,9 @@ class SanConfig(Section):
 
 
 class CaceConfig(Section):
-    """CACE-Net's head (model.head: cace; Zhang et al., arXiv 2009.05250): every ordered pair of a
+    """CACE-Net's head (model.head: cace; Jiang et al., "Devil's in the Details: Aligning Visual
+    Clues for Conditional Embedding in Person Re-Identification", arXiv 2009.05250): every ordered
+    pair of a
     rank's batch side by side on the feature-map grid, a learned correspondence attention between
     their cells and a discrepancy graph convolution conditioning each image on the other, then one
     shared embedding head for single and conditioned maps."""
@@ -213,7 +215,11 @@ class CaceConfig(Section):
         None, ge=1, description="the 1x1 projections' width; null: channels / 16 (128 on R50)"
     )
     pair_chunk: int = Field(
-        64, ge=1, description="ordered pairs through the graph module at a time (memory ~ chunk)"
+        64,
+        ge=1,
+        description="pairs through the graph module at a time; with several chunks each is "
+        "recomputed in the backward pass (memory ~ chunk, one more graph forward); at least "
+        "B(B+1)/2 keeps all and recomputes none",
     )
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="before both classifiers")
 
