@@ -5,15 +5,17 @@ and the training epoch it precedes, in one process, and prints their ratio.
 The refresh is the trainer's own (``ReidLoss.refresh`` -> ``class_means``: eval mode, the test
 transform, flip-averaged as configured), timed whole over ``--images`` training images (the data
 set's training records repeated to that many, with their labels: a Market-size set is 12,936,
-and only the count matters for timing). The epoch is the configured sampler's batches per epoch
-over those images times the mean wall time of ``--steps`` training steps (forward, the config's
-losses with the anchors just computed, backward, optimizer step), after ``--warmup`` steps.
+and only the count matters for timing; fewer: evenly spaced ones). The epoch is the configured
+sampler's batches per epoch over those images times the mean wall time of ``--steps`` training
+steps (forward, the config's losses with the anchors just computed, backward, optimizer step),
+after ``--warmup`` steps. Both grow linearly with the images, so their ratio does not depend on
+``--images``: a slow model can be timed on a subset.
 Weights are the model's initial ones (random without model.pretrained): timing only.
 
     python bench/anchor_refresh.py --config configs/synthetic/anchor_stage2.yaml
     python bench/anchor_refresh.py --config configs/synthetic/anchor_stage2.yaml --images 12936
     python bench/anchor_refresh.py ... --set model.backbone=resnet50 --set data.height=256 \\
-        --set data.width=128 --images 12936        # the Market recipe's model (slow on a CPU)
+        --set data.width=128 --images 640 --steps 3   # the Market recipe's model, on a subset
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ from hpc_reid.models import build_model
 
 
 def repeated(records: list, n: int | None) -> list:
-    """``records`` repeated (in order, cut) to ``n`` items; all of them when ``n`` is None."""
+    """``records`` repeated (in order, cut) to ``n`` items; all of them when ``n`` is None; ``n``
+    evenly spaced ones when fewer (so that every class keeps images: a subset for timing a slow
+    model, the ratio being independent of the count)."""
     if n is None:
         return list(records)
+    if n <= len(records):
+        return [records[i * len(records) // n] for i in range(n)]
     reps = -(-n // len(records))
     return [dataclasses.replace(r) for r in (records * reps)[:n]]
 

@@ -27,6 +27,7 @@ def test_records_are_repeated_in_order_with_their_labels(ar):
     assert [r.path for r in out] == [f"{i % 5}.jpg" for i in range(12)]
     assert [r.pid for r in out] == [i % 5 % 3 for i in range(12)]
     assert ar.repeated(records, None) == records
+    assert [r.path for r in ar.repeated(records, 2)] == ["0.jpg", "2.jpg"]  # evenly spaced
 
 
 def test_the_tiny_stage_2_measures_a_refresh_and_an_epoch(ar, tmp_path):
