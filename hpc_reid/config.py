@@ -558,6 +558,17 @@ class EvaluationConfig(Section):
     )
     metric: Literal["cosine", "euclidean"] = "cosine"
     flip_average: bool = False
+    rescore_k: int = Field(
+        0,
+        ge=0,
+        description="CACE-Net's conditional re-scoring: each query's top-K gallery items by the "
+        "single-image distance re-ordered by the pair module's distance (positions beyond K "
+        "keep their order; metrics exact on the re-scored ranking); 0: off, the single-image "
+        "ranking (the released code's inference)",
+    )
+    rescore_batch: int = Field(
+        32, ge=1, description="candidates whose feature maps are recomputed at a time"
+    )
     report_without_flip: bool = Field(
         True,
         description="with flip_average, also the metrics of the image-only features "
