@@ -16,6 +16,11 @@ rank gathers all features (N x D, not N x N; on the device) and computes the sam
 blocks ranked where they are (the torch ranker on a GPU); the metrics without re-ranking are
 reported beside it as ``without_rerank/mAP`` etc.
 
+With ``evaluation.rescore_k`` > 0 the metrics are those of the head's own re-ordering of each
+query's top-K (``head.rescore_ranking``: CACE-Net's conditional re-scoring,
+:mod:`hpc_reid.methods.cace.rescore`; sharded by query, each rank holding all gallery rows, N x
+D); the single-image ones are reported beside it as ``without_rescore/mAP`` etc.
+
 The distance is ``evaluation.distance`` over the retrieval parts the model declares (the
 :class:`~hpc_reid.evaluation.distances.RowDistance` of :func:`evaluation_distance`: "global";
 AlignedReID's "local" and "global+local"), in every path above; a part the model does not declare
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.config import Config, write_atomic
+from hpc_reid.config import Config, ConfigError, write_atomic
 from hpc_reid.data.datasets import ImageRecord, ReidDataset
 from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import RowDistance, evaluate_features, extract_features
@@ -52,11 +57,25 @@ from hpc_reid.evaluation.sharded import (
 def check_evaluation_distance(model, config: Config) -> None:
     """A ConfigError naming ``evaluation.distance``, the part and the parts ``model`` declares
     when the distance names a part the model lacks (``local`` of a model without local features)
-    or one whose part distance is not registered. Reads no image: the trainer calls it when it
-    builds the model, evaluation before extraction."""
+    or one whose part distance is not registered; and one naming ``evaluation.rescore_k`` when it
+    is on for a head without a test-time re-scorer or together with re-ranking. Reads no image: the
+    trainer calls it when it builds the model, evaluation before extraction."""
     ev = config.evaluation
     declared = {n: p.distance for n, p in declared_parts(model).items()}
     check_distance(ev.distance, ev.distance_weights, declared)
+    # evaluation.rescore_k: a head's own re-ordering of each query's top-K (CACE-Net's pairs)
+    rescorer = getattr(getattr(model, "head", None), "rescore_ranking", None)
+    if ev.rescore_k and not callable(rescorer):
+        raise ConfigError(
+            f"evaluation.rescore_k={ev.rescore_k}: the {config.model.head!r} head has no test-time "
+            "re-scorer (rescore_ranking); expected model.head: cace, or evaluation.rescore_k: 0"
+        )
+    if ev.rescore_k and ev.rerank.enabled:
+        raise ConfigError(
+            f"evaluation.rescore_k={ev.rescore_k} with evaluation.rerank.enabled: both re-order "
+            "the ranked list; drop one (evaluation.rescore_k: 0 or evaluation.rerank.enabled: "
+            "false)"
+        )
 
 
 def evaluation_distance(model, config: Config, device) -> RowDistance:
@@ -191,6 +210,12 @@ def evaluate_model(
             device,
         )
         summary = {**result.summary(), **{f"without_rerank/{k}": v for k, v in plain.items()}}
+    if ev.rescore_k:  # the head's re-scorer (checked above); the single-image metrics beside it
+        plain = summary
+        result = model.head.rescore_ranking(
+            model, dataset, config, qf, _all_rows(gf), distance, device
+        )
+        summary = {**result.summary(), **{f"without_rescore/{k}": v for k, v in plain.items()}}
     if both:  # the image-only features, plainly ranked, beside the flip-averaged result
         plain = rank_all(
             q_plain, g_plain, *local[2:], metric=distance, max_rank=ev.max_rank, backend=ev.backend

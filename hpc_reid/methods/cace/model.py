@@ -143,6 +143,14 @@ class CaceHead(nn.Module):
         pooled0, pooled1 = self.pair_graph(maps, left, right, reduce=self.pool)
         return self.bn(self.embedding(pooled0)), self.bn(self.embedding(pooled1))
 
+    def rescore_ranking(self, model, dataset, config, query_rows, gallery_rows, distance, device):
+        """The test-time re-scorer evaluation calls when ``evaluation.rescore_k`` > 0 on a head
+        that declares one (:mod:`hpc_reid.engine.evaluate`): the paper's conditional re-scoring of
+        each query's top-K, :func:`hpc_reid.methods.cace.rescore.rescore_ranking`."""
+        from hpc_reid.methods.cace.rescore import rescore_ranking  # it imports this module
+
+        return rescore_ranking(model, dataset, config, query_rows, gallery_rows, distance, device)
+
 
 def normalized_pair_distance(f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
     """||n(f0) - n(f1)|| row by row (n: L2 normalisation), the distance of a conditioned pair (the
