@@ -24,8 +24,7 @@ import torch.distributed as dist
 
 from hpc_reid.config import Config
 from hpc_reid.data.datasets import ImageRecord
-from hpc_reid.data.loaders import build_backend_test_loader
-from hpc_reid.evaluation.sharded import shard_range
+from hpc_reid.engine.evaluate import shard_loader
 
 #: what a term asks for: (model output key, average with the horizontal flip)
 Request = tuple[str, bool]
@@ -96,19 +95,11 @@ def class_means(
     shard, then one all-reduce of the float64 sums (all requests in one buffer) and the counts.
     A class without any image is an error naming it (its mean would be 0/0)."""
     requests = sorted(set(requests))
-    rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    part = shard_range(len(records), rank, world)
     sums: dict[Request, torch.Tensor] = {}
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    if len(part):
-        loader = build_backend_test_loader(
-            records[part.start : part.stop],
-            config.loader,
-            config.data.height,
-            config.data.width,
-            device,
-        )
+    loader = shard_loader(records, config, device)  # this rank's contiguous shard, as evaluation's
+    if loader is not None:
         sums, counts = class_sums(model, loader, device, requests, num_classes)
     if world > 1:
         # A rank with an empty shard learns the widths from the others: one small all-reduce.

@@ -93,7 +93,7 @@ def evaluation_distance(model, config: Config, device) -> RowDistance:
     return RowDistance.from_config(layout, config.evaluation)
 
 
-def _shard_loader(records: list[ImageRecord], config: Config, device):
+def shard_loader(records: list[ImageRecord], config: Config, device):
     """The test loader of this rank's contiguous shard of ``records``
     (:func:`~hpc_reid.evaluation.sharded.shard_range`); None for an empty shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -115,7 +115,7 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
     (:func:`~hpc_reid.evaluation.sharded.shard_range`; every retrieval part the model declares,
     :func:`~hpc_reid.evaluation.extract_features`), on the device the model computed them on
     (``device``); (0, 0) there for an empty shard."""
-    loader = _shard_loader(records, config, device)
+    loader = shard_loader(records, config, device)
     if loader is None:
         return torch.empty(0, 0, device=device)
     feats, _, _ = extract_features(model, loader, device, flip=config.evaluation.flip_average)
@@ -127,7 +127,7 @@ def shard_features_and_plain(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shard_features` flip-averaged, and the same shard's image-only rows, from one pass
     (:func:`~hpc_reid.evaluation.features.extract_flip_and_plain`)."""
-    loader = _shard_loader(records, config, device)
+    loader = shard_loader(records, config, device)
     if loader is None:
         empty = torch.empty(0, 0, device=device)
         return empty, empty
