@@ -302,10 +302,10 @@ class _Run:
         torch.manual_seed(config.engine.seed)
         num_classes = dataset.num_train_pids
         model = build_model(config.model, num_classes).to(device)
+        meta = model_meta(config, num_classes, model)  # what a checkpoint must match
         if config.model.init_from is not None:  # a stage: another run's weights, unless resuming
             from hpc_reid.engine.stages import init_stage  # stages.py imports this module
 
-            meta = model_meta(config, num_classes, model)
             log.info(init_stage(model, config.model.init_from, meta, run_dir, resume_path))
         check_evaluation_distance(model, config)  # evaluation.distance's parts: now, not at the end
         model, sync_bn_note = prepare_model(model, config, device, world)  # before the optimizer
@@ -370,7 +370,7 @@ class _Run:
             optimizer=optimizer,
             strategy=strategy,
             forward=forward,
-            meta=model_meta(config, num_classes, model),
+            meta=meta,
             notes=notes,
         )
 
