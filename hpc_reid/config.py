@@ -69,6 +69,50 @@ class SyntheticConfig(Section):
     junk: int = Field(30, ge=0)
     seed: int = 0
     cache_dir: str | None = Field(None, description="default $HPC_REID_CACHE or ~/.cache/hpc_reid")
+    tracklets: bool = Field(
+        False,
+        description="a MARS-layout video set (tracklets of walking people) instead of Market "
+        "images; read as data set 'mars'",
+    )
+    tracklets_per_camera: int = Field(
+        2, ge=1, description="tracklets: tracklets of an identity in each camera that sees it"
+    )
+    frames_per_tracklet: tuple[int, int] = Field(
+        (8, 24), description="tracklets: [min, max] frames of a tracklet (uniform)"
+    )
+
+    @field_validator("frames_per_tracklet")
+    @classmethod
+    def _frame_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError(f"expected [min, max] with 1 <= min <= max, got {list(value)}")
+        return value
+
+
+class VideoConfig(Section):
+    """Tracklets (video sets: MARS, iLIDS-VID, PRID 2011 multi-shot, the synthetic tracklets): how
+    many frames of a tracklet a training sample and a test clip hold. Ignored for image sets."""
+
+    seq_len: int = Field(4, ge=1, description="T: frames per training tracklet and per test clip")
+    sampling: Literal["chunked", "consecutive"] = Field(
+        "chunked",
+        description="training frames: chunked, the tracklet cut into T chunks of max(n // T, 1) "
+        "frames (the last to the end) and one random frame from each (the references' restricted "
+        "random sampling); consecutive, T consecutive frames from a random start (the last "
+        "repeated when the tracklet is shorter)",
+    )
+    max_clips: int = Field(
+        32,
+        ge=0,
+        description="test: a tracklet's feature is the mean over its consecutive, non-overlapping "
+        "clips of T frames (the last padded by cycling its own frames), the first max_clips of "
+        "them (0: all; the references cap MARS at 32)",
+    )
+    augment_per: Literal["tracklet", "frame"] = Field(
+        "tracklet",
+        description="training augmentation: one flip, crop and erasing decision for every frame "
+        "of a tracklet (the references' default), or one per frame",
+    )
 
 
 class TexturesConfig(Section):
@@ -98,6 +142,7 @@ class DataConfig(Section):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     textures: TexturesConfig = Field(default_factory=TexturesConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     height: int = Field(256, ge=32, description="input height in pixels")
     width: int = Field(128, ge=16, description="input width in pixels")
 

@@ -1,12 +1,14 @@
 """Records, the data set base class, statistics and the data set registry.
 
-A parser turns a data set folder into three lists of :class:`ImageRecord` (train, query, gallery).
-Train person ids are relabelled to ``0..N-1`` (classifier targets); query and gallery keep the
-original ids so that results can be traced back to files. Camera ids are 0-based everywhere.
+A parser turns a data set folder into three lists of :class:`ImageRecord` (train, query, gallery),
+or, for a video set, of :class:`TrackletRecord` (a tracklet: its frames' paths in temporal
+order). Train person ids are relabelled to ``0..N-1`` (classifier targets); query and gallery keep
+the original ids so that results can be traced back to files. Camera ids are 0-based everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -29,10 +31,41 @@ class ImageRecord:
     frame: int | None = None
 
 
-def relabel(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+@dataclass(frozen=True, slots=True)
+class TrackletRecord:
+    """One tracklet of a video set: its frames' paths in temporal order (a frame is stored once,
+    in this order, in an HDF5 pack), whose it is, which camera saw it, and its id within the set
+    (``tid``: the row of MARS's track info, the sequence folder's index otherwise; -1 unknown).
+
+    It has no ``path``: code written for single images fails loudly on a tracklet instead of
+    silently reading its first frame."""
+
+    frames: tuple[str, ...]
+    pid: int
+    camid: int
+    tid: int = -1
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            raise DatasetError(f"tracklet {self.tid} of person {self.pid} has no frames")
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+
+Record = ImageRecord | TrackletRecord
+
+
+def are_tracklets(records: Sequence[Record]) -> bool:
+    """Whether ``records`` are tracklets (a data set's splits are all one kind)."""
+    return bool(records) and isinstance(records[0], TrackletRecord)
+
+
+def relabel(records: Sequence[Record]) -> list[Record]:
     """Map the person ids of ``records`` to ``0..N-1`` in increasing order of the original id."""
     label = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
-    return [ImageRecord(r.path, label[r.pid], r.camid, r.frame) for r in records]
+    return [dataclasses.replace(r, pid=label[r.pid]) for r in records]
 
 
 def require_dir(path: Path, dataset: str, layout: str) -> Path:
@@ -65,13 +98,19 @@ def list_images(folder: Path, suffixes: Iterable[str] = (".jpg", ".jpeg", ".png"
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in allowed)
 
 
-def subset_counts(records: Sequence[ImageRecord]) -> tuple[int, int, int]:
-    """(identities, images, cameras) of a split."""
+def subset_counts(records: Sequence[Record]) -> tuple[int, int, int]:
+    """(identities, images or tracklets, cameras) of a split."""
     return len({r.pid for r in records}), len(records), len({r.camid for r in records})
 
 
+def frame_count(records: Sequence[Record]) -> int:
+    """Frames of a split: a tracklet's frames, or one per image."""
+    return sum(r.num_frames if isinstance(r, TrackletRecord) else 1 for r in records)
+
+
 class ReidDataset:
-    """An image person re-identification data set: train, query and gallery records.
+    """A person re-identification data set: train, query and gallery records, images
+    (:class:`ImageRecord`) or, for a video set, tracklets (:class:`TrackletRecord`).
 
     Subclasses parse their folder in ``__init__`` and call :meth:`_finish` with the three splits.
     ``skipped`` counts what the protocol itself says to leave out (for example Market-1501's junk
@@ -81,26 +120,33 @@ class ReidDataset:
     name: ClassVar[str] = "dataset"
     layout: ClassVar[str] = ""
 
-    train: list[ImageRecord]
-    query: list[ImageRecord]
-    gallery: list[ImageRecord]
+    train: list[Record]
+    query: list[Record]
+    gallery: list[Record]
     skipped: dict[str, int]
     root: Path
 
     def _finish(
         self,
-        train: Sequence[ImageRecord],
-        query: Sequence[ImageRecord],
-        gallery: Sequence[ImageRecord],
+        train: Sequence[Record],
+        query: Sequence[Record],
+        gallery: Sequence[Record],
         skipped: dict[str, int] | None = None,
     ) -> None:
         for split, records in (("train", train), ("query", query), ("gallery", gallery)):
             if not records:
                 raise DatasetError(f"{self.name}: the {split} split under {self.root} is empty")
+        if len({are_tracklets(train), are_tracklets(query), are_tracklets(gallery)}) != 1:
+            raise DatasetError(f"{self.name}: splits mix images and tracklets under {self.root}")
         self.train = relabel(train)
         self.query = list(query)
         self.gallery = list(gallery)
         self.skipped = dict(skipped or {})
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the records are tracklets (MARS, iLIDS-VID, PRID 2011 multi-shot)."""
+        return are_tracklets(self.train)
 
     @property
     def num_train_pids(self) -> int:
@@ -111,14 +157,21 @@ class ReidDataset:
         return len({r.camid for r in self.train})
 
     def statistics(self) -> str:
-        """A torchreid-style table of identities, images and cameras per split."""
-        rule = "  " + "-" * 44
+        """A torchreid-style table of identities, images and cameras per split (for a video set:
+        identities, tracklets, frames and cameras)."""
+        video = self.is_video
+        rule = "  " + "-" * (57 if video else 44)
         lines = [f"=> Loaded {self.name} from {self.root}", rule]
-        lines.append(f"  {'subset':<8} | {'# ids':>6} | {'# images':>9} | {'# cameras':>9}")
+        items = "# tracklets" if video else "# images"
+        head = f"  {'subset':<8} | {'# ids':>6} | {items:>{11 if video else 9}}"
+        lines.append(head + (f" | {'# frames':>9}" if video else "") + f" | {'# cameras':>9}")
         lines.append(rule)
         for split in ("train", "query", "gallery"):
-            ids, images, cams = subset_counts(getattr(self, split))
-            lines.append(f"  {split:<8} | {ids:>6} | {images:>9} | {cams:>9}")
+            records = getattr(self, split)
+            ids, items_, cams = subset_counts(records)
+            row = f"  {split:<8} | {ids:>6} | {items_:>{11 if video else 9}}"
+            row += f" | {frame_count(records):>9}" if video else ""
+            lines.append(row + f" | {cams:>9}")
         lines.append(rule)
         for what, count in sorted(self.skipped.items()):
             lines.append(f"  skipped by protocol: {count} {what}")
