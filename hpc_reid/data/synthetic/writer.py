@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -192,17 +193,43 @@ class Renderer:
         return out
 
 
-_WORKER: Renderer | None = None
+_WORKER = None  # this worker process's renderer: a Renderer or a TrackletRenderer
 
 
-def _init_worker(spec: SynthSpec, root: str) -> None:
+def _init_worker(factory, spec, root: str) -> None:
     global _WORKER
-    _WORKER = Renderer(spec, root)
+    _WORKER = factory(spec, root)
 
 
-def _write_chunk(jobs: list[Job]) -> list[tuple[str, dict]]:
+def _write_chunk(jobs: list) -> list:
     assert _WORKER is not None
     return _WORKER.write(jobs)
+
+
+def write_jobs(renderer, jobs: list, workers: int, progress: bool, unit: str) -> list:
+    """``renderer.write`` over ``jobs`` in chunks, here or in ``workers`` processes (each building
+    its own ``type(renderer)(spec, root)``); the results in the order of ``jobs``."""
+    size = max(1, min(64, len(jobs) // (4 * max(workers, 1))))
+    chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+    out: list = []
+
+    def collect(results: list) -> None:
+        out.extend(results)
+        if progress:
+            print(f"\rsynthetic set: {len(out)}/{len(jobs)} {unit}", end="", file=sys.stderr)
+
+    if workers <= 1:
+        for chunk in chunks:
+            collect(renderer.write(chunk))
+    else:
+        # spawn: forking a process that holds threads (torch, loaders) is unsafe
+        args = (type(renderer), renderer.spec, str(renderer.root))
+        with get_context("spawn").Pool(workers, _init_worker, args) as pool:
+            for results in pool.imap(_write_chunk, chunks):
+                collect(results)
+    if progress:
+        print(file=sys.stderr)
+    return out
 
 
 def _dump(path: Path, data, indent: int | None = None) -> None:
@@ -219,28 +246,7 @@ def _write_set(root: Path, spec: SynthSpec, workers: int, progress: bool) -> dic
     for pid in range(1, spec.ids + 1):
         texture = renderer.person(IDENTITY, pid).texture
         Image.fromarray(texture).save(root / "textures" / f"{pid:04d}.png")
-    size = max(1, min(64, len(jobs) // (4 * max(workers, 1))))
-    chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-    keypoints: dict[str, dict] = {}
-    done = 0
-
-    def collect(results: list[tuple[str, dict]]) -> None:
-        nonlocal done
-        keypoints.update(results)
-        done += len(results)
-        if progress:
-            print(f"\rsynthetic set: {done}/{len(jobs)} images", end="", file=sys.stderr)
-
-    if workers <= 1:
-        for chunk in chunks:
-            collect(renderer.write(chunk))
-    else:
-        # spawn: forking a process that holds threads (torch, loaders) is unsafe
-        with get_context("spawn").Pool(workers, _init_worker, (spec, str(root))) as pool:
-            for results in pool.imap(_write_chunk, chunks):
-                collect(results)
-    if progress:
-        print(file=sys.stderr)
+    keypoints = dict(write_jobs(renderer, jobs, workers, progress, "images"))
     _dump(root / "keypoints.json", keypoints)
     meta = {
         "generator": "hpc_reid.data.synthetic",
@@ -270,29 +276,17 @@ def _refuse(out: Path) -> DatasetError:
     )
 
 
-def generate(
-    out: str | Path,
-    spec: SynthSpec,
-    workers: int = 1,
-    progress: bool = False,
-    *,
-    overwrite: bool = False,
-) -> dict:
-    """Write the synthetic set to ``out`` atomically and return a summary (spec, counts, speed).
-
-    The set is written to a temporary sibling folder ``OUT.tmp-XXXX`` and renamed to ``out`` when
-    complete, so ``out`` is never seen half-written. The files are identical for any ``workers``.
-    """
-    out = Path(out).expanduser()
+def publish(out: Path, write: Callable[[Path], dict], *, overwrite: bool = False) -> dict:
+    """``write(tmp)`` into a temporary sibling folder ``OUT.tmp-XXXX``, renamed to ``out`` when
+    complete, so ``out`` is never seen half-written; returns what ``write`` returned."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"synthetic data set: output path {out} is a file, not a folder")
     if _is_nonempty(out) and not overwrite:
         raise _refuse(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        meta = _write_set(tmp, spec, workers, progress)
+        meta = write(tmp)
         try:
             os.rename(tmp, out)  # replaces an empty folder, fails on a non-empty one
         except OSError as exc:
@@ -307,6 +301,22 @@ def generate(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return meta
+
+
+def generate(
+    out: str | Path,
+    spec: SynthSpec,
+    workers: int = 1,
+    progress: bool = False,
+    *,
+    overwrite: bool = False,
+) -> dict:
+    """Write the synthetic set to ``out`` atomically (:func:`publish`) and return a summary
+    (spec, counts, speed). The files are identical for any ``workers``."""
+    out = Path(out).expanduser()
+    start = time.perf_counter()
+    meta = publish(out, lambda tmp: _write_set(tmp, spec, workers, progress), overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {
         "out": str(out),
@@ -325,43 +335,52 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "synthetic"
 
 
-def _matches(folder: Path, spec: SynthSpec) -> bool:
+def _matches(folder: Path, spec: dict, version: str) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == GENERATOR_VERSION and meta.get("spec") == spec.to_dict()
+    return meta.get("version") == version and meta.get("spec") == spec
 
 
-def ensure_synthetic(
-    spec: SynthSpec, cache_dir: str | Path | None = None, workers: int = 1
-) -> Path:
-    """The folder of the synthetic set for ``spec``, generated on first use.
-
-    The folder is ``cache_dir/market_synth_<hash of spec and generator version>``. Concurrent
-    callers (several ranks) may each generate a copy; the first rename wins and the others discard
-    theirs, so nobody ever reads a partial set.
-    """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = cache / f"market_synth_{spec.key()}"
-    if _matches(folder, spec):
+def ensure_cached(folder: Path, spec: dict, version: str, write: Callable[[Path], object]) -> Path:
+    """``folder``, written by ``write(tmp)`` unless its ``meta.json`` already holds ``spec`` and
+    ``version``. Concurrent callers (several ranks) may each write a copy; the first rename wins
+    and the others discard theirs, so nobody ever reads a partial set."""
+    if _matches(folder, spec, version):
         return folder
     if _is_nonempty(folder):
         raise DatasetError(
             f"synthetic data set: cache folder {folder} exists but its meta.json does not match "
-            f"the spec {spec.to_dict()} (generator version {GENERATOR_VERSION}); delete the folder"
+            f"the spec {spec} (generator version {version}); delete the folder"
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=cache))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     try:
-        _write_set(tmp, spec, workers, progress=False)
+        write(tmp)
         try:
             os.rename(tmp, folder)
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _matches(folder, spec):
+            finished = exc.errno in (errno.ENOTEMPTY, errno.EEXIST)
+            if not (finished and _matches(folder, spec, version)):
                 raise
             shutil.rmtree(tmp)  # another process finished first; its copy is identical
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def ensure_synthetic(
+    spec: SynthSpec, cache_dir: str | Path | None = None, workers: int = 1
+) -> Path:
+    """The folder of the synthetic set for ``spec``, generated on first use
+    (:func:`ensure_cached`) into ``cache_dir/market_synth_<hash of spec and generator version>``.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return ensure_cached(
+        cache / f"market_synth_{spec.key()}",
+        spec.to_dict(),
+        GENERATOR_VERSION,
+        lambda tmp: _write_set(tmp, spec, workers, progress=False),
+    )
