@@ -6,7 +6,19 @@ HDF5 packs of any of them are read by :class:`hpc_reid.data.pack.PackedDataset`,
 
 from hpc_reid.data import pack
 
-from . import cuhk01, cuhk03, ilids, market1501, msmt17, partitions, prid2011, viper
+from . import (
+    cuhk01,
+    cuhk03,
+    ilids,
+    ilidsvid,
+    market1501,
+    mars,
+    msmt17,
+    partitions,
+    prid2011,
+    prid2011_video,
+    viper,
+)
 from .base import (
     DatasetError,
     ImageRecord,
@@ -29,11 +41,14 @@ __all__ = [
     "cuhk01",
     "cuhk03",
     "ilids",
+    "ilidsvid",
     "market1501",
+    "mars",
     "msmt17",
     "pack",
     "partitions",
     "prid2011",
+    "prid2011_video",
     "register_dataset",
     "viper",
 ]
