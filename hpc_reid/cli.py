@@ -51,18 +51,29 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from hpc_reid.data.synthetic import SynthSpec, generate
+    from hpc_reid.data.synthetic import SynthSpec, TrackletSpec, generate, generate_tracklets
 
-    spec = SynthSpec(
-        ids=args.ids,
-        cams=args.cams,
-        images_per_id=args.images_per_id,
-        distractors=args.distractors,
-        junk=args.junk,
-        seed=args.seed,
-    )
-    summary = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
-    print(f"wrote synthetic Market-1501-format data set to {args.out}")
+    own = {"tracklets_per_camera", "frames_per_tracklet"} if args.tracklets else {"images_per_id"}
+    for key in ("images_per_id", "tracklets_per_camera", "frames_per_tracklet"):
+        if key not in own and getattr(args, key) is not None:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"data synth: {flag} is for {'images' if args.tracklets else 'tracklets'}"
+            )
+    # a size left out takes its spec's default (the image set's and the tracklet set's differ)
+    sizes = ("ids", "distractors", "junk", "images_per_id", "tracklets_per_camera")
+    given = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
+    if args.frames_per_tracklet:
+        given["min_frames"], given["max_frames"] = args.frames_per_tracklet
+    if args.tracklets:
+        spec = TrackletSpec(**given, cams=args.cams, seed=args.seed)
+        summary = generate_tracklets(args.out, spec, workers=args.workers, overwrite=args.overwrite)
+        kind = "MARS-format tracklet"
+    else:
+        spec = SynthSpec(**given, cams=args.cams, seed=args.seed)
+        summary = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
+        kind = "Market-1501-format"
+    print(f"wrote synthetic {kind} data set to {args.out}")
     print(yaml.safe_dump(summary, sort_keys=False, default_flow_style=None), end="")
     return 0
 
@@ -726,13 +737,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data sets: synthesise, inspect, pack")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    synth = data_cmds.add_parser("synth", help="write a synthetic Market-1501-format data set")
+    synth = data_cmds.add_parser(
+        "synth", help="write a synthetic Market-1501-format (or MARS-format tracklet) data set"
+    )
     synth.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    synth.add_argument("--ids", type=int, default=200, help="identities, half train, half test")
+    synth.add_argument(
+        "--tracklets", action="store_true", help="MARS-layout tracklets of walking people"
+    )
+    synth.add_argument(
+        "--ids", type=int, help="identities, half train, half test (200; tracklets 60)"
+    )
     synth.add_argument("--cams", type=int, default=6, help="cameras, 2..6")
-    synth.add_argument("--images-per-id", type=int, default=16, help="mean images per identity")
-    synth.add_argument("--distractors", type=int, default=100, help="pid 0 gallery images")
-    synth.add_argument("--junk", type=int, default=30, help="pid -1 gallery images")
+    synth.add_argument("--images-per-id", type=int, help="mean images per identity (16)")
+    synth.add_argument("--tracklets-per-camera", type=int, help="per identity and camera (2)")
+    synth.add_argument(
+        "--frames-per-tracklet",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="frames of a tracklet, uniform (8 16)",
+    )
+    synth.add_argument("--distractors", type=int, help="pid 0 gallery images (100; tracklets 6)")
+    synth.add_argument("--junk", type=int, help="pid -1 gallery images (30; tracklets 4)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=1, help="processes (same bytes as 1)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")

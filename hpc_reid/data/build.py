@@ -25,14 +25,39 @@ def synth_spec(data: DataConfig):
     )
 
 
+def tracklet_spec(data: DataConfig):
+    """The generator spec of the config's synthetic tracklet set (``data.synthetic.tracklets``):
+    ``distractors`` and ``junk`` count tracklets there; ``images_per_id`` is not used."""
+    from hpc_reid.data.synthetic import TrackletSpec
+
+    s = data.synthetic
+    return TrackletSpec(
+        ids=s.ids,
+        cams=s.cams,
+        tracklets_per_camera=s.tracklets_per_camera,
+        min_frames=s.frames_per_tracklet[0],
+        max_frames=s.frames_per_tracklet[1],
+        distractors=s.distractors,
+        junk=s.junk,
+        seed=s.seed,
+    )
+
+
 def dataset_root(data: DataConfig, announce=print) -> tuple[str, Path]:
     """(registered parser name, root folder) of the config's data set.
 
     The synthetic set is generated on first use into its cache folder, which is announced so a
-    user knows where the images are.
+    user knows where the images are: Market-1501 images, or MARS tracklets with
+    ``data.synthetic.tracklets``.
     """
     if data.dataset != SYNTHETIC:
         return data.dataset, Path(data.root).expanduser()
+    if data.synthetic.tracklets:
+        from hpc_reid.data.synthetic import ensure_tracklets
+
+        root = ensure_tracklets(tracklet_spec(data), data.synthetic.cache_dir)
+        announce(f"synthetic MARS-format tracklet set: {root}")
+        return "mars", root
     from hpc_reid.data.synthetic import ensure_synthetic
 
     root = ensure_synthetic(synth_spec(data), data.synthetic.cache_dir)
