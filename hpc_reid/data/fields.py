@@ -7,9 +7,11 @@ between loaders, worker counts or ranks. A loss term that reads fields declares 
 (:func:`hpc_reid.losses.register_loss` ``batch_fields=``); the trainer adds exactly the fields the
 active terms need to the batch they receive (``batch[name]``, on the training device). Built in:
 ``frames`` (the record's frame number, -1 where the data set has none: st-ReID's spatial-temporal
-scoring). A method whose target is heavier than a lookup (SAN's texture image) registers a field
-that loads it from the record's path; a field that also needs the run's settings (where SAN's
-textures are, their size) is registered ``configured=True`` and called as
+scoring; -1 for a tracklet, whose record holds frame paths but no frame numbers). On a tracklet
+set a field has one value per tracklet: ``indices`` are the batch's tracklets. A method whose
+target is heavier than a lookup (SAN's texture image) registers a field that loads it from the
+record's path; a field that also needs the run's settings (where SAN's textures are, their size)
+is registered ``configured=True`` and called as
 ``fn(config, records, indices)`` with the run's :class:`~hpc_reid.config.Config`.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpc_reid.data.datasets.base import ImageRecord
+from hpc_reid.data.datasets.base import ImageRecord, Record, TrackletRecord
 
 #: ``fn(records, indices) -> tensor`` whose first dimension is ``len(indices)``
 BatchField = Callable[[Sequence[ImageRecord], np.ndarray], torch.Tensor]
@@ -92,6 +94,9 @@ def with_fields(
 
 
 @register_batch_field("frames")
-def _frames(records: Sequence[ImageRecord], indices: np.ndarray) -> torch.Tensor:
-    frames = [records[i].frame for i in indices]
+def _frames(records: Sequence[Record], indices: np.ndarray) -> torch.Tensor:
+    # A tracklet has no frame number of its own (its record keeps only the frames' paths, and
+    # their numbering is each data set's): -1, "unknown", as for an image set without them.
+    picked = [records[i] for i in indices]
+    frames = [None if isinstance(r, TrackletRecord) else r.frame for r in picked]
     return torch.tensor([-1 if f is None else int(f) for f in frames], dtype=torch.int64)

@@ -2,6 +2,8 @@
 
 Both backends implement the augmentation of :mod:`hpc_reid.data.transforms` with the same random
 decisions per sample; DALI decodes and augments on the GPU, the torch backend on CPU workers.
+Tracklets (video sets) pass ``video``, the run's ``data.video``: training batches of
+(B, T, C, H, W), test batches of dense clips (:mod:`.tracklets`).
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from hpc_reid.config import ConfigError, LoaderConfig
-from hpc_reid.data.datasets.base import ImageRecord
+from hpc_reid.config import ConfigError, LoaderConfig, VideoConfig
+from hpc_reid.data.datasets.base import Record
 
 from .torch_loader import (
     CorruptImageError,
     ReidImageSet,
+    ReidTrackletSet,
     TaggedBatchSampler,
     build_test_loader,
     build_train_loader,
     collate_reid,
     load_rgb,
 )
+from .tracklets import ClipBatches, clip_plan, frames_channels_last, tracklet_sample
 
 BACKENDS = ("auto", "dali", "torch")
 
@@ -52,7 +56,7 @@ def resolve_backend(name: str) -> str:
 
 
 def build_backend_train_loader(
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     batch_sampler: Sampler[list[int]],
     cfg_loader: LoaderConfig,
     height: int,
@@ -60,50 +64,60 @@ def build_backend_train_loader(
     seed: int,
     device: torch.device | str | None = None,
     channels_last: bool = False,
+    video: VideoConfig | None = None,
 ) -> Iterable[dict[str, torch.Tensor]]:
     """The training loader of ``loader.backend``, with :func:`build_train_loader`'s arguments.
 
     "auto" picks DALI when it imports, else the torch loader. ``device`` is the training
     device: DALI decodes there (None: CUDA when available); the torch loader ignores it.
     ``channels_last``: DALI returns images in that memory format (the torch loader's stay
-    contiguous NCHW; the trainer converts them).
+    contiguous; the trainer converts them, :func:`frames_channels_last`). ``video``: the run's
+    ``data.video``, needed for tracklet records (batches of (B, T, C, H, W)), ignored for images.
     """
     backend = resolve_backend(cfg_loader.backend)
     if backend == "torch":
-        return build_train_loader(records, batch_sampler, cfg_loader, height, width, seed)
+        return build_train_loader(records, batch_sampler, cfg_loader, height, width, seed, video)
     from . import dali_loader  # imports nvidia.dali: only when chosen
 
     return dali_loader.build_train_loader(
-        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last
+        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last, video
     )
 
 
 def build_backend_test_loader(
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     cfg_loader: LoaderConfig,
     height: int,
     width: int,
     device: torch.device | str | None = None,
+    video: VideoConfig | None = None,
 ) -> Iterable[dict[str, torch.Tensor]]:
     """The test loader of ``loader.backend`` (records in order, ``test_batch_size`` each, resize
-    and normalise): DALI's decodes on ``device`` (None: CUDA when available)."""
+    and normalise): DALI's decodes on ``device`` (None: CUDA when available). Tracklet records
+    need ``video``: batches of dense clips, dict(images (N, T, C, H, W), pids, camids, indices
+    (N,) each clip's tracklet index), ``test_batch_size // T`` clips each (:mod:`.tracklets`)."""
     if resolve_backend(cfg_loader.backend) == "torch":
-        return build_test_loader(records, cfg_loader, height, width)
+        return build_test_loader(records, cfg_loader, height, width, video)
     from . import dali_loader  # imports nvidia.dali: only when chosen
 
-    return dali_loader.build_test_loader(records, cfg_loader, height, width, device)
+    return dali_loader.build_test_loader(records, cfg_loader, height, width, device, video)
 
 
 __all__ = [
     "BACKENDS",
+    "ClipBatches",
     "CorruptImageError",
     "ReidImageSet",
+    "ReidTrackletSet",
     "TaggedBatchSampler",
     "build_backend_test_loader",
     "build_backend_train_loader",
     "build_test_loader",
     "build_train_loader",
+    "clip_plan",
     "collate_reid",
+    "frames_channels_last",
     "load_rgb",
     "resolve_backend",
+    "tracklet_sample",
 ]

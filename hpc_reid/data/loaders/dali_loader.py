@@ -34,6 +34,15 @@ on, whose contrast step blends with the whole image's mean grey, the graph resiz
 image, jitters it with DALI's arithmetic operators (:func:`_color_jitter`), and pads-and-crops it
 with a slice before ``crop_mirror_normalize``.
 
+Tracklets (video sets; :mod:`.tracklets`). A training batch of B tracklets is one external-source
+batch of B x T frames: the callback draws each tracklet's frames and decisions with
+:func:`~.tracklets.tracklet_sample` (as the torch loader does) and returns the chosen frames'
+JPEGs, each with its tracklet's decisions (or its own, ``augment_per: frame``) and labels, so all
+frames of a batch are decoded in one call and augmented by the image graph unchanged; the output
+(B T, C, H, W) is then seen as (B, T, C, H, W) and the labels taken once per tracklet. With
+channels_last the pipeline writes (B T, H, W, C): channels_last frames, no copy. The test loader
+decodes the dense clips' frames as images (:class:`~.tracklets.ClipBatches`).
+
 Pipelines. On the CPU the loader runs one single-threaded pipeline per core side by side and
 takes batches from them in turn (batch b from pipeline ``b % n``; :func:`pipeline_layout`): on
 2 cores that is about 1.2x one pipeline with two threads, whose operators split each batch in
@@ -69,13 +78,14 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from hpc_reid.config import LoaderConfig
-from hpc_reid.data.datasets.base import ImageRecord
+from hpc_reid.config import LoaderConfig, VideoConfig
+from hpc_reid.data.datasets.base import ImageRecord, Record
 from hpc_reid.data.pack import read_image_bytes
 from hpc_reid.data.samplers import PlannedBatchSampler
 from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
 
 from .torch_loader import CorruptImageError, load_rgb
+from .tracklets import ClipBatches, clip_frames, clips_per_batch, require_video, tracklet_sample
 
 _OUTPUTS = ("images", "pids", "camids", "indices")
 #: The external source's outputs: the batch's JPEGs, pids, camids and indices, then for training
@@ -108,6 +118,9 @@ class RankBatches:
     ``StopIteration``. With ``shards`` pipelines side by side, pipeline ``shard`` gets stream
     batches ``shard``, ``shard + shards``, ... (its iteration i is stream batch ``i * shards +
     shard``). Picklable: DALI's parallel workers receive a copy.
+
+    Training tracklets (``video`` given): each sample of a batch is T frames (the module
+    docstring), every output then holds B T entries, frame after frame.
     """
 
     def __init__(
@@ -122,6 +135,7 @@ class RankBatches:
         batch_size: int = 1,
         shard: int = 0,
         shards: int = 1,
+        video: VideoConfig | None = None,
     ) -> None:
         if not 0 <= shard < shards:
             raise ValueError(f"shard must be in [0, {shards}), got {shard}")
@@ -130,7 +144,9 @@ class RankBatches:
                 f"first batch {first} is outside the epoch's {sampler.batches_per_epoch} batches"
             )
         self.shard, self.shards = int(shard), int(shards)
-        self.paths = [str(r.path) for r in records]
+        self.video = video
+        # An image's path, or a tracklet's frames' paths.
+        self.paths = [tuple(map(str, r.frames)) if video else str(r.path) for r in records]
         self.pids = np.array([r.pid for r in records], dtype=np.int64)
         self.camids = np.array([r.camid for r in records], dtype=np.int64)
         self.sampler = copy.deepcopy(sampler)
@@ -157,27 +173,44 @@ class RankBatches:
             self._plans[epoch] = s.rank_batches(epoch)  # the whole epoch, from batch 0
         return epoch, index, self._plans[epoch]
 
+    def image_paths(self, epoch: int, index: int, batch: np.ndarray) -> tuple[list[str], list]:
+        """The files that batch ``index`` of sampler ``epoch`` (dataset indices ``batch``) decodes,
+        in order, and for training each file's :class:`~hpc_reid.data.transforms.TrainParams`
+        (from the samples' generators, as :class:`TaggedBatchSampler` numbers them)."""
+        if self.transform is None:
+            return [self.paths[i] for i in batch], []
+        s, t = self.sampler, self.transform
+        base = (index * s.world_size + s.rank) * s.batch_size  # positions in the global plan
+        paths, params = [], []
+        for j, i in enumerate(batch.tolist()):
+            rng = sample_rng(self.seed, epoch, base + j)
+            if self.video is None:
+                paths.append(self.paths[i])
+                params.append(t.sample_params(rng))
+            else:
+                frames, decisions = tracklet_sample(len(self.paths[i]), self.video, t, rng)
+                paths += [self.paths[i][f] for f in frames.tolist()]
+                params += decisions
+        return paths, params
+
     def __call__(self, info: Any) -> tuple[Any, ...]:
         epoch, index, batches = self.locate(info.iteration * self.shards + self.shard)
         if index >= len(batches):
             raise StopIteration
         batch = np.asarray(batches[index], dtype=np.int64)
-        jpegs = [_read_bytes(self.paths[i]) for i in batch]
-        out = (jpegs, self.pids[batch], self.camids[batch], batch)
+        paths, params = self.image_paths(epoch, index, batch)
+        rows = np.repeat(batch, len(paths) // len(batch))  # each image's sample (T per tracklet)
+        out = ([_read_bytes(p) for p in paths], self.pids[rows], self.camids[rows], rows)
         if self.transform is None:
             return out
-        n = len(batch)
+        n = len(paths)
         erase = np.zeros((n, 4), dtype=np.int32)  # (top, left, height, width); 0 x 0: none
-        # Positions in the global plan, as TaggedBatchSampler numbers them.
-        s = self.sampler
-        base = (index * s.world_size + s.rank) * s.batch_size
         t = self.transform
         height, width, pad = t.height, t.width, t.augment.pad
         flip = np.zeros(n, dtype=np.int32)
         window = np.zeros((n, 2), dtype=np.int32)  # (top, left) of the crop window on the image
         jitter = np.ones((n, 3), dtype=np.float32)  # brightness, contrast, saturation factors
-        for j in range(n):
-            p = t.sample_params(sample_rng(self.seed, epoch, base + j))
+        for j, p in enumerate(params):
             flip[j] = p.flip
             if p.jitter is not None:
                 jitter[j] = p.jitter
@@ -212,8 +245,8 @@ def _decode_error(error: RuntimeError, source: RankBatches, b: int) -> CorruptIm
     loader reports it. None for any other error."""
     if "decoders.image" not in str(error):
         return None
-    _, index, batches = source.locate(b)
-    paths = [source.paths[i] for i in batches[index]]
+    epoch, index, batches = source.locate(b)
+    paths, _ = source.image_paths(epoch, index, np.asarray(batches[index], dtype=np.int64))
     for path in paths:
         try:
             load_rgb(path)
@@ -481,11 +514,23 @@ def _to_torch(dali_out, device: torch.device, zero_copy: bool) -> torch.Tensor:
 
 
 class _DaliLoader:
+    """``batch_size`` samples a batch; ``seq_len``: frames per sample for training tracklets
+    (batches of (B, T, C, H, W)), None for images."""
+
     def __init__(
-        self, records, cfg, height, width, device, batch_size, channels_last: bool = False
+        self,
+        records,
+        cfg,
+        height,
+        width,
+        device,
+        batch_size,
+        channels_last: bool = False,
+        seq_len: int | None = None,
     ) -> None:
         self.records, self.cfg, self.channels_last = list(records), cfg, bool(channels_last)
         self.height, self.width, self.batch_size = int(height), int(width), int(batch_size)
+        self.seq_len = seq_len
         self.gpu, self.device_id = _dali_device(device)
         self.device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
 
@@ -500,7 +545,7 @@ class _DaliLoader:
                 self.cfg,
                 self.height,
                 self.width,
-                self.batch_size,
+                self.batch_size * (self.seq_len or 1),  # images a batch
                 self.gpu,
                 self.device_id,
                 threads,
@@ -535,6 +580,10 @@ class _DaliLoader:
             labels = [_to_torch(o, cpu, zero_copy) for o in outs[1:4]]
             if len(outs) > 4:
                 erase_(images, outs[4].as_array())
+            if self.seq_len is not None:  # B T frames, T a tracklet: (B, T, C, H, W), a view
+                t = self.seq_len
+                images = images.unflatten(0, (-1, t))
+                labels = [x[::t].contiguous() for x in labels]
             yield {"images": images, **dict(zip(_OUTPUTS[1:], labels, strict=True))}
 
 
@@ -551,9 +600,13 @@ class DaliTrainLoader(_DaliLoader):
         seed: int,
         device: torch.device | str | None = None,
         channels_last: bool = False,
+        video: VideoConfig | None = None,
     ) -> None:
-        super().__init__(records, cfg, height, width, device, sampler.batch_size, channels_last)
-        self.sampler, self.seed = sampler, int(seed)
+        seq_len = video.seq_len if video is not None else None
+        super().__init__(
+            records, cfg, height, width, device, sampler.batch_size, channels_last, seq_len
+        )
+        self.sampler, self.seed, self.video = sampler, int(seed), video
         self.transform = TrainTransform(cfg.augment, height, width)
         self._pipes: list | None = None
         self._served = 0  # stream batches taken from the pipelines
@@ -576,6 +629,7 @@ class DaliTrainLoader(_DaliLoader):
                 first=first,
                 seed=self.seed,
                 batch_size=self.batch_size,
+                video=self.video,
             )
             self._served = 0
         return self._run(self._pipes, epoch, len(s))
@@ -606,7 +660,7 @@ class DaliTestLoader(_DaliLoader):
 
 
 def build_train_loader(
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     batch_sampler: PlannedBatchSampler,
     cfg_loader: LoaderConfig,
     height: int,
@@ -614,13 +668,17 @@ def build_train_loader(
     seed: int,
     device: torch.device | str | None = None,
     channels_last: bool = False,
+    video: VideoConfig | None = None,
 ) -> DaliTrainLoader:
     """DALI training loader with the torch loader's arguments, batches and augmentation.
 
     ``device``: where images are decoded and returned; None means CUDA when available.
     ``channels_last``: the pipeline writes NHWC, returned as NCHW tensors in torch's
-    channels_last memory format (the model's, without a transposing copy per step).
+    channels_last memory format (the model's, without a transposing copy per step); for
+    tracklets (B, T, C, H, W) with channels_last frames (:mod:`.tracklets`). Tracklet records
+    need ``video``, the run's ``data.video``.
     """
+    tracklets = require_video(records, video, "the DALI training loader")
     lacking = [name for name in _SAMPLER_READS if not hasattr(batch_sampler, name)]
     if lacking:
         raise TypeError(
@@ -633,17 +691,29 @@ def build_train_loader(
             f"the batch sampler was built over {batch_sampler.num_records} records but the "
             f"loader got {len(records)}; build both from the same training split"
         )
+    video = video if tracklets else None  # an image set ignores data.video
     return DaliTrainLoader(
-        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last
+        records, batch_sampler, cfg_loader, height, width, seed, device, channels_last, video
     )
 
 
 def build_test_loader(
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     cfg_loader: LoaderConfig,
     height: int,
     width: int,
     device: torch.device | str | None = None,
-) -> DaliTestLoader:
-    """DALI test loader: resize and normalise, records in order, last batch included."""
+    video: VideoConfig | None = None,
+) -> DaliTestLoader | ClipBatches:
+    """DALI test loader: resize and normalise, records in order, last batch included.
+
+    Tracklet records need ``video``: batches of their dense clips, (N, T, C, H, W) with each
+    clip's tracklet index (:mod:`.tracklets`), the clips' frames decoded as test images."""
+    if require_video(records, video, "the DALI test loader"):
+        frames, owners = clip_frames(records, video)
+        size = clips_per_batch(cfg_loader, video) * video.seq_len
+        cfg = cfg_loader.model_copy(update={"test_batch_size": size})
+        return ClipBatches(
+            DaliTestLoader(frames, cfg, height, width, device), owners, video.seq_len
+        )
     return DaliTestLoader(records, cfg_loader, height, width, device)

@@ -12,6 +12,10 @@ sample's position in the epoch's global plan; the dataset seeds the sample's aug
 - a run resumed with ``sampler.load_state_dict`` gets the very images of the uninterrupted run,
   and so does a run resumed at another world size with the same global batch.
 
+Tracklets (video sets) go through the same machinery: a training sample is a tracklet
+(:class:`ReidTrackletSet`: T frames, (T, C, H, W), collated to (B, T, C, H, W)) and the test
+loader decodes dense clips' frames (:mod:`.tracklets` gives both semantics).
+
 Decoding never skips: a missing, unreadable or truncated file raises :class:`CorruptImageError`
 naming it, and PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False.
 """
@@ -28,10 +32,12 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from hpc_reid.config import LoaderConfig
-from hpc_reid.data.datasets.base import DatasetError, ImageRecord
+from hpc_reid.config import LoaderConfig, VideoConfig
+from hpc_reid.data.datasets.base import DatasetError, ImageRecord, Record, TrackletRecord
 from hpc_reid.data.pack import image_file
 from hpc_reid.data.transforms import TestTransform, TrainTransform, sample_rng
+
+from .tracklets import ClipBatches, clip_frames, clips_per_batch, require_video, tracklet_sample
 
 #: A transform: PIL image and the sample's generator (None at test time) to a (C, H, W) tensor.
 Transform = Callable[[Image.Image, np.random.Generator | None], torch.Tensor]
@@ -87,6 +93,39 @@ class ReidImageSet(Dataset):
         rng = None if self.seed is None else sample_rng(self.seed, epoch, position)
         image = self.transform(load_rgb(record.path), rng)
         return {"images": image, "pids": record.pid, "camids": record.camid, "index": index}
+
+
+class ReidTrackletSet(ReidImageSet):
+    """Training tracklets: an item is dict(images (T, C, H, W), pids, camids, index), the
+    tracklet's T frames chosen and augmented from the sample's generator ``sample_rng(seed,
+    epoch, position)`` by :func:`~.tracklets.tracklet_sample` (frames first, then the tracklet's
+    or each frame's decisions). Keys as :class:`ReidImageSet`'s."""
+
+    def __init__(
+        self,
+        records: Sequence[TrackletRecord],
+        transform: TrainTransform,
+        seed: int,
+        video: VideoConfig,
+    ) -> None:
+        super().__init__(records, transform, seed)
+        self.video = video
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
+        record = self.records[index]
+        rng = sample_rng(self.seed, epoch, position)
+        frames, params = tracklet_sample(record.num_frames, self.video, self.transform, rng)
+        # A tracklet shorter than T repeats frames: each is decoded once.
+        decoded = {f: load_rgb(record.frames[f]) for f in set(frames.tolist())}
+        pairs = zip(frames.tolist(), params, strict=True)
+        images = [self.transform.apply(decoded[f], p) for f, p in pairs]
+        return {
+            "images": torch.stack(images),
+            "pids": record.pid,
+            "camids": record.camid,
+            "index": index,
+        }
 
 
 class TaggedBatchSampler(Sampler[list[SampleKey]]):
@@ -157,25 +196,32 @@ def _loader_options(cfg: LoaderConfig, seed: int) -> dict[str, Any]:
 
 
 def build_train_loader(
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     batch_sampler: Sampler[list[int]],
     cfg_loader: LoaderConfig,
     height: int,
     width: int,
     seed: int,
+    video: VideoConfig | None = None,
 ) -> DataLoader:
     """Training loader: one batch per ``batch_sampler`` batch, BoT augmentation seeded by ``seed``.
 
     Call ``batch_sampler.set_epoch(e)`` (or ``load_state_dict``) before each ``for batch in
-    loader``; the sampler is read when the loop starts.
+    loader``; the sampler is read when the loop starts. Tracklet records need ``video`` (the
+    run's ``data.video``): batches of (B, T, C, H, W) images (:class:`ReidTrackletSet`).
     """
+    tracklets = require_video(records, video, "the torch training loader")
     num_records = getattr(batch_sampler, "num_records", len(records))
     if num_records != len(records):
         raise ValueError(
             f"the batch sampler was built over {num_records} records but the loader got "
             f"{len(records)}; build both from the same training split"
         )
-    dataset = ReidImageSet(records, TrainTransform(cfg_loader.augment, height, width), seed)
+    transform = TrainTransform(cfg_loader.augment, height, width)
+    if tracklets:
+        dataset = ReidTrackletSet(records, transform, seed, video)
+    else:
+        dataset = ReidImageSet(records, transform, seed)
     return DataLoader(
         dataset,
         batch_sampler=TaggedBatchSampler(batch_sampler),
@@ -184,13 +230,31 @@ def build_train_loader(
 
 
 def build_test_loader(
-    records: Sequence[ImageRecord], cfg_loader: LoaderConfig, height: int, width: int
+    records: Sequence[Record],
+    cfg_loader: LoaderConfig,
+    height: int,
+    width: int,
+    video: VideoConfig | None = None,
+) -> DataLoader | ClipBatches:
+    """Test loader: records in order, ``test_batch_size`` per batch (the last may be smaller).
+
+    Tracklet records need ``video``: batches of their dense clips, (N, T, C, H, W) with each
+    clip's tracklet index (:mod:`.tracklets`), decoded as this loader's images."""
+    if require_video(records, video, "the torch test loader"):
+        frames, owners = clip_frames(records, video)
+        size = clips_per_batch(cfg_loader, video) * video.seq_len
+        loader = _image_test_loader(frames, cfg_loader, height, width, size)
+        return ClipBatches(loader, owners, video.seq_len)
+    return _image_test_loader(records, cfg_loader, height, width, cfg_loader.test_batch_size)
+
+
+def _image_test_loader(
+    records: Sequence[ImageRecord], cfg_loader: LoaderConfig, height: int, width: int, size: int
 ) -> DataLoader:
-    """Test loader: records in order, ``test_batch_size`` per batch (the last may be smaller)."""
     dataset = ReidImageSet(records, TestTransform(cfg_loader.augment, height, width))
     return DataLoader(
         dataset,
-        batch_size=cfg_loader.test_batch_size,
+        batch_size=size,
         shuffle=False,
         drop_last=False,
         **_loader_options(cfg_loader, seed=0),
