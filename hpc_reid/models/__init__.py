@@ -71,10 +71,41 @@ class ReidModel(nn.Module):
         return int(self.head.feature_dim)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head's outputs for images (B, C, H, W), or for tracklets (B, T, C, H, W) with a
+        temporal head (``temporal = True``, :mod:`hpc_reid.models.temporal`): the backbone runs
+        on the B x T frames as one (B*T, C, H, W) batch, channels_last kept when every frame of
+        ``x`` is, and the head gets its maps as (B, T, C, h, w) and returns one row per
+        tracklet."""
+        temporal = bool(getattr(self.head, "temporal", False))
+        if x.dim() == 5 or temporal:
+            return self._forward_tracklets(x, temporal)
         if self.head_wants_stages:
             stages = self.backbone.forward_stages(x)
             return self.head(stages[-1], stages)
         return self.head(self.backbone(x))
+
+    def _forward_tracklets(self, x: torch.Tensor, temporal: bool) -> dict[str, torch.Tensor]:
+        head = type(self.head).__name__
+        if x.dim() != 5:
+            raise TypeError(
+                f"the {head} head pools tracklets over time and takes (B, T, C, H, W) clips, got "
+                f"a {x.dim()}-D batch of shape {tuple(x.shape)}; give it T frames per sample (an "
+                "image alone is a clip of T = 1: x.unsqueeze(1)), or use an image head (bnneck)"
+            )
+        if not temporal:
+            image_only = (
+                " (it reads the backbone's stages: image-only)" if self.head_wants_stages else ""
+            )
+            raise TypeError(
+                f"the {head} head{image_only} takes images (B, C, H, W), got tracklets (B, T, C, "
+                f"H, W) of shape {tuple(x.shape)}; use a temporal head (model.head: temporal_avg "
+                "or temporal_attention, hpc_reid.models.temporal), or feed the frames as images"
+            )
+        b, t = x.shape[:2]
+        frames = x.flatten(0, 1)  # a view when B and T are contiguous, keeping each frame's layout
+        if x[:, 0].is_contiguous(memory_format=torch.channels_last) and not x[:, 0].is_contiguous():
+            frames = frames.contiguous(memory_format=torch.channels_last)  # no-op for a view
+        return self.head(self.backbone(frames).unflatten(0, (b, t)))
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``global`` retrieval part's output (the BN feature by default, BoT; the pooled one

@@ -60,6 +60,7 @@ def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
 
 def _load_methods() -> None:
     import hpc_reid.methods  # noqa: F401  (each method registers its heads on import)
+    from hpc_reid.models import temporal  # noqa: F401  (temporal_avg, temporal_attention)
 
 
 def available_heads() -> list[str]:
