@@ -30,7 +30,8 @@ from .render import SIDE
 
 STRIDE_FRAMES = (8.0, 14.0)  # frames per gait cycle (two steps)
 OCCLUSION_PROB = 0.4  # tracklets an object crosses
-SCROLL = {SIDE: 1.0}  # share of the scene's spare width a tracklet scrolls over; 0.35 otherwise
+# the most of the scene's spare width a tracklet scrolls over: crossing it, walking to or away
+SCROLL_SIDE, SCROLL_FRONT_BACK = 1.0, 0.35
 
 
 def walk(
@@ -57,7 +58,8 @@ def walk(
 
     # the scene scrolls by whole sensor pixels within its spare width; clutter moves with it
     ws, spare = cam.sensor[1], cam.backgrounds.shape[2] - cam.sensor[1]
-    span = SCROLL.get(base.view, 0.35) * rng.uniform(0.3, 1.0) * spare
+    most = SCROLL_SIDE if base.view == SIDE else SCROLL_FRONT_BACK
+    span = most * rng.uniform(0.3, 1.0) * spare
     start = rng.uniform(0, spare - span)
     bg_x = start + span * t / max(n - 1, 1)
     if rng.random() < 0.5:
