@@ -3,7 +3,7 @@
 A pack replaces tens of thousands of small files on a parallel file system by one (or a few) large
 ones, and records the parse: opening it gives exactly the records of the parser that wrote it.
 
-Layout of each file (format version :data:`FORMAT_VERSION`), one row per image:
+Layout of each file of an image set (format version :data:`FORMAT_VERSION`), one row per image:
 
 - ``images`` vlen uint8: the image file's bytes, unchanged (JPEG or PNG as on disk);
 - ``pids``, ``camids``, ``frames`` int64: the :class:`ImageRecord` fields (frame -1 for None);
@@ -17,17 +17,29 @@ Layout of each file (format version :data:`FORMAT_VERSION`), one row per image:
   random corruption with probability 1 - 2^-32; it does not defend against deliberate tampering;
 - ``skipped_corrupt`` UTF-8: ``relpath: reason`` of each file left out by ``skip_corrupt``.
 
-Attributes: ``format_version``, ``dataset`` (registered name), ``protocol`` (parser class and
-title), ``options`` (JSON, the parser's defaults filled in), ``statistics`` (JSON), ``root``,
-``tool``, ``checksum``, ``split_names``, ``shard``, ``num_shards``, ``num_images`` (whole set),
-``pack_name`` and ``fingerprint`` (a hash of the whole set's rows, equal in all its shards).
+A video set's pack (format version :data:`TRACKLET_FORMAT_VERSION`, which readers older than
+tracklets refuse by its number) has one row per frame, each frame stored once and a tracklet's
+frames contiguous and in temporal order: ``images``, ``relpaths`` and ``checksums`` as above; and a
+tracklet table per split, group ``tracklets/{train,query,gallery}``, int64 columns ``start`` (the
+tracklet's first frame row in this file), ``count`` (its frames), ``pids``, ``camids``, ``tids``
+(the :class:`TrackletRecord` fields, pids as above) and ``order`` (its position in its split, so
+shards can be put back together in order). A frame named by two tracklets would be stored twice
+(no video set does so).
 
-Shards (``NAME-00000-of-00004.h5`` ...) take images round-robin, so every shard holds a part of
-every split. Each file is written under a temporary name in the output folder and renamed when the
-whole pack is complete: an interrupted pack leaves nothing at the final names.
+Attributes: ``format_version``, ``records`` (``images`` or ``tracklets``), ``dataset``
+(registered name), ``protocol`` (parser class and title), ``options`` (JSON, the parser's defaults
+filled in), ``statistics`` (JSON), ``root``, ``tool``, ``checksum``, ``split_names``, ``shard``,
+``num_shards``, ``num_images`` (image or frame rows of the whole set), ``pack_name`` and
+``fingerprint`` (a hash of the whole set's rows, equal in all its shards).
+
+Shards (``NAME-00000-of-00004.h5`` ...) take images (whole tracklets for a video set) round-robin,
+so every shard holds a part of every split. Each file is written under a temporary name in the
+output folder and renamed when the whole pack is complete: an interrupted pack leaves nothing at
+the final names.
 
 A record of a :class:`PackedDataset` points into its file with the path ``FILE.h5::INDEX/RELPATH``
-(:func:`pack_path`); :func:`image_file` turns any record path into what ``PIL.Image.open`` takes.
+(:func:`pack_path`), and so does each frame of a tracklet record (INDEX its frame row);
+:func:`image_file` turns any record or frame path into what ``PIL.Image.open`` takes.
 Files are opened read-only on first use in each process: handles never cross a fork, so the pack
 can be read from ``DataLoader`` workers.
 """
@@ -59,6 +71,8 @@ from hpc_reid.data.datasets.base import (
     DatasetError,
     ImageRecord,
     ReidDataset,
+    TrackletRecord,
+    frame_count,
     register_dataset,
     subset_counts,
 )
@@ -66,6 +80,7 @@ from hpc_reid.data.datasets.base import (
 __all__ = [
     "CHECKSUM",
     "FORMAT_VERSION",
+    "TRACKLET_FORMAT_VERSION",
     "BadImage",
     "PackError",
     "PackSummary",
@@ -81,7 +96,10 @@ __all__ = [
     "verify_pack",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # image packs
+TRACKLET_FORMAT_VERSION = 2  # packs of tracklets (video sets); image packs keep version 1
+READABLE_VERSIONS = (FORMAT_VERSION, TRACKLET_FORMAT_VERSION)
+TRACKLET_COLUMNS = ("start", "count", "pids", "camids", "tids", "order")
 CHECKSUM = "crc32"
 SPLITS = ("train", "query", "gallery")
 _BATCH = 256  # rows buffered per shard before a write
@@ -230,7 +248,8 @@ def _decode_error(data: bytes) -> str | None:
 
 
 class _ShardWriter:
-    """Rows of one shard, buffered and appended to resizable datasets."""
+    """Rows of one shard, buffered and appended to resizable datasets; for a video set, also its
+    tracklet tables, kept in memory (a row per tracklet) and written by :meth:`write_tracklets`."""
 
     COLUMNS = (
         ("pids", np.int64),
@@ -240,16 +259,36 @@ class _ShardWriter:
         ("order", np.int64),
         ("checksums", np.uint32),
     )
+    FRAME_COLUMNS = (("checksums", np.uint32),)  # a video set's frame rows
 
-    def __init__(self, h5: h5py.File, expected: int) -> None:
+    def __init__(self, h5: h5py.File, expected: int, tracklets: bool = False) -> None:
         self.h5, self.rows, self.size = h5, [], 0
+        self.columns = self.FRAME_COLUMNS if tracklets else self.COLUMNS
+        self.tracklets: dict[str, list[tuple[int, ...]]] = {s: [] for s in SPLITS}
         chunk = (max(1, min(expected, 4096)),)  # small sets: no mostly empty chunks
         h5.create_dataset("images", (0,), h5py.vlen_dtype(np.uint8), maxshape=(None,), chunks=chunk)
         h5.create_dataset(
             "relpaths", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=chunk
         )
-        for name, dtype in self.COLUMNS:
+        for name, dtype in self.columns:
             h5.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=chunk)
+
+    def add_tracklet(
+        self, split: str, record: TrackletRecord, frames: list[tuple[bytes, str, int]], order: int
+    ) -> None:
+        """Append a tracklet's frames (bytes, relpath, crc32), in order, and its table row."""
+        start = self.size + len(self.rows)  # the row its first frame gets
+        for data, relpath, crc in frames:
+            self.add(data, relpath, crc)
+        row = (start, len(frames), record.pid, record.camid, record.tid, order)
+        self.tracklets[split].append(row)
+
+    def write_tracklets(self) -> None:
+        for split, rows in self.tracklets.items():
+            group = self.h5.create_group(f"tracklets/{split}")
+            table = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(TRACKLET_COLUMNS))
+            for name, column in zip(TRACKLET_COLUMNS, table.T, strict=True):
+                group.create_dataset(name, data=column)
 
     def add(self, data: bytes, relpath: str, *values: int) -> None:
         self.rows.append((data, relpath, *values))
@@ -265,11 +304,13 @@ class _ShardWriter:
         for i, row in enumerate(self.rows):  # one by one: equal lengths would make a 2-D array
             images[i] = np.frombuffer(row[0], dtype=np.uint8)
         columns = list(zip(*self.rows, strict=True))
-        for name in ("images", "relpaths", *(c for c, _ in self.COLUMNS)):
+        for name in ("images", "relpaths", *(c for c, _ in self.columns)):
             self.h5[name].resize((self.size,))
-        self.h5["images"][start:] = images
+        # write_direct: item assignment sees n equal-length arrays (one image, or frames of
+        # equal byte size) as an n x L array and fails to broadcast it to the n vlen rows.
+        self.h5["images"].write_direct(images, dest_sel=np.s_[start : self.size])
         self.h5["relpaths"][start:] = np.array(columns[1], dtype=object)
-        for (name, dtype), values in zip(self.COLUMNS, columns[2:], strict=True):
+        for (name, dtype), values in zip(self.columns, columns[2:], strict=True):
             self.h5[name][start:] = np.asarray(values, dtype=dtype)
         self.rows = []
 
@@ -286,20 +327,23 @@ def pack_dataset(
 ) -> PackSummary:
     """Write ``dataset``'s records and image bytes to the pack ``out`` (or ``shards`` files).
 
-    Every image is read and fully decoded first: a missing, truncated or corrupt one stops the
-    pack with a :class:`PackError` naming the file, unless ``skip_corrupt``, which leaves it out,
-    prints it and returns it in :attr:`PackSummary.skipped`. ``options`` are those the data set
-    was built with (recorded, with the parser's defaults, as its protocol). Files are written
-    under temporary names and renamed only when all are complete.
+    Every image (every frame of a tracklet) is read and fully decoded first: a missing, truncated
+    or corrupt one stops the pack with a :class:`PackError` naming the file, unless
+    ``skip_corrupt``, which leaves out the image (the whole tracklet: its frames must stay
+    consecutive), prints it and returns it in :attr:`PackSummary.skipped`. ``options`` are those
+    the data set was built with (recorded, with the parser's defaults, as its protocol). Files
+    are written under temporary names and renamed only when all are complete.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass")
     out = Path(out).expanduser()
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise PackError(f"pack output {out} must end in .h5 (the suffix marks a pack as a root)")
+    video = dataset.is_video
+    unit = "tracklet" if video else "image"
     rows = [(s, r) for s, split in enumerate(SPLITS) for r in getattr(dataset, split)]
     if not 1 <= shards <= max(1, len(rows)):
-        raise PackError(f"pack {out}: shards={shards} must be in 1..{len(rows)} (the image count)")
+        raise PackError(f"pack {out}: shards={shards} must be in 1..{len(rows)} (the {unit} count)")
     finals = [shard_file(out, k, shards) for k in range(shards)]
     for final in finals:
         if final.is_dir() or (final.exists() and not overwrite):
@@ -321,50 +365,68 @@ def pack_dataset(
             os.chmod(tmp, 0o644)  # mkstemp makes it private; a pack is meant to be shared
             tmps.append(Path(tmp))
             files.append(h5py.File(tmp, "w"))
-        writers = [_ShardWriter(f, -(-len(rows) // shards)) for f in files]
+        num_frames = sum(frame_count(getattr(dataset, split)) for split in SPLITS)
+        writers = [_ShardWriter(f, -(-num_frames // shards), video) for f in files]
         fingerprint, skipped, kept = hashlib.sha256(), [], {s: [] for s in SPLITS}
         image_bytes = total = 0
         for i, (split, record) in enumerate(rows):
-            relpath = _relpath(record.path, root)
-            try:
-                data = read_image_bytes(record.path)
-                reason = _decode_error(data)
-            except (OSError, DatasetError) as e:
-                reason = f"cannot read: {type(e).__name__}: {e}"
+            paths = record.frames if video else (record.path,)
+            frames, reason = [], None
+            for path in paths:
+                relpath = _relpath(path, root)
+                try:
+                    data = read_image_bytes(path)
+                    reason = _decode_error(data)
+                except (OSError, DatasetError) as e:
+                    reason = f"cannot read: {type(e).__name__}: {e}"
+                if reason is not None:
+                    break
+                frames.append((data, relpath, zlib.crc32(data)))
             if reason is not None:
+                if video:
+                    reason += (
+                        f" (a frame of tracklet {record.tid} of person {record.pid}, camera "
+                        f"{record.camid}: the tracklet is left out)"
+                    )
                 if not skip_corrupt:
                     raise PackError(
-                        f"pack {out}: image {record.path} is corrupt ({reason}); fix or remove "
-                        "it, or pass skip_corrupt=True (--skip-corrupt) to pack the rest"
+                        f"pack {out}: image {path} is corrupt ({reason}); fix or remove it, or "
+                        "pass skip_corrupt=True (--skip-corrupt) to pack the rest"
                     )
-                skipped.append((record.path, reason))
+                skipped.append((str(path), reason))
                 reasons.append(f"{relpath}: {reason}")
-                print(f"skipped corrupt image {record.path}: {reason}", file=sys.stderr)
+                print(f"skipped corrupt image {path}: {reason}", file=sys.stderr)
                 continue
-            frame = -1 if record.frame is None else record.frame
-            crc = zlib.crc32(data)
-            row = (record.pid, record.camid, frame, split, total, crc)
-            writers[total % shards].add(data, relpath, *row)
-            total += 1
-            fingerprint.update(f"{crc},{record.pid},{record.camid},{frame},{split},".encode())
-            fingerprint.update(relpath.encode() + b"\0")
+            writer = writers[sum(map(len, kept.values())) % shards]
+            if video:
+                writer.add_tracklet(SPLITS[split], record, frames, len(kept[SPLITS[split]]))
+                fingerprint.update(
+                    f"{record.pid},{record.camid},{record.tid},{split},{len(frames)},".encode()
+                )
+                for _, relpath, crc in frames:
+                    fingerprint.update(f"{crc},".encode() + relpath.encode() + b"\0")
+            else:
+                data, relpath, crc = frames[0]
+                frame = -1 if record.frame is None else record.frame
+                writer.add(data, relpath, record.pid, record.camid, frame, split, total, crc)
+                fingerprint.update(f"{crc},{record.pid},{record.camid},{frame},{split},".encode())
+                fingerprint.update(relpath.encode() + b"\0")
+            total += len(frames)
             kept[SPLITS[split]].append(record)
-            image_bytes += len(data)
+            image_bytes += sum(len(data) for data, _, _ in frames)
             if progress and (i + 1 == len(rows) or (i + 1) % _BATCH == 0):
-                print(f"\rpack {out.name}: {i + 1}/{len(rows)} images", end="", file=sys.stderr)
+                print(f"\rpack {out.name}: {i + 1}/{len(rows)} {unit}s", end="", file=sys.stderr)
         if progress:
             print(file=sys.stderr)
         for split, records in kept.items():
             if not records:
-                raise PackError(f"pack {out}: no image of the {split} split is left to pack")
-        stats: dict[str, Any] = {
-            split: dict(zip(("ids", "images", "cameras"), subset_counts(kept[split]), strict=True))
-            for split in SPLITS
-        }
+                raise PackError(f"pack {out}: no {unit} of the {split} split is left to pack")
+        stats: dict[str, Any] = {split: _split_statistics(kept[split]) for split in SPLITS}
         stats["skipped_by_protocol"] = dict(dataset.skipped)
         stats["skipped_corrupt"] = len(reasons)
         attrs = {
-            "format_version": FORMAT_VERSION,
+            "format_version": TRACKLET_FORMAT_VERSION if video else FORMAT_VERSION,
+            "records": f"{unit}s",
             "dataset": name,
             "protocol": protocol,
             "options": json.dumps(options, sort_keys=True),
@@ -380,6 +442,8 @@ def pack_dataset(
         }
         for k, (f, w) in enumerate(zip(files, writers, strict=True)):
             w.flush()
+            if video:
+                w.write_tracklets()
             f.attrs.update({**attrs, "shard": k})
             f.create_dataset("skipped_corrupt", data=reasons, dtype=h5py.string_dtype("utf-8"))
             f.close()
@@ -395,6 +459,14 @@ def pack_dataset(
     return PackSummary(finals, total, image_bytes, round(seconds, 3), skipped)
 
 
+def _split_statistics(records: list[Any]) -> dict[str, int]:
+    """A split's counts as the statistics attribute stores them (tracklets: and frames)."""
+    ids, items, cameras = subset_counts(records)
+    if records and isinstance(records[0], TrackletRecord):
+        return {"ids": ids, "tracklets": items, "frames": frame_count(records), "cameras": cameras}
+    return {"ids": ids, "images": items, "cameras": cameras}
+
+
 # ---------------------------------------------------------------------------- reading
 
 
@@ -408,10 +480,10 @@ def _attrs(file: Path) -> dict[str, Any]:
         raise PackError(f"{file} is not an HDF5 file ({e})") from e
     if "format_version" not in attrs or "fingerprint" not in attrs:
         raise PackError(f"{file} is an HDF5 file but not a pack written by hpc-reid data pack")
-    if int(attrs["format_version"]) != FORMAT_VERSION:
+    if int(attrs["format_version"]) not in READABLE_VERSIONS:
         raise PackError(
             f"{file} has pack format version {attrs['format_version']}; this hpc-reid "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return attrs
 
@@ -471,42 +543,83 @@ class PackedDataset(ReidDataset):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         self.files = pack_files(self.root)
-        columns: dict[str, list[np.ndarray]] = {}
-        paths: list[str] = []
-        for file in self.files:
-            absolute = str(file.resolve())
-            with _open_read(file) as f:
-                if file == self.files[0]:
-                    attrs = dict(f.attrs)
-                for name in ("pids", "camids", "frames", "splits", "order"):
-                    columns.setdefault(name, []).append(f[name][:])
-                rel = f["relpaths"].asstr()[:]
-                paths += [pack_path(absolute, i, r) for i, r in enumerate(rel)]
-                self.skipped_corrupt = list(f["skipped_corrupt"].asstr()[:])
-        col = {k: np.concatenate(v) for k, v in columns.items()}
-        order = np.argsort(col["order"], kind="stable")
-        if not np.array_equal(col["order"][order], np.arange(int(attrs["num_images"]))):
-            raise PackError(f"pack {root}: its rows do not cover 0..{attrs['num_images']} once")
+        with _open_read(self.files[0]) as f:
+            attrs = dict(f.attrs)
+            self.skipped_corrupt = list(f["skipped_corrupt"].asstr()[:])
         self.name = str(attrs["dataset"])
         self.options = json.loads(attrs["options"])
         self.protocol = str(attrs["protocol"])
         self.source_root = str(attrs["root"])
         self.attrs = attrs
-        splits: dict[int, list[ImageRecord]] = {s: [] for s in range(len(SPLITS))}
+        stats = json.loads(attrs["statistics"])
+        if int(attrs["format_version"]) == TRACKLET_FORMAT_VERSION:
+            splits = self._read_tracklets(stats)
+        else:
+            splits = self._read_images(int(attrs["num_images"]))
+        # _finish relabels train pids: the identity unless skip_corrupt emptied an identity.
+        self._finish(splits[0], splits[1], splits[2], stats["skipped_by_protocol"])
+
+    def _read_images(self, num_images: int) -> list[list[ImageRecord]]:
+        columns: dict[str, list[np.ndarray]] = {}
+        paths: list[str] = []
+        for file in self.files:
+            absolute = str(file.resolve())
+            with _open_read(file) as f:
+                for name in ("pids", "camids", "frames", "splits", "order"):
+                    columns.setdefault(name, []).append(f[name][:])
+                rel = f["relpaths"].asstr()[:]
+                paths += [pack_path(absolute, i, r) for i, r in enumerate(rel)]
+        col = {k: np.concatenate(v) for k, v in columns.items()}
+        order = np.argsort(col["order"], kind="stable")
+        if not np.array_equal(col["order"][order], np.arange(num_images)):
+            raise PackError(f"pack {self.root}: its rows do not cover 0..{num_images} once")
+        splits: list[list[ImageRecord]] = [[] for _ in SPLITS]
         for i in order.tolist():
             frame = int(col["frames"][i])
             record = ImageRecord(
                 paths[i], int(col["pids"][i]), int(col["camids"][i]), None if frame < 0 else frame
             )
             splits[int(col["splits"][i])].append(record)
-        stats = json.loads(attrs["statistics"])
-        # _finish relabels train pids: the identity unless skip_corrupt emptied an identity.
-        self._finish(splits[0], splits[1], splits[2], stats["skipped_by_protocol"])
+        return splits
+
+    def _read_tracklets(self, stats: dict[str, Any]) -> list[list[TrackletRecord]]:
+        """Each split's tracklets from the shards' tables, frames as pack paths, in order."""
+        found: list[list[tuple[int, TrackletRecord]]] = [[] for _ in SPLITS]
+        for file in self.files:
+            absolute = str(file.resolve())
+            with _open_read(file) as f:
+                rel = f["relpaths"].asstr()[:]
+                for s, split in enumerate(SPLITS):
+                    group = f"tracklets/{split}"
+                    if group not in f:
+                        raise PackError(f"{file} is a pack of tracklets without the table {group}")
+                    table = np.stack([f[group][c][:] for c in TRACKLET_COLUMNS], axis=1)
+                    for start, count, pid, camid, tid, order in table.tolist():
+                        if not 0 <= start < start + count <= len(rel):
+                            raise PackError(
+                                f"{file}: {group} row for tracklet {tid} spans frame rows "
+                                f"{start}..{start + count - 1}, outside 0..{len(rel) - 1}"
+                            )
+                        frames = tuple(
+                            pack_path(absolute, k, rel[k]) for k in range(start, start + count)
+                        )
+                        found[s].append((order, TrackletRecord(frames, pid, camid, tid)))
+        splits = []
+        for s, split in enumerate(SPLITS):
+            found[s].sort(key=lambda item: item[0])
+            expected = int(stats[split]["tracklets"])
+            if [order for order, _ in found[s]] != list(range(expected)):
+                raise PackError(
+                    f"pack {self.root}: its {split} tracklets do not cover 0..{expected - 1} once"
+                )
+            splits.append([record for _, record in found[s]])
+        return splits
 
     def statistics(self) -> str:
         lines = [super().statistics()]
         if self.skipped_corrupt:
-            lines.append(f"  skipped as corrupt when packed: {len(self.skipped_corrupt)} images")
+            unit = "tracklets" if self.is_video else "images"
+            lines.append(f"  skipped as corrupt when packed: {len(self.skipped_corrupt)} {unit}")
         return "\n".join(lines)
 
 
@@ -560,7 +673,8 @@ def pack_info(root: str | Path) -> str:
         f"format version: {a['format_version']} (written by {a['tool']})",
         f"checksum: {a['checksum']} (zlib.crc32 of each image's encoded bytes)",
         f"fingerprint: {a['fingerprint']}",
-        f"files: {len(dataset.files)} shard(s), {_size(disk)} on disk, {a['num_images']} images",
+        f"files: {len(dataset.files)} shard(s), {_size(disk)} on disk, {a['num_images']} "
+        + ("frames" if dataset.is_video else "images"),
     ]
     lines += [f"  {f}" for f in dataset.files] if len(dataset.files) > 1 else []
     return "\n".join([*lines, dataset.statistics()])
