@@ -43,7 +43,7 @@ BACKBONES = (
 )
 SYNTHETIC = "synthetic"
 # The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
-HEADS = ("bnneck", "aligned", "san", "cace")
+HEADS = ("bnneck", "aligned", "san", "cace", "temporal_avg", "temporal_attention")
 #: model.<key> -> (built-in names, the module and function listing every registered one)
 _REGISTRIES = {
     "backbone": (BACKBONES, "hpc_reid.models.backbones", "available_backbones"),
@@ -244,6 +244,23 @@ class SanConfig(Section):
     )
 
 
+class TemporalConfig(Section):
+    """The temporal heads of video models (``model.head: temporal_avg | temporal_attention``)."""
+
+    attention_dim: int = Field(
+        256,
+        ge=1,
+        description="temporal_attention: channels of the conv over each frame's whole map before "
+        "the temporal conv that scores the frames (Gao & Nevatia's ResNet50TA: 256)",
+    )
+    map_size: tuple[int, int] | None = Field(
+        None,
+        description="temporal_attention: the (h, w) of the backbone's map, the kernel of that "
+        "conv; null: the map's size at data.height x data.width, filled in when the config is "
+        "read (the backbone run on the meta device)",
+    )
+
+
 class CaceConfig(Section):
     """CACE-Net's head (model.head: cace; Jiang et al., "Devil's in the Details: Aligning Visual
     Clues for Conditional Embedding in Person Re-Identification", arXiv 2009.05250): every ordered
@@ -320,6 +337,7 @@ class ModelConfig(Section):
     local: LocalBranchConfig = Field(default_factory=LocalBranchConfig)
     san: SanConfig = Field(default_factory=SanConfig)
     cace: CaceConfig = Field(default_factory=CaceConfig)
+    temporal: TemporalConfig = Field(default_factory=TemporalConfig)
     non_local: bool = Field(
         False,
         description="embedded-Gaussian non-local blocks (zero-initialised output) after the "
@@ -744,6 +762,18 @@ class Config(Section):
                 f"sampler.num_instances={self.sampler.num_instances} leaves no positive pair for "
                 f"the triplet loss (loss.triplet.weight={self.loss.triplet.weight}); use K >= 2"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _temporal_attention_map_size(self) -> Config:
+        # the attention conv's kernel is the backbone's whole map: sized from the input here, so
+        # that the resolved config (and a checkpoint's) says what the head was built for
+        m = self.model
+        if m.head == "temporal_attention" and m.temporal.map_size is None:
+            from hpc_reid.models.backbones import feature_map_size  # torch: only when needed
+
+            size = feature_map_size(m.backbone, m.last_stride, self.data.height, self.data.width)
+            m.temporal.map_size = size
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from hpc_reid.config import Config, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields, with_fields
-from hpc_reid.data.loaders import build_backend_train_loader
+from hpc_reid.data.loaders import build_backend_train_loader, frames_channels_last
 from hpc_reid.data.samplers import PlannedBatchSampler, build_sampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
@@ -296,6 +296,7 @@ class _Run:
             config.engine.seed,
             device,
             channels_last=config.engine.channels_last,
+            video=config.data.video,
         )
 
         # Model, losses, optimizers: the same initial weights on every rank.
@@ -423,8 +424,8 @@ class _Run:
         for batch in self.loader:
             self.refresh_terms(epoch_start=self.consumed == 0)  # the anchor loss's anchors
             images = batch["images"].to(device, non_blocking=True)
-            if config.engine.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            if config.engine.channels_last:  # 5-D tracklet batches: each frame channels_last
+                images = frames_channels_last(images)
             pids = batch["pids"].to(device, non_blocking=True)
             # the per-sample targets the loss terms declare (hpc_reid.data.fields), if any
             fields = self.criterion.batch_fields

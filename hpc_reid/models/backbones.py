@@ -187,6 +187,17 @@ def build_backbone(
     return backbone
 
 
+def feature_map_size(name: str, last_stride: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) of backbone ``name``'s map for a ``height`` x ``width`` input, found by running
+    it on the meta device (shapes only: no memory, no arithmetic), so no table of output strides
+    can drift from the code (OSNet ignores ``last_stride``; the ResNets and MobileNetV2 follow it).
+    """
+    with torch.device("meta"):
+        trunk = build_backbone(name, last_stride)
+        out = trunk(torch.empty(1, 3, height, width))
+    return int(out.shape[-2]), int(out.shape[-1])
+
+
 # The classifier of an ImageNet checkpoint: torchvision's ResNet and IBN-Net (``fc``), MobileNetV2
 # (``classifier``), torchreid's OSNet (``fc``: embedding, ``classifier``), Cadene (``last_linear``).
 _HEAD_PREFIXES = ("fc.", "classifier.", "last_linear.")

@@ -26,12 +26,9 @@ from torch import nn
 from hpc_reid.config import ModelConfig
 from hpc_reid.models.heads import GlobalHead, register_head
 
-#: Channels of the attention's spatial conv (the references' ``middle_dim``). A constant until the
-#: config has ``model.temporal.attention_dim``.
-ATTENTION_DIM = 256
-#: The (h, w) of the backbone's map the attention's spatial conv covers: its kernel. (16, 8) is the
-#: default input, 256 x 128, at output stride 16 (every built-in backbone at last stride 1). A
-#: constant until the config has ``model.temporal.map_size``.
+#: The (h, w) of the backbone's map the attention's spatial conv covers when neither the caller
+#: nor ``model.temporal.map_size`` says (a ModelConfig built alone; a whole Config fills the key
+#: from the input size): the default input, 256 x 128, at output stride 16.
 MAP_SIZE = (16, 8)
 
 
@@ -88,10 +85,11 @@ class TemporalAttentionHead(TemporalHead):
     The spatial conv's kernel is the map's (h, w) (``map_size``), so it weighs every position of
     the map with its own weights, which a 1x1 conv and a spatial mean cannot: it must be sized at
     build time, before the optimizer and data-parallel wrappers see the parameters, and the input
-    size is not part of the model config, so it is ``map_size`` (default ``MAP_SIZE``); a map of
-    another size is refused at the first batch, naming the size to use. Taking the size from the
-    first batch instead would leave the parameters unmade when the optimizer, DDP/FSDP and a
-    checkpoint's loading need them. Both convs start with Kaiming normal (fan in) and
+    size is not part of the model config, so it is ``model.temporal.map_size`` (which a whole
+    config fills in from ``data.height`` and ``data.width``; ``MAP_SIZE`` for a model config
+    alone); a map of another size is refused at the first batch, naming the size to use. Taking
+    the size from the first batch instead would leave the parameters unmade when the optimizer,
+    DDP/FSDP and a checkpoint's loading need them. Both convs start with Kaiming normal (fan in) and
     zero biases, as the reference.
     """
 
@@ -105,9 +103,9 @@ class TemporalAttentionHead(TemporalHead):
         attention_dim: int | None = None,
     ):
         super().__init__(in_channels, num_classes, cfg)
-        # the module's constants read at build time, so that setting them takes effect
-        map_size = MAP_SIZE if map_size is None else map_size
-        attention_dim = ATTENTION_DIM if attention_dim is None else attention_dim
+        if map_size is None:
+            map_size = cfg.temporal.map_size if cfg.temporal.map_size is not None else MAP_SIZE
+        attention_dim = cfg.temporal.attention_dim if attention_dim is None else attention_dim
         if len(map_size) != 2 or min(map_size) < 1 or attention_dim < 1:
             raise ValueError(
                 f"temporal_attention: expected map_size (h, w) >= 1 and attention_dim >= 1, got "
@@ -133,8 +131,9 @@ class TemporalAttentionHead(TemporalHead):
             raise ValueError(
                 f"temporal_attention: the backbone's map is {h}x{w} at this input size, but the "
                 f"attention's spatial conv was built for {self.map_size[0]}x{self.map_size[1]} "
-                f"(hpc_reid.models.temporal.MAP_SIZE): build the head with map_size ({h}, {w}), "
-                "or use the input size it was made for"
+                f"(model.temporal.map_size): set it to [{h}, {w}] (or leave it null in a whole "
+                "config, which sizes it from data.height and data.width), or use the input size it "
+                "was made for"
             )
         spatial = F.relu(self.attention_conv(fmaps.flatten(0, 1)))  # (B*T, dim, 1, 1)
         scores = F.relu(self.attention_tconv(spatial.view(b, t, -1).transpose(1, 2)))  # (B, 1, T)

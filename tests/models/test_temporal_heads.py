@@ -198,9 +198,41 @@ def test_training_gradients_reach_both_attention_convs():
 
 def test_the_attention_refuses_a_map_of_another_size_naming_both():
     head = TemporalAttentionHead(8, CLASSES, ModelConfig(), map_size=(4, 2))
-    with pytest.raises(ValueError, match=r"map is 8x4 .* built for 4x2 .* map_size \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"map is 8x4 .* built for 4x2 .* set it to \[8, 4\]"):
         head(torch.rand(2, 3, 8, 8, 4))
     assert head.meta == {"head": "temporal_attention", "map_size": [4, 2], "attention_dim": 256}
+
+
+@pytest.mark.parametrize(
+    "backbone,last_stride,expected",
+    [("osnet_x0_25", 1, [8, 4]), ("osnet_x0_25", 2, [8, 4]), ("resnet18", 2, [4, 2])],
+)
+def test_a_whole_config_sizes_the_attention_from_the_input_and_the_head_reads_its_keys(
+    backbone, last_stride, expected
+):
+    from hpc_reid.config import Config
+
+    config = Config.model_validate(
+        {
+            "data": {"height": 128, "width": 64},
+            "model": {
+                "backbone": backbone,
+                "head": "temporal_attention",
+                "last_stride": last_stride,
+                "temporal": {"attention_dim": 16},
+            },
+        }
+    )
+    assert list(config.model.temporal.map_size) == expected
+    model = build_model(config.model, CLASSES).eval()
+    assert model.head.meta["map_size"] == expected and model.head.meta["attention_dim"] == 16
+    assert model.head.attention_conv.weight.shape[:1] == (16,)
+    with torch.no_grad():  # the backbone's map at this input is the size the head was built for
+        assert model(torch.randn(1, 2, 3, 128, 64))["bn"].shape == (1, model.feature_dim)
+    other = Config.model_validate(
+        {"model": {"head": "temporal_attention", "temporal": {"map_size": [3, 3]}}}
+    )
+    assert list(other.model.temporal.map_size) == [3, 3]  # an explicit size is kept
 
 
 def frames_channels_last(x: torch.Tensor) -> torch.Tensor:
