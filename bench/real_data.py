@@ -99,9 +99,13 @@ def _strings(value, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _variant(name: str, spec, base: Path, here: Path, where: str) -> Variant:
+def _variant(
+    name: str, spec, base: Path, here: Path, where: str, common: tuple[str, ...] = ()
+) -> Variant:
+    """One variant of a plan; ``common`` (the plan's ``set``) goes before the overrides of every
+    variant that trains (an evaluation inherits it with the checkpoint's config)."""
     if spec is None or isinstance(spec, list):
-        return Variant(name, base, _strings(spec, where))
+        return Variant(name, base, common + _strings(spec, where))
     if not isinstance(spec, dict) or set(spec) - {
         "config",
         "set",
@@ -126,7 +130,7 @@ def _variant(name: str, spec, base: Path, here: Path, where: str) -> Variant:
         return Variant(name, None, overrides, str(spec["eval_of"]))
     config = (here / spec["config"]).resolve() if "config" in spec else base
     init_from = str(spec["init_from"]) if "init_from" in spec else None
-    return Variant(name, config, overrides, init_from=init_from)
+    return Variant(name, config, common + overrides, init_from=init_from)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -136,14 +140,17 @@ def load_plan(path: str | Path) -> Plan:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"plan {path}: cannot read it: {exc}") from None
-    allowed = {"base", "reference", "datasets", "shared_paths", "variants", "splits"}
+    allowed = {"base", "reference", "datasets", "shared_paths", "variants", "splits", "set"}
     if not isinstance(raw, dict) or set(raw) - allowed or not {"base", "variants"} <= set(raw):
         raise ConfigError(f"plan {path}: expected a mapping with keys {sorted(allowed)}")
     base = (path.parent / raw["base"]).resolve()
     if not isinstance(raw["variants"], dict) or not raw["variants"]:
         raise ConfigError(f"plan {path}: variants must map names to variants")
+    common = _strings(raw.get("set"), f"plan {path}: set")
     variants = {
-        str(name): _variant(str(name), spec, base, path.parent, f"plan {path}: variants.{name}")
+        str(name): _variant(
+            str(name), spec, base, path.parent, f"plan {path}: variants.{name}", common
+        )
         for name, spec in raw["variants"].items()
     }
     reference = str(raw.get("reference") or next(iter(variants)))
@@ -230,6 +237,13 @@ class Run:
     config: Config = field(compare=False)  # what that command line resolves to
 
 
+def fill(override: str, dataset: str, out: Path) -> str:
+    """A plan's override with ``{dataset}`` (the data set's registered name) and ``{out}`` (the
+    campaign's ``--out`` folder) filled in: per-data-set inputs a recipe reads, e.g. SAN's pseudo
+    textures generated for each set (``data.textures.root={out}/textures/{dataset}.h5``)."""
+    return override.replace("{dataset}", dataset).replace("{out}", str(out))
+
+
 def plan_runs(
     plan: Plan,
     variants: Sequence[Variant],
@@ -256,9 +270,10 @@ def plan_runs(
                     continue
                 folder = run_folder(out, dataset, split, v.name)
                 where = f"variant {v.name!r} of {plan.source}"
+                overrides = [fill(o, dataset, out) for o in v.overrides]
                 if v.eval_of:
                     source = resolved[v.eval_of].to_dict()
-                    config = config_with_overrides(source, v.overrides, where)
+                    config = config_with_overrides(source, overrides, where)
                     weights = resolved[v.eval_of].model.weights_part()
                     changed = sorted(
                         k for k, x in config.model.weights_part().items() if x != weights[k]
@@ -270,10 +285,10 @@ def plan_runs(
                         )
                     ckpt = run_folder(out, dataset, split, v.eval_of) / "checkpoints" / "latest"
                     argv = ["eval", "--checkpoint", str(ckpt), "--out", str(folder)]
-                    argv += [f"--set={s}" for s in (*v.overrides, *QUIET)]
+                    argv += [f"--set={s}" for s in (*overrides, *QUIET)]
                 else:
                     logging = [f"logging.output_dir={folder.parent}", f"logging.run_name={v.name}"]
-                    sets = [*v.overrides, *extra, *data, *QUIET, *logging]
+                    sets = [*overrides, *extra, *data, *QUIET, *logging]
                     if v.init_from:  # stage 2: the final weights of that variant on this split
                         sets.append(f"model.init_from={folder.parent / v.init_from}")
                     if v.name in starts:  # the untrained row: evaluated before training

@@ -40,6 +40,8 @@ from hpc_reid.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("rank-1", "rank-5", "rank-10", "mAP", "mINP")
+#: with flip-averaged evaluation (the default), the image-only features' metrics of the same pass
+METRICS += tuple(f"without_flip/{m}" for m in METRICS)
 #: Settings of every run that only concern output: no progress bar, TensorBoard or plots.
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "evaluation.plots=false"]
 

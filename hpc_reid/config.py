@@ -620,7 +620,12 @@ class EvaluationConfig(Section):
         False, description="also evaluate the initial model before training (a fresh run only)"
     )
     metric: Literal["cosine", "euclidean"] = "cosine"
-    flip_average: bool = False
+    flip_average: bool = Field(
+        True,
+        description="rank with the mean of each image's features and its horizontal flip's (won "
+        "on every real set and the synthetic one: README, Recipes on real images); false: the "
+        "plain, single-image protocol",
+    )
     rescore_k: int = Field(
         0,
         ge=0,

@@ -29,9 +29,12 @@ TINY_BATCH = [
 ]
 #: 3 epochs, the first a warm-up, the learning rate dropping after the second.
 TINY_SCHEDULE = ["schedule.epochs=3", "schedule.milestones=[2]", "schedule.warmup_epochs=1"]
-#: A quiet run on the CPU: no progress bar, TensorBoard, plots or periodic evaluation.
+#: A quiet run on the CPU: no progress bar, TensorBoard, plots or periodic evaluation; single-image
+#: features (the plain protocol), so a test compares with one model pass per image unless it turns
+#: flip-averaging (the default) back on itself.
 TINY_QUIET = [
     "evaluation.every_epochs=0",
+    "evaluation.flip_average=false",
     "evaluation.plots=false",
     "logging.progress_bar=false",
     "logging.tensorboard=false",

@@ -150,6 +150,7 @@ def test_shipped_plan_maps_every_variant_to_valid_config_keys(rd, tmp_path):
     assert by_name["no_bnneck"].model.neck == "none"
     assert by_name["soft_margin"].loss.triplet.margin is None
     assert by_name["flip_average"].evaluation.flip_average is True
+    assert by_name["bot"].evaluation.flip_average is False  # the table's plain protocol, pinned
     assert by_name["euclidean"].evaluation.metric == "euclidean"
     assert by_name["global_feature"].model.retrieval_feature == "global"
     assert by_name["global_euclidean"].evaluation.metric == "euclidean"
@@ -172,6 +173,7 @@ def test_shipped_method_plan_runs_each_method_and_its_test_distances_beside_the_
     by_name = {r.variant.name: r for r in runs}
     assert "untrained" not in by_name  # read from the baseline's evaluation at start
     base = by_name["baseline"].config
+    assert not any(r.config.evaluation.flip_average for r in runs)  # the plain protocol, pinned
     assert base.evaluation.at_start and not by_name["alignedreid"].config.evaluation.at_start
     aligned = by_name["alignedreid"].config
     assert aligned.model.head == "aligned" and aligned.loss.local_triplet.weight == 1.0
@@ -252,6 +254,7 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
     plan = small_plan(
         tmp_path,
         """\
+        set: [evaluation.flip_average=false]
         variants:
           bot: []
           untrained: {start_of: bot}
@@ -400,3 +403,51 @@ def test_a_run_finished_meanwhile_by_another_campaign_is_not_trained_again(
     argv = ["--plan", str(plan), "--out", str(tmp_path / "o"), "--splits", "1"]
     assert rd.main([*argv, "--datasets", "viper", "--shared-data", str(shared)]) == 0
     assert calls == ["bot"]
+
+
+def test_the_plans_set_goes_before_each_training_variants_own_and_evaluations_inherit_it(
+    rd, tmp_path
+):
+    """A plan-level ``set`` (e.g. the plain protocol pinned for a whole table): every variant that
+    trains gets it first, so its own overrides win; an evaluation reads it from the checkpoint's
+    config and applies only its own."""
+    small_plan(
+        tmp_path,
+        "set: [evaluation.flip_average=false, loss.center.weight=0.1]\n"
+        "variants:\n  bot: []\n  c: [loss.center.weight=0.2]\n"
+        f"  other: {{config: {REPO / 'configs/recipes/softmax_triplet.yaml'}, "
+        'set: [schedule.epochs=3, "schedule.milestones=[2]"]}\n'
+        "  flip: {eval_of: bot, set: [evaluation.flip_average=true]}\n",
+    )
+    plan = rd.load_plan(tmp_path / "plan.yaml")
+    v = plan.variants
+    common = ("evaluation.flip_average=false", "loss.center.weight=0.1")
+    assert v["bot"].overrides == common
+    assert v["c"].overrides == (*common, "loss.center.weight=0.2")
+    assert v["other"].overrides == (*common, "schedule.epochs=3", "schedule.milestones=[2]")
+    assert v["flip"].overrides == ("evaluation.flip_average=true",)
+    runs = rd.plan_runs(plan, rd.select(plan, None), ["viper"], [0], 0, tmp_path, tmp_path / "o")
+    by = {r.variant.name: r.config for r in runs}
+    assert by["bot"].evaluation.flip_average is False and by["bot"].loss.center.weight == 0.1
+    assert by["c"].loss.center.weight == 0.2 and by["other"].schedule.epochs == 3
+    assert by["flip"].evaluation.flip_average is True
+    small_plan(tmp_path, "set: evaluation.flip_average=false\nvariants: {bot: []}\n")
+    with pytest.raises(ConfigError, match=r"set: expected a list of KEY=VALUE"):
+        rd.load_plan(tmp_path / "plan.yaml")
+
+
+def test_dataset_and_out_placeholders_are_filled_per_run_in_training_and_evaluation(rd, tmp_path):
+    """``{dataset}`` and ``{out}`` in a variant's overrides: per-data-set inputs (SAN's pseudo
+    textures of each set) are named once in the plan."""
+    small_plan(
+        tmp_path,
+        "variants:\n  bot: ['data.synthetic.cache_dir={out}/cache/{dataset}']\n"
+        "  again: {eval_of: bot, set: ['data.synthetic.cache_dir={out}/{dataset}/x']}\n",
+    )
+    plan = rd.load_plan(tmp_path / "plan.yaml")
+    out = tmp_path / "o"
+    runs = rd.plan_runs(plan, rd.select(plan, None), ["viper", "ilids"], [0], 0, tmp_path, out)
+    for run in runs:
+        expected = out / run.dataset / "x" if run.variant.eval_of else out / "cache" / run.dataset
+        assert run.config.data.synthetic.cache_dir == str(expected)
+        assert not any("{" + "dataset}" in a or "{out}" in a for a in run.argv)

@@ -73,6 +73,10 @@ def test_two_seeds_of_the_tiny_job_run_with_their_seed_and_resume(ss, tmp_path, 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     r1 = [summary["per_seed"][s]["rank-1"] for s in ("0", "1")]
     assert summary["stats"]["rank-1"]["mean"] == pytest.approx(np.mean(r1))
+    for s in ("0", "1"):  # flip-averaged by default, the image-only protocol beside it
+        results = json.loads((tmp_path / "out" / f"seed{s}" / "results.json").read_text())
+        assert summary["per_seed"][s]["without_flip/mAP"] == results["without_flip/mAP"]
+    assert "without_flip/rank-1" in summary["metrics"]
     assert summary["missing"] == []
 
     capsys.readouterr()

@@ -30,6 +30,7 @@ TINY = [
     *TINY_BATCH,
     *TINY_SCHEDULE,
     "evaluation.every_epochs=0",
+    "evaluation.flip_average=false",  # one pass per image; flip's own tests turn it on
     "logging.progress_bar=false",
     "logging.log_every=1",
     "engine.device=cpu",
