@@ -13,6 +13,11 @@ flip, as the reference code extracts its anchors. Each rank takes its contiguous
 records and sums its features per class in float64; one all-reduce of the sums and one of the
 counts give every rank the same means, equal to one process's up to float64 summation order, and
 far below float32's resolution.
+
+Tracklets (video sets): a training sample is a tracklet, so a class's mean is the mean of its
+tracklets' features, each the mean over its dense test clips (as evaluation computes a tracklet's
+feature; :class:`~hpc_reid.evaluation.features.TrackletMeans`), so that a long tracklet weighs as
+much as a short one. Each rank's shard holds whole tracklets, so no tracklet is split over ranks.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from hpc_reid.config import Config
-from hpc_reid.data.datasets import ImageRecord
+from hpc_reid.data.datasets.base import Record
 from hpc_reid.engine.evaluate import shard_loader
+from hpc_reid.evaluation.features import TrackletMeans
 
 #: what a term asks for: (model output key, average with the horizontal flip)
 Request = tuple[str, bool]
@@ -39,9 +45,12 @@ def class_sums(
 ) -> tuple[dict[Request, torch.Tensor], torch.Tensor]:
     """Per-class float64 sums (C, D) of each requested output over ``loader``'s images, and the
     per-class image counts (C,) float64; the model in eval mode for the pass (its mode restored).
-    A class index outside [0, num_classes) is an error naming it."""
+    A class index outside [0, num_classes) is an error naming it. A loader of dense clips
+    (batches (N, T, C, H, W) with each clip's tracklet index) sums its tracklets' features (the
+    mean of each tracklet's clips') and counts tracklets."""
     sums: dict[Request, torch.Tensor] = {}
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    tracklets: dict[Request, TrackletMeans] = {}
     keys = sorted({key for key, _ in requests})
     flips = {key for key, flip in requests if flip}
     was_training = model.training
@@ -69,30 +78,41 @@ def class_sums(
                     f = plain[key].double().reshape(len(images), -1)
                     if flip:  # the mean of the image's and its flip's feature
                         f = (f + flipped[key].double().reshape(len(images), -1)) * 0.5
+                    if images.dim() == 5:  # clips: first averaged per tracklet (below)
+                        means = tracklets.setdefault((key, flip), TrackletMeans())
+                        means.add(batch["indices"], f, pids.cpu(), pids.cpu())
+                        continue
                     if (key, flip) not in sums:
                         sums[key, flip] = torch.zeros(
                             num_classes, f.shape[1], dtype=torch.float64, device=device
                         )
                     sums[key, flip].index_add_(0, pids, f)
-                counts.index_add_(
-                    0, pids, torch.ones(len(pids), dtype=torch.float64, device=device)
-                )
+                if images.dim() == 4:
+                    counts.index_add_(
+                        0, pids, torch.ones(len(pids), dtype=torch.float64, device=device)
+                    )
     finally:
         model.train(was_training)
+    for request, means in tracklets.items():  # each tracklet's feature, then its class's sum
+        rows, tracklet_pids, _ = means.means(torch.float64)
+        labels = torch.from_numpy(tracklet_pids).to(device)
+        sums[request] = rows.new_zeros(num_classes, rows.shape[1]).index_add_(0, labels, rows)
+        counts = torch.zeros_like(counts).index_add_(0, labels, torch.ones_like(rows[:, 0]))
     return sums, counts
 
 
 def class_means(
     model: torch.nn.Module,
-    records: Sequence[ImageRecord],
+    records: Sequence[Record],
     config: Config,
     device: torch.device,
     requests: Sequence[Request],
     num_classes: int,
 ) -> dict[Request, torch.Tensor]:
     """Each requested output's per-class mean (C, D) float32 on ``device`` over ``records`` (a
-    training split, labels 0..C-1), the same on every rank: each rank extracts its contiguous
-    shard, then one all-reduce of the float64 sums (all requests in one buffer) and the counts.
+    training split, labels 0..C-1; images, or tracklets: the mean of a class's tracklets'
+    dense-clip means), the same on every rank: each rank extracts its contiguous shard, then one
+    all-reduce of the float64 sums (all requests in one buffer) and the counts.
     A class without any image is an error naming it (its mean would be 0/0)."""
     requests = sorted(set(requests))
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -120,7 +140,7 @@ def class_means(
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         raise ValueError(
-            f"class means over {len(records)} training images: {len(empty)} of {num_classes} "
+            f"class means over {len(records)} training records: {len(empty)} of {num_classes} "
             f"classes have no image ({shown})"
         )
     return {r: (sums[r] / counts[:, None]).float() for r in requests}

@@ -25,11 +25,21 @@ The distance is ``evaluation.distance`` over the retrieval parts the model decla
 :class:`~hpc_reid.evaluation.distances.RowDistance` of :func:`evaluation_distance`: "global";
 AlignedReID's "local" and "global+local"), in every path above; a part the model does not declare
 is a ConfigError before any image is read.
+
+Video sets (MARS, iLIDS-VID, PRID 2011, the synthetic tracklets) go through the same paths with a
+tracklet in place of an image: each rank takes its contiguous shard of the query and gallery
+tracklets, its test loader yields their dense clips (``data.video``: T frames a clip, at most
+``max_clips`` a tracklet), and a tracklet's row is the mean of its clips' rows (flip-averaged per
+clip; :mod:`~hpc_reid.evaluation.features`). Since a shard holds whole tracklets, no clip batch
+straddles two ranks and each row is that of one process. Ranking is then the image protocol: the
+MARS protocol is cross-camera (gallery tracklets of the query's pid and camera are left out), as
+here for every set. The ranked-list plot shows each tracklet's first frame.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 from hpc_reid.config import Config, ConfigError, write_atomic
-from hpc_reid.data.datasets import ImageRecord, ReidDataset
+from hpc_reid.data.datasets import ReidDataset
+from hpc_reid.data.datasets.base import Record, TrackletRecord
 from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.evaluation import RowDistance, evaluate_features, extract_features
 from hpc_reid.evaluation.features import extract_flip_and_plain
@@ -93,9 +104,17 @@ def evaluation_distance(model, config: Config, device) -> RowDistance:
     return RowDistance.from_config(layout, config.evaluation)
 
 
-def shard_loader(records: list[ImageRecord], config: Config, device):
+def shown_image(record: Record) -> str:
+    """The image that stands for ``record`` in the ranked-list plot and a feature file's
+    ``paths``: an image's path; a tracklet's first frame (whose name, in MARS and the synthetic
+    set, holds the tracklet's pid, camera and number)."""
+    return record.frames[0] if isinstance(record, TrackletRecord) else record.path
+
+
+def shard_loader(records: Sequence[Record], config: Config, device):
     """The test loader of this rank's contiguous shard of ``records``
-    (:func:`~hpc_reid.evaluation.sharded.shard_range`); None for an empty shard."""
+    (:func:`~hpc_reid.evaluation.sharded.shard_range`); None for an empty shard. Tracklets give
+    batches of their dense clips (``data.video``), each clip's tracklet index in the shard."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     part = shard_range(len(records), rank, world)
@@ -107,14 +126,16 @@ def shard_loader(records: list[ImageRecord], config: Config, device):
         config.data.height,
         config.data.width,
         device,
+        config.data.video,  # read for tracklets only: T and max_clips of the dense clips
     )
 
 
-def shard_features(model, records: list[ImageRecord], config: Config, device) -> torch.Tensor:
+def shard_features(model, records: Sequence[Record], config: Config, device) -> torch.Tensor:
     """Rows (n, W) float32 of this rank's contiguous shard of ``records``
     (:func:`~hpc_reid.evaluation.sharded.shard_range`; every retrieval part the model declares,
-    :func:`~hpc_reid.evaluation.extract_features`), on the device the model computed them on
-    (``device``); (0, 0) there for an empty shard."""
+    :func:`~hpc_reid.evaluation.extract_features`; one row per tracklet for tracklets, the mean
+    of its dense clips'), on the device the model computed them on (``device``); (0, 0) there for
+    an empty shard."""
     loader = shard_loader(records, config, device)
     if loader is None:
         return torch.empty(0, 0, device=device)
@@ -123,7 +144,7 @@ def shard_features(model, records: list[ImageRecord], config: Config, device) ->
 
 
 def shard_features_and_plain(
-    model, records: list[ImageRecord], config: Config, device
+    model, records: Sequence[Record], config: Config, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shard_features` flip-averaged, and the same shard's image-only rows, from one pass
     (:func:`~hpc_reid.evaluation.features.extract_flip_and_plain`)."""
@@ -236,8 +257,8 @@ def evaluate_model(
             plot_cmc(result.cmc, out_dir / "cmc.png", label=config.name)
             plot_ranked_lists(
                 distmat,
-                [r.path for r in dataset.query[:n]],
-                [dataset.gallery[c].path for c in columns],
+                [shown_image(r) for r in dataset.query[:n]],
+                [shown_image(dataset.gallery[c]) for c in columns],
                 q_pids[:n],
                 g_pids[columns],
                 q_cams[:n],

@@ -8,6 +8,10 @@ writes it to a part file; after a barrier the main process joins the parts, in r
 ``query.h5`` and ``gallery.h5`` (streaming, written under a temporary name then renamed) and removes
 them. No collective follows the main process's work, so a failure there cannot leave a rank waiting.
 See :mod:`hpc_reid.evaluation.feature_files` for the format.
+
+A video set's files hold one row per tracklet, as its evaluation ranks them: the mean of the
+tracklet's dense clips' rows (:func:`~hpc_reid.engine.evaluate.shard_features`), its pid and camid,
+and its first frame as its path; the attribute ``records`` says "tracklets" (else "images").
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import json
 from pathlib import Path
 
 from hpc_reid.config import Config
-from hpc_reid.engine.evaluate import evaluation_distance, shard_features
+from hpc_reid.data.datasets.base import are_tracklets
+from hpc_reid.engine.evaluate import evaluation_distance, shard_features, shown_image
 from hpc_reid.engine.trainer import saved_model
 from hpc_reid.evaluation.feature_files import concatenate_feature_files, write_feature_file
 from hpc_reid.evaluation.parts import probe_layout
@@ -40,6 +45,7 @@ def extract_checkpoint(
         attrs = {"metric": ev.metric, "model": config.model.backbone, "distance": ev.distance}
         attrs.update(distance_weights=json.dumps(ev.distance_weights))
         attrs.update(config=config.name, checkpoint=str(Path(path).resolve()))
+        attrs.update(records="tracklets" if are_tracklets(dataset.query) else "images")
         splits = {"query": dataset.query, "gallery": dataset.gallery}
         parts: dict[str, list[Path]] = {}
         for split, records in splits.items():
@@ -54,7 +60,7 @@ def extract_checkpoint(
                 feats,
                 [r.pid for r in mine],
                 [r.camid for r in mine],
-                [r.path for r in mine],
+                [shown_image(r) for r in mine],
                 layout=layout,
                 split=split,
                 **attrs,
@@ -66,5 +72,5 @@ def extract_checkpoint(
                 concatenate_feature_files(part_files, files[split])
                 for p in part_files:
                     p.unlink()
-                print(f"wrote {files[split]} ({len(splits[split])} images)")
+                print(f"wrote {files[split]} ({len(splits[split])} {attrs['records']})")
         return files

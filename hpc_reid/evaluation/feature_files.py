@@ -5,8 +5,10 @@ A feature file (``hpc-reid extract`` writes ``query.h5`` and ``gallery.h5``) hol
 and the attributes ``format_version`` (:data:`FORMAT_VERSION`), ``layout`` (the
 :class:`~hpc_reid.evaluation.parts.RowLayout` of the rows as JSON: every retrieval part the model
 declares), ``metric``, ``distance`` and ``distance_weights`` (JSON) (the test-time distance of the
-config that extracted them; hints for ``hpc-reid eval``), ``model`` and ``split``. A file without
-``layout`` (written before layouts existed) holds one "global" part of the metric.
+config that extracted them; hints for ``hpc-reid eval``), ``model``, ``split`` and ``records``
+("images", or "tracklets" for a video set: a row per tracklet, its path the tracklet's first
+frame; absent from files written before video sets). A file without ``layout`` (written before
+layouts existed) holds one "global" part of the metric.
 
 :func:`evaluate_feature_files` never loads the gallery features whole: per tile of queries it reads
 the gallery in chunks twice, first to find each query's positives (pass 1), then to count the

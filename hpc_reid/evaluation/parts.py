@@ -38,6 +38,7 @@ __all__ = [
     "register_part_distance",
     "registered_part_distances",
     "retrieval_layout",
+    "takes_clips",
 ]
 
 #: The built-in part distance: ``evaluation.metric`` (cosine or euclidean) on the flattened part.
@@ -261,17 +262,25 @@ def retrieval_layout(model: object, outputs: Mapping[str, torch.Tensor]) -> RowL
     )
 
 
+def takes_clips(model: object) -> bool:
+    """Whether ``model`` takes clips of frames (B, T, C, H, W) rather than images: its head pools
+    over time (``temporal = True``, :mod:`hpc_reid.models.temporal`)."""
+    return bool(getattr(getattr(model, "head", None), "temporal", False))
+
+
 def probe_layout(
     model: torch.nn.Module, height: int, width: int, device: torch.device | str
 ) -> RowLayout:
     """The layout of ``model``'s rows, from its outputs on one blank (1, 3, height, width) image
     (eval mode, no gradients, its mode restored): known on every rank before extraction, an empty
-    shard's included."""
+    shard's included. A video model (:func:`takes_clips`) gets it as a clip of one frame (1, 1, 3,
+    height, width): its rows are one per clip whatever T is."""
+    shape = (1, 1, 3, height, width) if takes_clips(model) else (1, 3, height, width)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            outputs = model(torch.zeros(1, 3, height, width, device=device))
+            outputs = model(torch.zeros(*shape, device=device))
     finally:
         model.train(was_training)
     return retrieval_layout(model, outputs)
