@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hpc_reid.config import load_config
 from hpc_reid.data.build import dataset_on_ranks, dataset_root
 from hpc_reid.data.datasets import build_dataset
 from hpc_reid.data.datasets.base import ImageRecord
@@ -26,12 +27,13 @@ from hpc_reid.engine import evaluate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.extract import extract_checkpoint
+from hpc_reid.engine.optim import scaled_lr
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
 from hpc_reid.evaluation import extract_features
 from hpc_reid.evaluation.feature_files import evaluate_feature_files
 from hpc_reid.models import build_model
 from tests.ports import free_port
-from tests.tiny import tiny_config
+from tests.tiny import REPO, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,3 +296,28 @@ def test_video_main_job_trains_evaluates_and_writes_results(tmp_path, head):
     assert load_checkpoint(checkpoint)["config"]["model"]["head"] == head
     again = evaluate_checkpoint(checkpoint, out_dir=tmp_path / "eval")
     assert again == pytest.approx(summary)
+
+
+def test_mars_ta_r50_config_validates_and_builds_a_model_that_takes_its_clips():
+    """configs/mars/ta_r50.yaml: MARS, ResNet-50 with temporal attention over T = 4 frames, 8 x 4
+    tracklets, Adam 3.5e-4 after 10 warm-up epochs, milestones, 256x128, dense clips capped at
+    32; its attention sized for the 16x8 map, which a clip at 256x128 does give."""
+    config = load_config(REPO / "configs/mars/ta_r50.yaml")
+    assert (config.data.dataset, config.data.height, config.data.width) == ("mars", 256, 128)
+    video = config.data.video
+    assert (video.seq_len, video.sampling, video.max_clips, video.augment_per) == (
+        4,
+        "chunked",
+        32,
+        "tracklet",
+    )
+    assert (config.sampler.num_identities, config.sampler.num_instances) == (8, 4)
+    assert (config.model.backbone, config.model.head) == ("resnet50", "temporal_attention")
+    assert config.model.temporal.map_size == (16, 8)
+    assert config.optimizer.name == "adam"
+    assert scaled_lr(config.optimizer, 8 * 4)[0] == pytest.approx(3.5e-4)
+    assert (config.schedule.warmup_epochs, config.schedule.milestones) == (10, [40, 70])
+    model = build_model(config.model, 625).eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, video.seq_len, 3, 256, 128))
+    assert out["bn"].shape == (1, 2048)
