@@ -43,7 +43,7 @@ BACKBONES = (
 )
 SYNTHETIC = "synthetic"
 # The built-in model heads (model.head); one registered with hpc_reid.models.register_head too.
-HEADS = ("bnneck", "aligned", "san", "cace", "temporal_avg", "temporal_attention")
+HEADS = ("bnneck", "aligned", "san", "cace", "temporal_avg", "temporal_attention", "fgreid")
 #: model.<key> -> (built-in names, the module and function listing every registered one)
 _REGISTRIES = {
     "backbone": (BACKBONES, "hpc_reid.models.backbones", "available_backbones"),
@@ -286,6 +286,44 @@ class CaceConfig(Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="before both classifiers")
 
 
+class FGReIDConfig(Section):
+    """The fine-grained ReID head (``model.head: fgreid``; Pathak, "Fine-Grained
+    Re-Identification", arXiv 2011.13475; hpc_reid/methods/fgreid/model.py): a second trunk on the
+    same input, an attention map from the first trunk's map weighting the second's, a non-local
+    block over the positions (T x positions for tracklets), two BN branches sharing one classifier.
+    """
+
+    mid_dim: int = Field(
+        1024, ge=1, description="the 1x1 convs conv1 and conv2 from the trunks' maps (2048 -> 1024)"
+    )
+    nonlocal_dim: int = Field(
+        256, ge=1, description="the non-local block's theta and g projections (1024 -> 256)"
+    )
+    second_backbone: str | None = Field(
+        None,
+        description="the second trunk (the reference's base_mars), by name; null: model.backbone. "
+        "Its map must have the first trunk's size",
+    )
+    second_init_from: str | None = Field(
+        None,
+        description="a checkpoint (file, run or checkpoints folder, best.pt) of any hpc-reid "
+        "model whose backbone.* weights start the second trunk (the reference: a MARS-trained "
+        "video model's trunk); null: model.pretrained when the trunks are one architecture, else "
+        "a fresh initialisation. Loaded when the model is built",
+    )
+    batch_min: bool = Field(
+        False,
+        description="the attention map's offset: false, the minimum of each image's own conv1 "
+        "map; true, the reference's minimum over the whole batch tensor (a sample's map then "
+        "depends on the rest of its batch)",
+    )
+
+    @field_validator("second_backbone")
+    @classmethod
+    def _registered_backbone(cls, name: str | None) -> str | None:
+        return None if name is None else _registered_name("backbone", name)
+
+
 class LocalBranchConfig(Section):
     """The local branch of heads with stripe features (``model.head: aligned``): the final map
     pooled over each of ``stripes`` horizontal bands, a 1x1 conv to ``dim`` + BN + ReLU
@@ -338,6 +376,7 @@ class ModelConfig(Section):
     san: SanConfig = Field(default_factory=SanConfig)
     cace: CaceConfig = Field(default_factory=CaceConfig)
     temporal: TemporalConfig = Field(default_factory=TemporalConfig)
+    fgreid: FGReIDConfig = Field(default_factory=FGReIDConfig)
     non_local: bool = Field(
         False,
         description="embedded-Gaussian non-local blocks (zero-initialised output) after the "
@@ -365,19 +404,39 @@ class ModelConfig(Section):
     @field_validator("backbone", "head")
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
-        """A built-in name, else one registered (hpc_reid.models.register_backbone/_head)."""
-        builtin, module, function = _REGISTRIES[info.field_name]
-        if name in builtin:
-            return name
-        known = getattr(importlib.import_module(module), function)()  # imports torch: only here
-        if name not in known:
-            raise ValueError(f"unknown {info.field_name} {name!r}{did_you_mean(name, known)}")
+        return _registered_name(info.field_name, name)
+
+
+def _registered_name(kind: str, name: str) -> str:
+    """``name`` when it is a built-in ``kind`` ("backbone" or "head"), else one registered
+    (hpc_reid.models.register_backbone/_head); a ValueError otherwise."""
+    builtin, module, function = _REGISTRIES[kind]
+    if name in builtin:
         return name
+    known = getattr(importlib.import_module(module), function)()  # imports torch: only here
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}{did_you_mean(name, known)}")
+    return name
 
 
 class CrossEntropyConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    also: list[str] = Field(
+        default_factory=list,
+        description="more logits outputs: the term is then the mean of the label-smoothed CE "
+        "over logits and these (FGReID's two branches: [logits2])",
+    )
+
+    @field_validator("also")
+    @classmethod
+    def _distinct_outputs(cls, keys: list[str]) -> list[str]:
+        if "logits" in keys or len(set(keys)) != len(keys):
+            raise ValueError(
+                f"loss.ce.also={keys}: expected distinct logits outputs other than 'logits' "
+                "(which the term always reads)"
+            )
+        return keys
 
 
 class TripletConfig(Section):
@@ -386,6 +445,11 @@ class TripletConfig(Section):
     cross_rank: bool = Field(False, description="mine over features all-gathered from all ranks")
     normalize: bool = Field(
         False, description="on L2-normalised features (CACE-Net's triplet, margin 0.5)"
+    )
+    distance: Literal["euclidean", "cosine"] = Field(
+        "euclidean",
+        description="euclidean (BoT); cosine: 1 - cos, so each anchor's term is max(0, cos_n - "
+        "cos_p + margin), the hardest positive the least similar (FGReID)",
     )
 
 
@@ -481,6 +545,57 @@ class AnchorConfig(Section):
     )
 
 
+class OsmConfig(Section):
+    """Online soft mining with class-aware attention (Wang et al., "Deep Metric Learning by Online
+    Soft Mining and Class-Aware Attention", AAAI 2019, arXiv 1811.01459; as FGReID uses it:
+    hpc_reid/methods/fgreid/losses.py): a weighted contrastive loss on L2-normalised features
+    whose pair weights are the smaller of the two samples' attention to their own class, read
+    from the center loss's centers (loss.center must be on). Defaults: the fine-grained ReID
+    code's tools/dataset_config.conf."""
+
+    weight: float = Field(0.0, ge=0.0)
+    alpha: float = Field(2.0708620, gt=0.0, description="the negatives' margin")
+    sigma: float = Field(0.1985924, gt=0.0, description="the positives' similarity scale")
+    l: float = Field(  # noqa: E741  (the paper's and the reference's name)
+        0.4834911, ge=0.0, le=1.0, description="(1 - l) L_P + l L_N: the negatives' share"
+    )
+    center_grad: bool = Field(
+        True,
+        description="let the loss move the centers too, as the reference (which hands it the "
+        "centers undetached); false: the attention reads them as constants",
+    )
+
+
+class VarianceConfig(Section):
+    """FGReID's within-class variance term on the global feature: the summed squared distance of
+    each feature to its identity's prototype in the batch, over the pooled count (K - 1) B / K."""
+
+    weight: float = Field(0.0, ge=0.0)
+    instances: int | None = Field(
+        None,
+        ge=2,
+        description="K, the images of an identity in a batch (the reference hard-codes 4); "
+        "null: each identity's own count in the batch (the sampler's K on identity batches)",
+    )
+
+
+class SatisfiedRankConfig(Section):
+    """FGReID's satisfied-rank term on the two branches' class probabilities p1 = softmax(logits),
+    p2 = softmax(logits2): mean min(relu(p1[y] - p2[y] + margin), relu(2 satisfied - p1[y] -
+    p2[y]))."""
+
+    weight: float = Field(0.0, ge=0.0)
+    margin: float = Field(2.0, ge=0.0, description="m_r, the rank margin")
+    satisfied: float = Field(1.0, ge=0.0, description="m_s, the satisfied margin")
+
+
+class RankConsistencyConfig(Section):
+    """FGReID's consistency term: relu(mean over the batch of KL(p1 || p2) - margin)."""
+
+    weight: float = Field(0.0, ge=0.0)
+    margin: float = Field(0.005, ge=0.0, description="m_cs, the KL divergence tolerated")
+
+
 class LossConfig(Section):
     """Each section is one loss term, registered by name (hpc_reid.losses.register_loss); a term
     with weight 0 is off."""
@@ -494,6 +609,10 @@ class LossConfig(Section):
     decoder_triplet: DecoderTripletConfig = Field(default_factory=DecoderTripletConfig)
     pair_id: PairIdConfig = Field(default_factory=PairIdConfig)
     pair_triplet: PairTripletConfig = Field(default_factory=PairTripletConfig)
+    osm: OsmConfig = Field(default_factory=OsmConfig)
+    variance: VarianceConfig = Field(default_factory=VarianceConfig)
+    satisfied_rank: SatisfiedRankConfig = Field(default_factory=SatisfiedRankConfig)
+    rank_consistency: RankConsistencyConfig = Field(default_factory=RankConsistencyConfig)
     mutual_prob: MutualConfig = Field(
         default_factory=MutualConfig,
         description="KL divergence of each member's ID class probabilities from its peers' "
@@ -779,6 +898,17 @@ class Config(Section):
 
             size = feature_map_size(m.backbone, m.last_stride, self.data.height, self.data.width)
             m.temporal.map_size = size
+        return self
+
+    @model_validator(mode="after")
+    def _osm_reads_centers(self) -> Config:
+        # the class-aware attention reads the center loss's centers: without them, refused now
+        if self.loss.osm.weight > 0 and self.loss.center.weight == 0:
+            raise ValueError(
+                f"loss.osm.weight={self.loss.osm.weight} reads the center loss's centers (its "
+                "class-aware attention), but loss.center.weight=0; turn the center loss on "
+                "(FGReID: 0.0005) or set loss.osm.weight=0"
+            )
         return self
 
     @model_validator(mode="after")
