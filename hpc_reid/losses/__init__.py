@@ -124,10 +124,17 @@ def check_loss_inputs(cfg: LossConfig, output_keys, head: str = "") -> None:
         raise ConfigError("; ".join(problems))
 
 
-@register_loss("ce", inputs=("logits",))
+@register_loss("ce", inputs=lambda section: ("logits", *section.also))
 def _ce(section, num_classes: int, feature_dim: int) -> Term:
+    keys = ("logits", *section.also)
+
     def ce(outputs, pids):
-        return label_smoothing_cross_entropy(outputs["logits"], pids, section.label_smoothing)
+        # the mean over the branches (FGReID's L_id = (CE(y1) + CE(y2)) / 2): weight 1 keeps the
+        # scale of one classifier's loss
+        losses = [
+            label_smoothing_cross_entropy(outputs[k], pids, section.label_smoothing) for k in keys
+        ]
+        return sum(losses[1:], start=losses[0]) / len(losses)
 
     return ce
 
@@ -146,7 +153,7 @@ def _triplet(section, num_classes: int, feature_dim: int) -> Term:
             # on the unit sphere (CACE-Net's triplet, margin 0.5): each rank normalises its own
             # rows before any gather, so cross_rank mines the same distances
             features = F.normalize(features, dim=1)
-        return mine(features, pids, section.margin)
+        return mine(features, pids, section.margin, section.distance)
 
     return triplet
 
@@ -220,11 +227,31 @@ class ReidLoss(nn.Module):
             if isinstance(term, nn.Module):
                 self.add_module(t.name, term)
             self._terms[t.name] = (section.weight, term)
+        self._link_terms()
         if "center" not in self._modules:
             self.center = None
         #: the batch fields the active terms read (:mod:`hpc_reid.data.fields`), sorted: what the
         #: trainer adds to each batch
         self.batch_fields = sorted(set().union(*(t.batch_fields for t in terms)))
+
+    def _link_terms(self) -> None:
+        """Hand each term that reads another term's state (``reads_terms``, names of terms: OSM's
+        class-aware attention reads the center loss's centers, hpc_reid/methods/fgreid) those
+        built terms, ``term.link({name: term})``, member by member for a model of several; a
+        ConfigError naming both when a term it reads is off."""
+        for name, (_, term) in self._terms.items():
+            each = list(term) if isinstance(term, _EachMember) else [term]
+            for i, t in enumerate(each):
+                wanted = tuple(getattr(t, "reads_terms", ()))
+                for other in wanted:
+                    if other not in self._terms:
+                        raise ConfigError(
+                            f"loss.{name} reads the state of loss.{other}, whose weight is 0 (so "
+                            f"it is not built): turn loss.{other} on or set loss.{name}.weight=0"
+                        )
+                if wanted:
+                    peers = [(w, self._terms[w][1]) for w in wanted]
+                    t.link({w: p[i] if isinstance(p, _EachMember) else p for w, p in peers})
 
     def refresh(
         self,

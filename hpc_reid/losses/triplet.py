@@ -6,7 +6,9 @@ Eq. 5 (batch hard) and Sec. 3.1 (soft margin): for every anchor a of the batch,
     l_a = [m + max_{p: y_p = y_a, p != a} D(a, p) - min_{n: y_n != y_a} D(a, n)]_+      (margin m)
     l_a = softplus(max_p D(a, p) - min_n D(a, n))                                   (soft margin)
 
-with D the euclidean distance, and the loss is the mean of l_a. An anchor without a positive
+with D the euclidean distance (or the cosine distance 1 - cos, ``distance="cosine"``: then l_a =
+[cos(a, n_hardest) - cos(a, p_hardest) + m]_+, the fine-grained ReID triplet), and the loss is the
+mean of l_a. An anchor without a positive
 (its identity appears once) or without a negative (one identity in the batch) has no triplet: it
 is excluded from the sum and from the count. The identity-balanced sampler (K >= 2 images per
 identity, P >= 2 identities) never produces such anchors; the loss of a batch with none left is 0.
@@ -28,6 +30,25 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> 
     """
     sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
     return sq.clamp(min=eps).sqrt()
+
+
+def pairwise_cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(M, N) cosine distances 1 - cos(x_i, y_j) between the rows of ``x`` and ``y`` (each row
+    L2-normalised, a zero row staying zero)."""
+    return 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).t()
+
+
+#: ``distance`` of the batch-hard losses -> the (M, N) distances between the rows of two matrices
+DISTANCES = {"euclidean": pairwise_euclidean, "cosine": pairwise_cosine_distance}
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
+    """``DISTANCES[distance](x, y)``; a ValueError naming the choices for another name."""
+    if distance not in DISTANCES:
+        raise ValueError(
+            f"triplet distance {distance!r}: expected one of {', '.join(sorted(DISTANCES))}"
+        )
+    return DISTANCES[distance](x, y)
 
 
 def triplet_masks(
@@ -63,12 +84,13 @@ def _batch_hard_terms(
     candidates: torch.Tensor,
     candidate_pids: torch.Tensor,
     margin: float | None,
+    distance: str = "euclidean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor losses l_a (zero where excluded) and the mask of anchors with a triplet.
 
     ``anchor_index[i]`` is the row of anchor i among the candidates: it is not its own positive.
     """
-    dist_ = pairwise_euclidean(anchors, candidates)
+    dist_ = pairwise_distance(anchors, candidates, distance)
     pos, neg, valid = triplet_masks(anchor_pids, candidate_pids, anchor_index)
     d_ap = dist_.masked_fill(~pos, float("-inf")).amax(1)
     d_an = dist_.masked_fill(~neg, float("inf")).amin(1)
@@ -84,13 +106,17 @@ def _check(features: torch.Tensor, pids: torch.Tensor) -> None:
 
 
 def batch_hard_triplet_loss(
-    features: torch.Tensor, pids: torch.Tensor, margin: float | None
+    features: torch.Tensor,
+    pids: torch.Tensor,
+    margin: float | None,
+    distance: str = "euclidean",
 ) -> torch.Tensor:
     """Batch-hard triplet loss of one batch (Hermans et al. 2017, Eq. 5); ``margin=None`` is the
-    soft-margin variant. The mean over the anchors that have a positive and a negative."""
+    soft-margin variant; ``distance``: euclidean or cosine (1 - cos). The mean over the anchors
+    that have a positive and a negative."""
     _check(features, pids)
     index = torch.arange(features.shape[0], device=features.device)
-    terms, valid = _batch_hard_terms(features, pids, index, features, pids, margin)
+    terms, valid = _batch_hard_terms(features, pids, index, features, pids, margin, distance)
     return terms.sum() / valid.sum().clamp(min=1)
 
 
@@ -117,7 +143,10 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def cross_rank_batch_hard_triplet_loss(
-    features: torch.Tensor, pids: torch.Tensor, margin: float | None
+    features: torch.Tensor,
+    pids: torch.Tensor,
+    margin: float | None,
+    distance: str = "euclidean",
 ) -> torch.Tensor:
     """Batch-hard triplet loss mined over the batches of all ranks (one all-gather of features
     and pids); equal, after DDP's averaging, to the single-process loss on the whole global batch.
@@ -145,7 +174,9 @@ def cross_rank_batch_hard_triplet_loss(
     all_features = all_gather_with_grad(features)
     all_pids = all_gather_with_grad(pids)
     index = torch.arange(all_features.shape[0], device=features.device)
-    terms, valid = _batch_hard_terms(all_features, all_pids, index, all_features, all_pids, margin)
+    terms, valid = _batch_hard_terms(
+        all_features, all_pids, index, all_features, all_pids, margin, distance
+    )
     b = features.shape[0]
     local = (index >= rank * b) & (index < (rank + 1) * b)
     terms = torch.where(local, terms, terms - terms.detach())
