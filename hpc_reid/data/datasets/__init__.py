@@ -17,6 +17,8 @@ from . import (
     partitions,
     prid2011,
     prid2011_video,
+    vehicleid,
+    veri776,
     viper,
 )
 from .base import (
@@ -50,5 +52,7 @@ __all__ = [
     "prid2011",
     "prid2011_video",
     "register_dataset",
+    "vehicleid",
+    "veri776",
     "viper",
 ]
