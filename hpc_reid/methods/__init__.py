@@ -13,5 +13,6 @@ from hpc_reid.methods import (
     alignedreid,  # noqa: F401  (registers the aligned head and its terms)
     anchor,  # noqa: F401  (registers loss.anchor)
     cace,  # noqa: F401  (registers the cace head, loss.pair_id and loss.pair_triplet)
+    fgreid,  # noqa: F401  (registers the fgreid head and loss.osm, .variance, .satisfied_rank, ...)
     san,  # noqa: F401  (registers the san head, its terms and the texture batch fields)
 )

@@ -43,7 +43,9 @@ class ReidModel(nn.Module):
     ``global``, and AlignedReID's ``local``) and ``feature_dim`` (the ``global`` output's size).
 
     A head with ``wants_stages`` (SAN's, whose decoder takes skips) is given the backbone's
-    ``forward_stages`` maps too; every other head gets ``forward``'s map alone, as before.
+    ``forward_stages`` maps too; a head with ``wants_input`` (FGReID's, which runs a second trunk
+    of its own on the same images) is given the images the backbone ran on too (the B x T frames
+    as one (B*T, C, H, W) batch for tracklets); every other head gets ``forward``'s map alone.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
@@ -51,6 +53,7 @@ class ReidModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.head_wants_stages = bool(getattr(head, "wants_stages", False))
+        self.head_wants_input = bool(getattr(head, "wants_input", False))
         if self.head_wants_stages and not callable(getattr(backbone, "forward_stages", None)):
             raise TypeError(
                 f"the {type(head).__name__} head reads the backbone's stages, but "
@@ -72,16 +75,18 @@ class ReidModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head's outputs for images (B, C, H, W), or for tracklets (B, T, C, H, W) with a
-        temporal head (``temporal = True``, :mod:`hpc_reid.models.temporal`): the backbone runs
-        on the B x T frames as one (B*T, C, H, W) batch, channels_last kept when every frame of
-        ``x`` is, and the head gets its maps as (B, T, C, h, w) and returns one row per
-        tracklet."""
+        temporal head (``temporal = True``, :mod:`hpc_reid.models.temporal`; tracklets only) or
+        one that takes both (``accepts_tracklets = True``: FGReID's): the backbone runs on the
+        B x T frames as one (B*T, C, H, W) batch, channels_last kept when every frame of ``x``
+        is, and the head gets its maps as (B, T, C, h, w) and returns one row per tracklet."""
         temporal = bool(getattr(self.head, "temporal", False))
         if x.dim() == 5 or temporal:
             return self._forward_tracklets(x, temporal)
         if self.head_wants_stages:
             stages = self.backbone.forward_stages(x)
             return self.head(stages[-1], stages)
+        if self.head_wants_input:
+            return self.head(self.backbone(x), x)
         return self.head(self.backbone(x))
 
     def _forward_tracklets(self, x: torch.Tensor, temporal: bool) -> dict[str, torch.Tensor]:
@@ -92,7 +97,7 @@ class ReidModel(nn.Module):
                 f"a {x.dim()}-D batch of shape {tuple(x.shape)}; give it T frames per sample (an "
                 "image alone is a clip of T = 1: x.unsqueeze(1)), or use an image head (bnneck)"
             )
-        if not temporal:
+        if not (temporal or getattr(self.head, "accepts_tracklets", False)):
             image_only = (
                 " (it reads the backbone's stages: image-only)" if self.head_wants_stages else ""
             )
@@ -105,7 +110,8 @@ class ReidModel(nn.Module):
         frames = x.flatten(0, 1)  # a view when B and T are contiguous, keeping each frame's layout
         if x[:, 0].is_contiguous(memory_format=torch.channels_last) and not x[:, 0].is_contiguous():
             frames = frames.contiguous(memory_format=torch.channels_last)  # no-op for a view
-        return self.head(self.backbone(frames).unflatten(0, (b, t)))
+        fmaps = self.backbone(frames).unflatten(0, (b, t))
+        return self.head(fmaps, frames) if self.head_wants_input else self.head(fmaps)
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``global`` retrieval part's output (the BN feature by default, BoT; the pooled one
