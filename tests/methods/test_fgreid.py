@@ -17,7 +17,7 @@ import torch
 from hpc_reid.config import ConfigError, LossConfig, ModelConfig, load_config
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.errors import CheckpointError
-from hpc_reid.engine.trainer import train
+from hpc_reid.engine.trainer import evaluate_checkpoint, train
 from hpc_reid.losses import CenterLoss, ReidLoss, batch_hard_triplet_loss
 from hpc_reid.methods.fgreid import FGReIDHead
 from hpc_reid.methods.fgreid.losses import (
@@ -444,3 +444,41 @@ def test_configs_validate_and_cuhk01_is_two_resnet50_trunks_at_256x150_16x10_map
         out = model.train()(torch.empty(2, 3, 256, 150))
     assert out["global"].shape == (2, 2048) and out["attention"].shape == (2, 16, 10)
     assert out["logits2"].shape == (2, 871)
+
+
+#: the synthetic video job (configs/synthetic/video.yaml) on 8 identities in 2 cameras, 2
+#: tracklets each per camera of 2-9 frames at 64x32, clips of T = 3 (at most 2 a tracklet), with
+#: the fgreid head and its whole objective
+FGREID_VIDEO = [
+    "data.synthetic.ids=8",
+    "data.synthetic.cams=2",
+    "data.synthetic.tracklets_per_camera=2",
+    "data.synthetic.frames_per_tracklet=[2,9]",
+    "data.synthetic.distractors=2",
+    "data.synthetic.junk=1",
+    "data.video.seq_len=3",
+    "data.video.max_clips=2",
+    "loader.test_batch_size=6",
+    "model.backbone=osnet_x0_25",
+    "model.head=fgreid",
+    f"model.fgreid.mid_dim={MID}",
+    f"model.fgreid.nonlocal_dim={NL}",
+    "loss.ce.also=[logits2]",
+    "loss.triplet.distance=cosine",
+    "loss.osm.weight=0.14",
+    "loss.variance.weight=0.003",
+    "loss.satisfied_rank.weight=1",
+    "loss.rank_consistency.weight=1",
+    "logging.run_name=v",
+]
+
+
+def test_a_tiny_video_run_trains_on_tracklets_and_eval_of_its_checkpoint_gives_its_numbers(
+    tmp_path,
+):
+    summary = train(tiny_config(tmp_path, "configs/synthetic/video.yaml", *FGREID_VIDEO))
+    run = tmp_path / "runs/v"
+    results = json.loads((run / "results.json").read_text())
+    assert 0.0 <= results["rank-1"] <= 1.0 and results["mAP"] == pytest.approx(summary["mAP"])
+    again = evaluate_checkpoint(CheckpointManager(run).latest(), out_dir=tmp_path / "eval")
+    assert again == pytest.approx(summary)
