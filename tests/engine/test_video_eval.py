@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hpc_reid.config import load_config
+from hpc_reid.config import VideoConfig, load_config
 from hpc_reid.data.build import dataset_on_ranks, dataset_root
 from hpc_reid.data.datasets import build_dataset
 from hpc_reid.data.datasets.base import ImageRecord
@@ -305,12 +305,7 @@ def test_mars_ta_r50_config_validates_and_builds_a_model_that_takes_its_clips():
     config = load_config(REPO / "configs/mars/ta_r50.yaml")
     assert (config.data.dataset, config.data.height, config.data.width) == ("mars", 256, 128)
     video = config.data.video
-    assert (video.seq_len, video.sampling, video.max_clips, video.augment_per) == (
-        4,
-        "chunked",
-        32,
-        "tracklet",
-    )
+    assert video == VideoConfig(seq_len=4, sampling="chunked", max_clips=32, augment_per="tracklet")
     assert (config.sampler.num_identities, config.sampler.num_instances) == (8, 4)
     assert (config.model.backbone, config.model.head) == ("resnet50", "temporal_attention")
     assert config.model.temporal.map_size == (16, 8)
