@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
         "extract",
         help="write a checkpoint's query and gallery features to HDF5",
         description="Every retrieval part the model declares (AlignedReID: global and local), "
-        "with their layout. With the config the checkpoint stores, or --config; --set overrides "
+        "with their layout; for a video set one row per tracklet, the mean of its dense clips' "
+        "(data.video). With the config the checkpoint stores, or --config; --set overrides "
         "either.",
     )
     extract.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
