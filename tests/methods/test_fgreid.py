@@ -418,6 +418,11 @@ def test_second_trunk_refuses_a_foreign_file_another_backbone_and_a_missing_path
         r"trunk osnet_x0_25.*missing key.*unexpected key",
     ):
         build_model(small_cfg(second_init_from=str(tmp_path / "r18")), CLASSES)
+    CheckpointManager(tmp_path / "mutual").save(
+        {"strategy": {"model": {"members.0.backbone.conv1.weight": torch.zeros(1)}}}, 1, 1
+    )
+    with pytest.raises(CheckpointError, match=r"holds no backbone\.\* weights.*members\."):
+        build_model(small_cfg(second_init_from=str(tmp_path / "mutual")), CLASSES)
     with pytest.raises(CheckpointError, match="not found"):
         build_model(small_cfg(second_init_from=str(tmp_path / "none.pt")), CLASSES)
 

@@ -83,7 +83,7 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path, name: str) -> str:
             "start the second trunk"
         ) from None
     weights = state["strategy"]["model"]
-    if stages._is_16bit_deepspeed(state):
+    if stages._is_16bit_deepspeed(state):  # init_weights_from's own consolidation, reused
         weights = stages._fp32_master_weights(file)
     theirs = {k[len(PREFIX) :]: v for k, v in weights.items() if k.startswith(PREFIX)}
     stored = (state.get("model_meta") or {}).get("backbone")
