@@ -104,7 +104,8 @@ class ReidModel(nn.Module):
             raise TypeError(
                 f"the {head} head{image_only} takes images (B, C, H, W), got tracklets (B, T, C, "
                 f"H, W) of shape {tuple(x.shape)}; use a temporal head (model.head: temporal_avg "
-                "or temporal_attention, hpc_reid.models.temporal), or feed the frames as images"
+                "or temporal_attention, hpc_reid.models.temporal; fgreid takes both), or feed "
+                "the frames as images"
             )
         b, t = x.shape[:2]
         frames = x.flatten(0, 1)  # a view when B and T are contiguous, keeping each frame's layout
