@@ -99,22 +99,29 @@ def run_markdown(report: dict[str, Any]) -> str:
     (max over ranks), and the ratio to compute-only measured in the same run."""
     agg, env, st = report["aggregate"], report["environment"], report["settings"]
     compute = agg["compute"]["img_per_s"]
+    # a video set's sample is a tracklet of T frames: its rate in tracklets and in frames
+    frames = report["ranks"][0].get("frames_per_sample", 1) if report.get("ranks") else 1
+    rate = (
+        "img/s (all ranks)" if frames == 1 else f"tracklets/s (all ranks) | frames/s (T={frames})"
+    )
+    align = "---:|" if frames == 1 else "---:|---:|"
     lines = [
         f"{env['nodes']} node(s), {env['world_size']} rank(s), {env['backend'] or 'no'} backend, "
         f"{', '.join(env['devices'])}; {st['backbone']} {st['height']}x{st['width']} "
         f"{st['precision']}, batch {st['per_rank_batch']} per rank ({st['scaling']} scaling), "
         f"{st['steps']} timed steps after {st['warmup']}",
         "",
-        "| phase | img/s (all ranks) | / compute-only | data wait ms | fwd ms | bwd ms "
+        f"| phase | {rate} | / compute-only | data wait ms | fwd ms | bwd ms "
         "| optimizer ms | step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|" + align + "---:|---:|---:|---:|---:|---:|",
     ]
 
     def row(name: str, phase: dict[str, Any]) -> str:
         ips = phase["img_per_s"]
         times = [_ms(phase.get(k, {}).get("max")) for k in ("data_wait_s", "forward_s")]
         times += [_ms(phase.get(k, {}).get("max")) for k in ("backward_s", "optimizer_s", "step_s")]
-        return f"| {name} | {ips:.0f} | {ips / compute:.2f} | " + " | ".join(times) + " |"
+        rates = f"{ips:.0f}" if frames == 1 else f"{ips:.0f} | {ips * frames:.0f}"
+        return f"| {name} | {rates} | {ips / compute:.2f} | " + " | ".join(times) + " |"
 
     lines.append(row("compute-only", agg["compute"]))
     if "compute_no_sync" in agg:

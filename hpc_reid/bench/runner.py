@@ -50,7 +50,11 @@ from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields
 from hpc_reid.data.loaders import BACKENDS as LOADER_BACKENDS
-from hpc_reid.data.loaders import build_backend_train_loader, resolve_backend
+from hpc_reid.data.loaders import (
+    build_backend_train_loader,
+    frames_channels_last,
+    resolve_backend,
+)
 from hpc_reid.data.samplers import build_sampler, rank_batch_size
 from hpc_reid.engine.optim import (
     build_optimizer,
@@ -251,9 +255,12 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         local["comm"] = _comm_phase(params, bucket_bytes, device, steps, warmup)
 
     h, w = config.data.height, config.data.width
-    images = torch.randn(batch, 3, h, w, device=device)
+    # a video set's sample is a tracklet of T frames: (B, T, C, H, W), each frame channels_last
+    frames = config.data.video.seq_len if dataset.is_video else 1
+    shape = (batch, frames, 3, h, w) if dataset.is_video else (batch, 3, h, w)
+    images = torch.randn(*shape, device=device)
     if config.engine.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = frames_channels_last(images)
     # the sampler's label layout: P ids x K images, or (random batches) mostly distinct ids
     ids, per_id = (s.num_identities, s.num_instances) if s.kind == "identity" else (batch, 1)
     pids = (torch.arange(ids) + rank * ids) % num_classes
@@ -284,6 +291,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
             config.engine.seed,
             device,
             channels_last=config.engine.channels_last,
+            video=config.data.video,
         )
         stream = _loader_batches(
             loader, sampler, device, config.engine.channels_last, (names, dataset.train, config)
@@ -294,6 +302,7 @@ def _bench(config, rank, world, device, steps, warmup, backends, eval_query, eva
         }
     timer.close()
     local["peak_memory_gib"], local["memory_kind"] = _peak_memory(device)
+    local["frames_per_sample"] = frames  # img_per_s counts samples: tracklets of a video set
 
     ranks = [local]
     if world > 1:
@@ -381,7 +390,7 @@ def _loader_batches(
         for b in loader:
             images = b["images"].to(device, non_blocking=True)
             if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = frames_channels_last(images)
             fields = batch_fields(names, records, b["indices"], device, config) if names else {}
             yield images, b["pids"].to(device, non_blocking=True), fields
         epoch += 1

@@ -218,3 +218,38 @@ def test_a_method_whose_losses_read_batch_fields_benches_with_them(tmp_path):
     report = run_bench(config, steps=1, warmup=0, loaders="torch", eval_query=0, eval_gallery=0)
     assert report["aggregate"]["compute"]["img_per_s"] > 0
     assert report["ranks"][0]["loaders"]["torch"]["end_to_end"]["steps"] == 1
+
+
+def test_a_video_config_benches_tracklets_through_both_loaders_and_reports_frames(tmp_path):
+    """A video set's sample is a tracklet: the fixed batch is (B, T, C, H, W) with channels_last
+    frames, both loaders give tracklet batches, and the table counts tracklets and T x frames."""
+    from hpc_reid.bench.report import run_markdown
+    from hpc_reid.bench.runner import run_bench
+
+    tiny = [
+        "data.synthetic.ids=8",
+        "data.synthetic.cams=2",
+        "data.synthetic.frames_per_tracklet=[3,5]",
+        "data.synthetic.distractors=1",
+        "data.synthetic.junk=1",
+        "data.height=64",
+        "data.width=32",
+        "data.video.seq_len=3",
+        "sampler.num_identities=2",
+        "sampler.num_instances=2",
+        "loader.num_workers=0",
+        "engine.device=cpu",
+        "engine.channels_last=true",
+        f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+    ]
+    config = load_config(REPO / "configs/synthetic/video.yaml", tiny)
+    report = run_bench(
+        config, steps=1, warmup=0, loaders="torch,dali", eval_query=0, eval_gallery=0
+    )
+    rank = report["ranks"][0]
+    assert rank["frames_per_sample"] == 3
+    assert set(rank["loaders"]) == {"torch", "dali"}
+    table = run_markdown(report)
+    assert "tracklets/s (all ranks) | frames/s (T=3)" in table
+    ips = report["aggregate"]["compute"]["img_per_s"]
+    assert f"| compute-only | {ips:.0f} | {ips * 3:.0f} | 1.00 |" in table
