@@ -715,6 +715,29 @@ class EngineConfig(Section):
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON/YAML to merge")
 
 
+class SpatialTemporalConfig(Section):
+    """Spatial-temporal scoring (st-ReID, Wang et al., AAAI 2019): the appearance similarity s
+    joined with the probability p of the (camera pair, frame difference) under the training set's
+    histogram, score = 1/(1 + lambda0 e^(-gamma0 s)) x 1/(1 + lambda1 e^(-gamma1 p)); for sets
+    whose file names give frame numbers (Market-1501, DukeMTMC-reID, VeRi-776, synthetic)."""
+
+    enabled: bool = False
+    histogram: str | None = Field(
+        None,
+        description="the histogram file written at training time (null: the run's "
+        "st_histogram.npz beside its checkpoints)",
+    )
+    bin_frames: int = Field(100, ge=1, description="frames per histogram bin")
+    bins: int = Field(5000, ge=1, description="histogram bins per camera pair")
+    smooth_sigma: float = Field(
+        50.0, gt=0.0, description="Parzen window (Gaussian) std in bins, applied at evaluation"
+    )
+    lambda0: float = Field(1.0, gt=0.0)
+    gamma0: float = Field(5.0, gt=0.0)
+    lambda1: float = Field(2.0, gt=0.0)
+    gamma1: float = Field(5.0, gt=0.0)
+
+
 class RerankConfig(Section):
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017)."""
 
@@ -764,6 +787,7 @@ class EvaluationConfig(Section):
     max_rank: int = Field(50, ge=1)
     backend: Literal["auto", "numpy", "torch", "cython", "cuda"] = "auto"
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    st: SpatialTemporalConfig = Field(default_factory=SpatialTemporalConfig)
     plots: bool = True
     distance: str = Field(
         "global",
