@@ -69,6 +69,12 @@ class SyntheticConfig(Section):
     junk: int = Field(30, ge=0)
     seed: int = 0
     cache_dir: str | None = Field(None, description="default $HPC_REID_CACHE or ~/.cache/hpc_reid")
+    transit: bool = Field(
+        False,
+        description="frame numbers from a camera-network transit model (identities walking between "
+        "cameras with realistic delays; one sequence per camera, Market-style names), so "
+        "spatial-temporal scoring has something to learn; false: the original random frames",
+    )
     tracklets: bool = Field(
         False,
         description="a MARS-layout video set (tracklets of walking people) instead of Market "
