@@ -12,6 +12,7 @@ import torch
 from hpc_reid.cli import main
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.models import build_model
 from tests.engine.test_trainer import tiny_config, weights
 
 NO_PLOTS = "evaluation.plots=false"
@@ -104,3 +105,20 @@ def test_extract_with_the_pooled_feature_writes_what_the_bn_feature_normalises(r
         expected = (pooled - mean) / torch.sqrt(var + 1e-5) * scale + shift
         torch.testing.assert_close(bn, expected, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(bn, pooled, rtol=1e-3, atol=1e-3)
+
+
+def test_a_checkpoint_evaluates_after_its_initial_weight_file_is_gone(tmp_path):
+    """The checkpoint holds every weight: evaluating it reads neither model.pretrained nor
+    FGReID's second_init_from, which were only read when training began (and may be gone)."""
+    init = tmp_path / "imagenet.pth"
+    source = build_model(tiny_config(tmp_path, "logging.run_name=s").model, 8).backbone
+    torch.save(source.state_dict(), init)
+    train(
+        tiny_config(tmp_path, "logging.run_name=x", NO_PLOTS, f"model.pretrained={init}"),
+        max_steps=1,
+    )
+    checkpoint = CheckpointManager(tmp_path / "runs/x").latest()
+    with_file = evaluate_checkpoint(checkpoint, out_dir=tmp_path / "a")
+    init.unlink()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b")]) == 0
+    assert results(tmp_path / "b")["mAP"] == pytest.approx(with_file["mAP"], abs=1e-12)

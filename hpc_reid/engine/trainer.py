@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.config import Config, save_resolved, write_atomic
+from hpc_reid.config import Config, ModelConfig, save_resolved, write_atomic
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields, with_fields
 from hpc_reid.data.loaders import build_backend_train_loader, frames_channels_last
@@ -595,6 +595,14 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log)
     return state["epoch"], state["step"], state["best"]
 
 
+def without_initial_weights(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without the files a model's initial weights are read from (ImageNet weights,
+    FGReID's second trunk): a checkpoint holds every weight, so evaluating, extracting or exporting
+    it must not need files that were only read when its training began."""
+    fgreid = cfg.fgreid.model_copy(update={"second_init_from": None})
+    return cfg.model_copy(update={"pretrained": None, "fgreid": fgreid})
+
+
 @contextlib.contextmanager
 def saved_model(path: str | Path, config: Config | None = None):
     """The model saved at ``path`` with its data set, on every launched rank:
@@ -612,7 +620,8 @@ def saved_model(path: str | Path, config: Config | None = None):
     )
     try:
         dataset = dataset_on_ranks(config.data, env.rank == 0)
-        model = build_model(config.model, dataset.num_train_pids).to(device)
+        model = build_model(without_initial_weights(config.model), dataset.num_train_pids)
+        model = model.to(device)
         meta = model_meta(config, dataset.num_train_pids, model)
         if state["model_meta"] != meta:
             raise CheckpointError(
