@@ -451,9 +451,9 @@ def test_configs_validate_and_cuhk01_is_two_resnet50_trunks_at_256x150_16x10_map
     assert out["logits2"].shape == (2, 871)
 
 
-#: the synthetic video job (configs/synthetic/video.yaml) on 8 identities in 2 cameras, 2
-#: tracklets each per camera of 2-9 frames at 64x32, clips of T = 3 (at most 2 a tracklet), with
-#: the fgreid head and its whole objective
+#: configs/synthetic/fgreid_video.yaml (the synthetic video job with the fgreid head and its whole
+#: objective) on 8 identities in 2 cameras, 2 tracklets each per camera of 2-9 frames at 64x32,
+#: clips of T = 3 (at most 2 a tracklet), the tiny head widths
 FGREID_VIDEO = [
     "data.synthetic.ids=8",
     "data.synthetic.cams=2",
@@ -464,16 +464,8 @@ FGREID_VIDEO = [
     "data.video.seq_len=3",
     "data.video.max_clips=2",
     "loader.test_batch_size=6",
-    "model.backbone=osnet_x0_25",
-    "model.head=fgreid",
     f"model.fgreid.mid_dim={MID}",
     f"model.fgreid.nonlocal_dim={NL}",
-    "loss.ce.also=[logits2]",
-    "loss.triplet.distance=cosine",
-    "loss.osm.weight=0.14",
-    "loss.variance.weight=0.003",
-    "loss.satisfied_rank.weight=1",
-    "loss.rank_consistency.weight=1",
     "logging.run_name=v",
 ]
 
@@ -481,7 +473,10 @@ FGREID_VIDEO = [
 def test_a_tiny_video_run_trains_on_tracklets_and_eval_of_its_checkpoint_gives_its_numbers(
     tmp_path,
 ):
-    summary = train(tiny_config(tmp_path, "configs/synthetic/video.yaml", *FGREID_VIDEO))
+    config = tiny_config(tmp_path, "configs/synthetic/fgreid_video.yaml", *FGREID_VIDEO)
+    assert config.data.synthetic.tracklets and config.model.head == "fgreid"
+    assert config.loss.osm.weight > 0 and config.loss.ce.also == ["logits2"]
+    summary = train(config)
     run = tmp_path / "runs/v"
     results = json.loads((run / "results.json").read_text())
     assert 0.0 <= results["rank-1"] <= 1.0 and results["mAP"] == pytest.approx(summary["mAP"])
