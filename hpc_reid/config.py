@@ -140,6 +140,33 @@ class TexturesConfig(Section):
     )
 
 
+class ValidationConfig(Section):
+    """A validation holdout carved from the training identities (hpc_reid/data/holdout.py), so
+    model selection and hyper-parameter searches (``hpc-reid tune``) never see a test identity:
+    ``fraction`` of the train identities leave training and become the query and gallery (per
+    held-out identity one random camera stays whole in the gallery and each other camera gives one
+    random query; a set whose train split has one camera, VehicleID, follows its own test
+    protocol: one random gallery image per identity, the rest queries), and ``distractors`` of the
+    remaining train images (tracklets) move to the gallery as distractors, as the fine-grained
+    ReID code's search subsets do (10% of the ids, 25% of the rest). The test split is not read."""
+
+    fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the train identities held out for validation (rounded to a count); "
+        "0: off, query and gallery are the data set's test split",
+    )
+    distractors: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="share of the remaining train images (tracklets) moved to the validation "
+        "gallery as distractors",
+    )
+    seed: int = Field(0, ge=0, description="the draw of identities, queries and distractors")
+
+
 class DataConfig(Section):
     dataset: str = Field(SYNTHETIC, description="a registered data set name or 'synthetic'")
     root: str | None = Field(None, description="data set folder; not used for 'synthetic'")
@@ -149,6 +176,7 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     textures: TexturesConfig = Field(default_factory=TexturesConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     height: int = Field(256, ge=32, description="input height in pixels")
     width: int = Field(128, ge=16, description="input width in pixels")
 
