@@ -16,6 +16,13 @@ rank gathers all features (N x D, not N x N; on the device) and computes the sam
 blocks ranked where they are (the torch ranker on a GPU); the metrics without re-ranking are
 reported beside it as ``without_rerank/mAP`` etc.
 
+With ``evaluation.st.enabled`` the metrics are those of spatial-temporal scoring
+(:mod:`~hpc_reid.evaluation.st`: the cosine similarity joined with the probability of the camera
+pair's frame difference under the training set's histogram, element-wise on every distance tile),
+in every path above (re-ranking starts from its scores); the appearance-only metrics are reported
+beside it as ``without_st/mAP`` etc. Each row then carries its camera and frame in three trailing
+columns.
+
 With ``evaluation.rescore_k`` > 0 the metrics are those of the head's own re-ordering of each
 query's top-K (``head.rescore_ranking``: CACE-Net's conditional re-scoring,
 :mod:`hpc_reid.methods.cace.rescore`; sharded by query, each rank holding all gallery rows, N x
@@ -63,6 +70,12 @@ from hpc_reid.evaluation.sharded import (
     ranked_candidates,
     shard_range,
 )
+from hpc_reid.evaluation.st import (
+    ST_HISTOGRAM,
+    SpatialTemporalDistance,
+    load_histogram,
+    record_frames,
+)
 
 
 def check_evaluation_distance(model, config: Config) -> None:
@@ -102,6 +115,54 @@ def evaluation_distance(model, config: Config, device) -> RowDistance:
     else:
         layout = probe_layout(model, config.data.height, config.data.width, device)
     return RowDistance.from_config(layout, config.evaluation)
+
+
+def spatial_temporal_distance(
+    distance: RowDistance, dataset: ReidDataset, config: Config
+) -> SpatialTemporalDistance | None:
+    """``evaluation.st``'s distance over ``distance``'s feature, or None when off. Every refusal
+    comes before any image is read: a set without frame numbers (naming it), a distance that is
+    not one cosine feature, CACE-Net's re-scoring, a missing or mismatched histogram. The histogram
+    is ``evaluation.st.histogram``, by default the run folder's (``logging.output_dir``/run name)
+    :data:`~hpc_reid.evaluation.st.ST_HISTOGRAM`, written there by the trainer."""
+    ev = config.evaluation
+    if not ev.st.enabled:
+        return None
+    if ev.rescore_k:
+        raise ConfigError(
+            f"evaluation.st.enabled with evaluation.rescore_k={ev.rescore_k}: CACE-Net's "
+            "re-scoring reorders distances st-ReID has replaced; drop one"
+        )
+    terms = distance.terms  # (part, weight, part distance): one cosine "metric" part of weight 1
+    if distance.metric != "cosine" or len(terms) != 1 or terms[0][1:] != (1.0, None):
+        raise ConfigError(
+            f"evaluation.st.enabled needs the cosine similarity of one feature (st-ReID's "
+            f"appearance score), got evaluation.metric={ev.metric!r}, evaluation.distance="
+            f"{distance.spec!r}; expected evaluation.metric: cosine and one metric part"
+        )
+    note = getattr(dataset, "frames_note", None)
+    for records in (dataset.query, dataset.gallery):
+        record_frames(records, dataset.name, note)
+    from hpc_reid.engine.trainer import run_dir_of  # the trainer imports this module
+
+    path = ev.st.histogram or run_dir_of(config) / ST_HISTOGRAM
+    return SpatialTemporalDistance(load_histogram(path, dataset, ev.st), ev.st)
+
+
+def _st_rows(distance: RowDistance, rows: torch.Tensor, records: Sequence[Record], part: range):
+    """This shard's rows for st-ReID: ``distance``'s feature columns, then each record's camera
+    and frame (:meth:`~hpc_reid.evaluation.st.SpatialTemporalDistance.rows`)."""
+    rows, _, _ = distance.restrict(rows, rows[:0])
+    shard = records[part.start : part.stop]
+    cams, frames = np.array([r.camid for r in shard]), np.array([r.frame for r in shard])
+    return SpatialTemporalDistance.rows(rows, cams, frames)
+
+
+def _beside(summary: dict[str, float], previous: dict[str, float], prefix: str) -> dict:
+    """``summary``, with ``previous``'s plain metrics as ``prefix/...`` and its keys that name
+    another protocol already (``without_st/...``) as they are."""
+    plain = {f"{prefix}/{k}": v for k, v in previous.items() if "/" not in k}
+    return {**summary, **plain, **{k: v for k, v in previous.items() if "/" in k}}
 
 
 def shown_image(record: Record) -> str:
@@ -196,6 +257,7 @@ def evaluate_model(
     With ``out_dir`` the main process writes ``results.json``, ``cmc.png`` and ``ranked.png``.
     """
     distance = evaluation_distance(model, config, device)  # a ConfigError before extraction
+    st = spatial_temporal_distance(distance, dataset, config)  # evaluation.st: ditto
     ev = config.evaluation
     both = ev.flip_average and ev.report_without_flip  # papers report both protocols
     if both:
@@ -217,6 +279,17 @@ def evaluate_model(
     rank_all = evaluate_features if world == 1 else evaluate_sharded
     result = rank_all(*local, metric=distance, max_rank=ev.max_rank, backend=ev.backend)
     summary = result.summary()
+    if st is not None:  # st-ReID: the rows gain cameras and frames, ranked by the joint score
+        qf, gf = (
+            _st_rows(distance, qf, dataset.query, qs),
+            _st_rows(distance, gf, dataset.gallery, gs),
+        )
+        if both:
+            q_plain = _st_rows(distance, q_plain, dataset.query, qs)
+            g_plain = _st_rows(distance, g_plain, dataset.gallery, gs)
+        distance, local = st, (qf, gf, *local[2:])
+        result = rank_all(*local, metric=distance, max_rank=ev.max_rank, backend=ev.backend)
+        summary = _beside(result.summary(), summary, "without_st")
     if ev.rerank.enabled:
         plain = summary
         result = _reranked(
@@ -230,7 +303,7 @@ def evaluate_model(
             distance,
             device,
         )
-        summary = {**result.summary(), **{f"without_rerank/{k}": v for k, v in plain.items()}}
+        summary = _beside(result.summary(), plain, "without_rerank")
     if ev.rescore_k:  # the head's re-scorer (checked above); the single-image metrics beside it
         plain = summary
         result = model.head.rescore_ranking(

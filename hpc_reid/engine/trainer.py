@@ -398,6 +398,12 @@ class _Run:
             self.sampler.set_epoch(0)
         if self.main:
             save_resolved(self.config, self.run_dir)
+        # st-ReID's camera-pair histogram of the training set's frame differences, beside the
+        # checkpoints for hpc-reid eval (a set with frame numbers; a set without them is refused
+        # here with evaluation.st.enabled). Collective: rank 0 writes, every rank waits for it.
+        from hpc_reid.evaluation.st import save_run_histogram
+
+        save_run_histogram(self.dataset, self.config, self.run_dir, self.main)
         self.log.info(self.notes)
 
     def evaluate_before_training(self) -> None:
