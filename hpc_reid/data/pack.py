@@ -29,8 +29,9 @@ shards can be put back together in order). A frame named by two tracklets would 
 Attributes: ``format_version``, ``records`` (``images`` or ``tracklets``), ``dataset``
 (registered name), ``protocol`` (parser class and title), ``options`` (JSON, the parser's defaults
 filled in), ``statistics`` (JSON), ``root``, ``tool``, ``checksum``, ``split_names``, ``shard``,
-``num_shards``, ``num_images`` (image or frame rows of the whole set), ``pack_name`` and
-``fingerprint`` (a hash of the whole set's rows, equal in all its shards).
+``num_shards``, ``num_images`` (image or frame rows of the whole set), ``pack_name``,
+``fingerprint`` (a hash of the whole set's rows, equal in all its shards) and ``frame_numbers``
+(:data:`FRAME_NUMBERS`: what the ``frames`` column counts).
 
 Shards (``NAME-00000-of-00004.h5`` ...) take images (whole tracklets for a video set) round-robin,
 so every shard holds a part of every split. Each file is written under a temporary name in the
@@ -100,6 +101,13 @@ FORMAT_VERSION = 1  # image packs
 TRACKLET_FORMAT_VERSION = 2  # packs of tracklets (video sets); image packs keep version 1
 READABLE_VERSIONS = (FORMAT_VERSION, TRACKLET_FORMAT_VERSION)
 TRACKLET_COLUMNS = ("start", "count", "pids", "camids", "tids", "order")
+#: The ``frame_numbers`` attribute: a record's frame is on its camera's clock (Market-1501's
+#: sequences laid end to end, :func:`~hpc_reid.data.datasets.market1501.sequence_offsets`), as
+#: spatial-temporal scoring reads it. Packs written before it hold Market-1501's frame within its
+#: sequence; their frames read as unknown (None, ``PackedDataset.frames_note`` says why), so that
+#: st-ReID refuses them instead of ranking with wrong time differences.
+FRAME_NUMBERS = "camera clock"
+CLOCK_CHANGED = ("market1501",)  # the sets whose frames meant something else before
 CHECKSUM = "crc32"
 SPLITS = ("train", "query", "gallery")
 _BATCH = 256  # rows buffered per shard before a write
@@ -440,6 +448,8 @@ def pack_dataset(
             "pack_name": out.name,
             "fingerprint": fingerprint.hexdigest()[:32],
         }
+        if getattr(dataset, "frames_note", None) is None:  # a re-packed old pack keeps its note
+            attrs["frame_numbers"] = FRAME_NUMBERS
         for k, (f, w) in enumerate(zip(files, writers, strict=True)):
             w.flush()
             if video:
@@ -551,6 +561,13 @@ class PackedDataset(ReidDataset):
         self.protocol = str(attrs["protocol"])
         self.source_root = str(attrs["root"])
         self.attrs = attrs
+        #: why the records' frames are unknown though the packed set has frame numbers, or None
+        self.frames_note: str | None = None
+        if "frame_numbers" not in attrs and self.name in CLOCK_CHANGED:
+            self.frames_note = (
+                f"pack {self.root} was written before {self.name} frame numbers counted on the "
+                "camera's clock (its frames are within their sequences); pack the data set again"
+            )
         stats = json.loads(attrs["statistics"])
         if int(attrs["format_version"]) == TRACKLET_FORMAT_VERSION:
             splits = self._read_tracklets(stats)
@@ -575,7 +592,7 @@ class PackedDataset(ReidDataset):
             raise PackError(f"pack {self.root}: its rows do not cover 0..{num_images} once")
         splits: list[list[ImageRecord]] = [[] for _ in SPLITS]
         for i in order.tolist():
-            frame = int(col["frames"][i])
+            frame = -1 if self.frames_note else int(col["frames"][i])
             record = ImageRecord(
                 paths[i], int(col["pids"][i]), int(col["camids"][i]), None if frame < 0 else frame
             )

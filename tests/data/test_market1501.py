@@ -51,7 +51,7 @@ def make_tree(root: Path, seed: int, duke: bool = False) -> tuple[dict, int]:
             add("gallery", int(pid), int(cams[1]))
     for _ in range(int(rng.integers(1, 4))):  # distractors
         add("gallery", 0, int(rng.integers(1, num_cams + 1)))
-    junk = 0
+    junk_names = []
     for split, folder in FOLDERS.items():
         (root / folder).mkdir(parents=True)
         for file_name in expected[split]:
@@ -60,8 +60,26 @@ def make_tree(root: Path, seed: int, duke: bool = False) -> tuple[dict, int]:
             for _ in range(int(rng.integers(1, 3))):
                 junk_name, _ = market_name(rng, 1, int(rng.integers(1, 7)))
                 (root / folder / junk_name.replace("0001_", "-1_", 1)).touch()
-                junk += 1
-    return expected, junk
+                junk_names.append(junk_name)
+    if not duke:
+        on_camera_clock(expected, junk_names)
+    return expected, len(junk_names)
+
+
+def on_camera_clock(expected: dict, junk_names: list[str]) -> None:
+    """Market frames moved, in place, onto their camera's clock: sequence s of camera c starts
+    after the longest frame of each of c's earlier sequences among all files, junk included."""
+    longest: dict[tuple[int, int], int] = {}
+    names = [n for split in expected.values() for n in split] + junk_names
+    for name in names:
+        camseq, frame = name.split("_")[1:3]
+        key = (int(camseq[1]), int(camseq[3]))
+        longest[key] = max(longest.get(key, 0), int(frame))
+    for split in expected.values():
+        for name, (pid, cam, frame) in split.items():
+            seq = int(name.split("_")[1][3])
+            earlier = [n for (c, s), n in longest.items() if c == cam + 1 and s < seq]
+            split[name] = (pid, cam, frame + sum(earlier))
 
 
 def by_name(records) -> dict[str, tuple[int, int, int]]:
