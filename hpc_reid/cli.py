@@ -606,6 +606,73 @@ def _add_tune_parser(commands) -> None:
     tune.set_defaults(func=cmd_tune)
 
 
+def cmd_visualize_attention(args: argparse.Namespace) -> int:
+    from hpc_reid.visualize import attention_figure
+
+    path = attention_figure(
+        args.checkpoint, args.out, args.split, args.num, _checkpoint_config(args)
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_visualize_tsne(args: argparse.Namespace) -> int:
+    from hpc_reid.visualize import tsne_figure
+
+    path = tsne_figure(
+        args.checkpoint,
+        args.out,
+        args.split,
+        args.max_ids,
+        centers=not args.no_centers,
+        config=_checkpoint_config(args),
+        seed=args.seed,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_visualize_parser(commands) -> None:
+    visualize = commands.add_parser(
+        "visualize",
+        help="pictures of a checkpoint: attention maps, a t-SNE of features and centers (PNG)",
+        description="Drawn on one process (a torchrun/srun launch is refused), with the config "
+        "the checkpoint stores, or --config; --set overrides either.",
+    )
+    pictures = visualize.add_subparsers(dest="picture", required=True, metavar="PICTURE")
+    attention = pictures.add_parser(
+        "attention",
+        help="the model's attention map over images of a split (a head with an 'attention' "
+        "output: fgreid)",
+        description="OUT/attention_SPLIT.png: --num images spread over the split, a row of the "
+        "inputs above a row with the map (upsampled, min-max scaled, jet, alpha 0.5) over them; "
+        "for tracklets one row per tracklet, the T frames of its first clip.",
+    )
+    tsne = pictures.add_parser(
+        "tsne",
+        help="a 2-D t-SNE of features of a few identities with their center-loss centers",
+        description="OUT/tsne_SPLIT.png: the features of the first --max-ids identities (for "
+        "query and gallery, of those with a query), coloured by identity, and their center-loss "
+        "centers (train split only; the features are then the center loss's input, the global "
+        "output) fitted in the same seeded t-SNE.",
+    )
+    for p, split in ((attention, "query"), (tsne, "train")):
+        p.add_argument("--checkpoint", required=True, help="a checkpoint, run or folder")
+        p.add_argument("--out", required=True, help="folder for the PNG")
+        p.add_argument(
+            "--split", choices=["train", "query", "gallery"], default=split, help=f"({split})"
+        )
+        _add_config_args(p, required=False)
+    attention.add_argument("--num", type=int, default=8, help="images or tracklets drawn (8)")
+    attention.set_defaults(func=cmd_visualize_attention)
+    tsne.add_argument("--max-ids", type=int, default=20, help="identities drawn (20)")
+    tsne.add_argument(
+        "--no-centers", action="store_true", help="the retrieval features alone, no centers"
+    )
+    tsne.add_argument("--seed", type=int, default=0, help="t-SNE's seed")
+    tsne.set_defaults(func=cmd_visualize_tsne)
+
+
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """A data set named on the command line (--dataset, --root, --option) or by --config."""
     parser.add_argument("--dataset", help=f"one of: {', '.join(available_datasets())}")
@@ -728,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(commands)
     _add_tune_parser(commands)
+    _add_visualize_parser(commands)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
