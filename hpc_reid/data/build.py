@@ -22,6 +22,7 @@ def synth_spec(data: DataConfig):
         distractors=s.distractors,
         junk=s.junk,
         seed=s.seed,
+        transit=s.transit,
     )
 
 
@@ -92,9 +93,18 @@ def dataset_on_ranks(data: DataConfig, main: bool, announce=print) -> ReidDatase
 
 
 def dataset_from_config(data: DataConfig, announce=print) -> ReidDataset:
+    """The config's data set; with ``data.validation.fraction`` > 0, its validation holdout (the
+    query and gallery from held-out train identities, never the test split)."""
     name, root = dataset_root(data, announce)
     options = {} if data.dataset == SYNTHETIC else dict(data.options)
     if data.dataset == SYNTHETIC and data.options:
         raise ConfigError("data.options: the synthetic data set takes no options")
     check_options(name, options)
-    return build_dataset(name, root, **options)
+    dataset = build_dataset(name, root, **options)
+    v = data.validation
+    if v.fraction > 0:
+        # after the parser: any registered set, folder or pack, images or tracklets
+        from hpc_reid.data.holdout import ValidationHoldout
+
+        dataset = ValidationHoldout(dataset, v.fraction, v.distractors, v.seed)
+    return dataset
