@@ -9,6 +9,11 @@ images are distractors in the gallery and pid -1 images are junk the protocol le
 Every random choice comes from a generator seeded by ``SeedSequence([seed, stream, key...])``: the
 plan by identity, each person by identity, each camera by camera, each image by its identity and
 index. So an image's bytes depend only on the spec and the image, whichever process draws it.
+
+Frame numbers: by default each identity's track in a camera starts at a random frame, in a random
+sequence (``sS`` of the name). With ``transit`` they follow identities walking around a ring of
+cameras (:mod:`.transit`; one sequence per camera), for spatial-temporal scoring; the images, the
+splits and every other name part are those of the same spec without it.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from hpc_reid.data.datasets.base import DatasetError
 from .camera import make_camera, sample_shot
 from .people import TEXTURE_LAYOUT, Identity, make_identity
 from .render import KEYPOINTS, draw
+from .transit import camera_network, walk
 
 GENERATOR_VERSION = "1"
 JPEG_QUALITY = 90
-_PLAN, _IDENTITY, _DISTRACTOR, _JUNK, _CAMERA, _SHOT = range(1, 7)
+_PLAN, _IDENTITY, _DISTRACTOR, _JUNK, _CAMERA, _SHOT, _TRANSIT = range(1, 8)
 IDENTITY, DISTRACTOR, JUNK = 0, 1, 2
 _LIMITS = {
     "ids": (4, 9999),  # pids are 4 digits
@@ -64,9 +70,14 @@ class SynthSpec:
     height: int = 128
     width: int = 64
     seed: int = 0
+    transit: bool = False  # frames from a camera-network walk (.transit); off: random frames
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transit, bool | np.bool_):
+            raise DatasetError(f"SynthSpec.transit={self.transit!r} must be true or false")
         for f in fields(self):
+            if f.name == "transit":
+                continue
             value, (lo, hi) = getattr(self, f.name), _LIMITS[f.name]
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
                 raise DatasetError(f"SynthSpec.{f.name}={value!r} must be an integer in {lo}..{hi}")
@@ -75,8 +86,13 @@ class SynthSpec:
                     f"SynthSpec.{f.name}={value!r} is outside the allowed range {lo}..{hi}"
                 )
 
-    def to_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, int | bool]:
+        """The spec as JSON values; ``transit`` only when on, so that a spec without it keeps the
+        cache key and ``meta.json`` it had before transit existed."""
+        out: dict[str, int | bool] = {k: int(v) for k, v in asdict(self).items() if k != "transit"}
+        if self.transit:
+            out["transit"] = True
+        return out
 
     def key(self) -> str:
         """A hash of the spec and the generator version: the cache folder's name."""
@@ -103,6 +119,7 @@ def plan(spec: SynthSpec) -> list[Job]:
     """Every image of the set, in a fixed order: identities by pid, then distractors, then junk."""
     num_train = (spec.ids + 1) // 2
     jobs: list[Job] = []
+    network = camera_network(_rng(spec.seed, _TRANSIT, 0), spec.cams) if spec.transit else None
     for pid in range(1, spec.ids + 1):
         rng = _rng(spec.seed, _PLAN, pid)
         test = pid > num_train
@@ -113,14 +130,22 @@ def plan(spec: SynthSpec) -> list[Job]:
         cams = np.sort(rng.choice(spec.cams, n_cams, replace=False))
         counts = per_cam + rng.multinomial(n - per_cam * n_cams, rng.dirichlet(np.ones(n_cams)))
         index, split = 0, "bounding_box_test" if test else "bounding_box_train"
+        tracks = []
         for cam, count in zip(cams.tolist(), counts.tolist(), strict=True):
             # one track per camera: a sequence, and frames increasing from a random start
             seq = int(rng.integers(1, 7))
             frames = int(rng.integers(0, 150_000)) + np.cumsum(rng.integers(5, 40, count))
             query = int(rng.integers(count)) if test else -1
-            for i, frame in enumerate(frames.tolist()):
+            boxes = [int(rng.integers(8)) for _ in range(count)]
+            tracks.append([cam, seq, frames, query, boxes])
+        if network is not None:  # the same draws above, then the walk's frames, one sequence
+            walked = walk(network, _rng(spec.seed, _TRANSIT, pid), [(t[0], t[2]) for t in tracks])
+            for track, frames in zip(tracks, walked, strict=True):
+                track[1:3] = 1, frames
+        for cam, seq, frames, query, boxes in tracks:
+            for i, (frame, box) in enumerate(zip(frames.tolist(), boxes, strict=True)):
                 folder = "query" if i == query else split
-                name = f"{pid:04d}_c{cam + 1}s{seq}_{frame:06d}_{int(rng.integers(8)):02d}.jpg"
+                name = f"{pid:04d}_c{cam + 1}s{seq}_{frame:06d}_{box:02d}.jpg"
                 jobs.append(Job(f"{folder}/{name}", pid, cam, IDENTITY, pid, index))
                 index += 1
     used: set[str] = set()
@@ -129,6 +154,7 @@ def plan(spec: SynthSpec) -> list[Job]:
         for k in range(count):
             cam, seq = int(rng.integers(spec.cams)), int(rng.integers(1, 7))
             frame, box = int(rng.integers(1, 200_000)), int(rng.integers(8))
+            seq = 1 if spec.transit else seq  # one sequence per camera; frames over the span
             prefix = "0000" if pid == 0 else "-1"
             while (name := f"{prefix}_c{cam + 1}s{seq}_{frame:06d}_{box:02d}.jpg") in used:
                 box += 1  # another detection in the same frame
