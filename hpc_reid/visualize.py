@@ -38,7 +38,9 @@ from torch import nn
 from hpc_reid.config import Config, ConfigError, write_atomic
 from hpc_reid.data.datasets.base import Record, are_tracklets
 from hpc_reid.data.loaders import build_backend_test_loader
+from hpc_reid.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from hpc_reid.engine.errors import CheckpointError
+from hpc_reid.engine.trainer import saved_model
 from hpc_reid.evaluation.features import extract_features
 from hpc_reid.launch.distributed import detect_env
 from hpc_reid.models.heads import RetrievalPart
@@ -94,19 +96,25 @@ def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Maps (N, h, w) to (N, height, width), bilinear with half-pixel centres
+    (``align_corners=False``: a cell's value sits at its centre, the borders clamp)."""
+    up = F.interpolate(maps.float()[:, None], size=(height, width), mode="bilinear")
+    return up[:, 0]
+
+
 def overlay(images: np.ndarray, maps: torch.Tensor, alpha: float = ALPHA) -> np.ndarray:
-    """The attention ``maps`` (N, h, w) over ``images`` (N, H, W, 3) uint8: each map min-max scaled
-    over all N together (one image, or one tracklet's frames; a constant map is 0), upsampled
-    bilinearly (half-pixel centres, ``align_corners=False``) to H x W, coloured by
-    :data:`COLOUR_MAP` and blended: round((1 - alpha) image + alpha 255 colour)."""
+    """The attention ``maps`` (N, h, w) over ``images`` (N, H, W, 3) uint8: min-max scaled over
+    all N together (one image, or one tracklet's frames; a constant map is 0),
+    :func:`upsample`'d to H x W, coloured by :data:`COLOUR_MAP` and blended:
+    round((1 - alpha) image + alpha 255 colour)."""
     from matplotlib import colormaps
 
     maps = maps.detach().float().cpu()
     low, span = maps.min(), maps.max() - maps.min()
     scaled = (maps - low) / span if span > 0 else torch.zeros_like(maps)
-    h, w = images.shape[1:3]
-    up = F.interpolate(scaled[:, None], size=(h, w), mode="bilinear", align_corners=False)
-    colour = colormaps[COLOUR_MAP](up[:, 0].clamp(0, 1).numpy())[..., :3]
+    up = upsample(scaled, *images.shape[1:3]).clamp(0, 1).numpy()
+    colour = colormaps[COLOUR_MAP](up)[..., :3]
     blended = (1 - alpha) * images.astype(np.float64) + alpha * 255.0 * colour
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
@@ -178,8 +186,6 @@ def attention_figure(
 ) -> Path:
     """``out/attention_<split>.png``: ``num`` images (tracklets) of ``split`` spread over it,
     with the attention map of the model saved at ``checkpoint`` over them (module docstring)."""
-    from hpc_reid.engine.trainer import saved_model
-
     refuse_several_ranks("attention")
     with saved_model(checkpoint, config) as (config, _, device, dataset, model):
         records = spread(split_records(dataset, split), num)
@@ -263,10 +269,10 @@ def _squared_distances(x: np.ndarray) -> np.ndarray:
     return np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
 
 
-def joint_probabilities(x: np.ndarray, perplexity: float, tol: float = 1e-5) -> np.ndarray:
-    """t-SNE's P (van der Maaten and Hinton 2008, Sec. 3): per point i, the Gaussian conditional
-    p_j|i whose precision a bisection sets so that its entropy is log(perplexity) nats, then
-    P = (p_j|i + p_i|j) / 2n."""
+def conditional_probabilities(x: np.ndarray, perplexity: float, tol: float = 1e-5) -> np.ndarray:
+    """t-SNE's p_j|i (van der Maaten and Hinton 2008, Eq. 1), row i: a Gaussian kernel on the
+    squared distances from point i whose precision a bisection sets so that its entropy is
+    log(perplexity) nats (within ``tol``); p_i|i = 0."""
     d2 = _squared_distances(np.asarray(x, np.float64))
     n = len(d2)
     target = np.log(perplexity)
@@ -288,7 +294,13 @@ def joint_probabilities(x: np.ndarray, perplexity: float, tol: float = 1e-5) -> 
                 high = beta
                 beta = (beta + low) / 2.0
         cond[i, np.arange(n) != i] = p
-    return (cond + cond.T) / (2.0 * n)
+    return cond
+
+
+def joint_probabilities(x: np.ndarray, perplexity: float) -> np.ndarray:
+    """t-SNE's symmetric P = (p_j|i + p_i|j) / 2n (Sec. 3.1)."""
+    cond = conditional_probabilities(x, perplexity)
+    return (cond + cond.T) / (2.0 * len(cond))
 
 
 def kl_gradient(p: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -403,9 +415,6 @@ def tsne_figure(
     ``split`` (features flip-averaged as ``evaluation.flip_average`` says; a tracklet's the mean
     of its dense clips'), with their center-loss centers unless ``centers`` is False (module
     docstring)."""
-    from hpc_reid.engine.checkpoint import load_checkpoint
-    from hpc_reid.engine.trainer import saved_model
-
     refuse_several_ranks("tsne")
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -434,6 +443,6 @@ def tsne_figure(
     title = (
         f"{method} of {len(drawn)} {split} {kind} of {len(chosen)} identities"
         + (" and their center-loss centers" if centers else "")
-        + f"\n{config.name}, {Path(checkpoint).name}"
+        + f"\n{config.name}, {resolve_checkpoint(checkpoint).name}"
     )
     return plot_tsne(embedding, points, Path(out) / f"tsne_{split}.png", title)
