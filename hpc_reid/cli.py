@@ -264,8 +264,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "evaluation.distance=global+local (--set evaluation.distance_weights.local=0.5); "
             "--distance and --distance-weight are for feature files"
         )
-    evaluate_checkpoint(args.checkpoint, _checkpoint_config(args), args.out)
+    config = _with_run_histogram(args.checkpoint, _checkpoint_config(args))
+    evaluate_checkpoint(args.checkpoint, config, args.out)
     return 0
+
+
+def _with_run_histogram(checkpoint: str, config):
+    """``config`` whose ``evaluation.st.histogram``, when st-ReID is on and names no file, is the
+    evaluated run's own st_histogram.npz (in the run folder holding the checkpoint's
+    ``checkpoints/``, wherever that folder is now), if there is one. A stored config (None) keeps
+    its default: the run folder it was trained in."""
+    if config is None or not config.evaluation.st.enabled or config.evaluation.st.histogram:
+        return config
+    from hpc_reid.engine.checkpoint import resolve_checkpoint
+    from hpc_reid.evaluation.st import ST_HISTOGRAM
+
+    beside = resolve_checkpoint(checkpoint).resolve().parent.parent / ST_HISTOGRAM
+    if beside.is_file():
+        config.evaluation.st.histogram = str(beside)
+    return config
 
 
 def _checkpoint_config(args: argparse.Namespace):
