@@ -45,7 +45,12 @@ def results_rows(results, trial_index: dict[str, int], space: SearchSpace) -> li
         }
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
         row["threads"] = metrics.get("threads")
-        row.update({k: (result.config or {}).get(k) for k in space.params})
+        params = {k: (result.config or {}).get(k) for k in space.params}
+        row.update(params)
+        if space.derived and None not in params.values():
+            row.update(space.derived_values(params))
+        else:
+            row.update(dict.fromkeys(space.derived))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["trial"], r["trial_id"]))
 
@@ -99,7 +104,11 @@ def write_best_yaml(
     search_dir: Path,
     workers: int = 1,
 ) -> Path:
-    """The base config with the best trial's values: ``hpc-reid train --config best.yaml``."""
+    """The base config with the best trial's values: ``hpc-reid train --config best.yaml``.
+
+    On a validation holdout (``data.validation``) the trial's numbers are validation numbers;
+    the header also gives the command that retrains on all training identities and reports the
+    test split's numbers (the search never saw them)."""
     values = {k: best[k] for k in space.params}
     config = space.config(base, values, f"best trial {best['trial']} of {search_dir}")
     if workers == 1:  # on CPU the numbers depend on the thread count too
@@ -107,12 +116,23 @@ def write_best_yaml(
         retrain = f"{threads}hpc-reid train --config {path.name}"
     else:  # the global batch and the sampler's shards depend on the world size
         retrain = f"torchrun --nproc-per-node {workers} -m hpc_reid.cli train --config {path.name}"
+    derived = space.derived_values(values)
+    validation = config.data.validation
+    split = f"validation (data.validation: {validation.fraction} of the train ids)"
     header = (
         f"# The best trial ({best['trial']}, Ray trial {best['trial_id']}) of the search in "
         f"{search_dir}:\n# objective {best['objective']:.6f}, mAP {best['mAP']:.6f}, "
-        f"rank-1 {best['rank-1']:.6f}. Retrain to these numbers:\n#   {retrain}\n"
+        f"rank-1 {best['rank-1']:.6f}"
+        + (f" on the {split}" if validation.fraction > 0 else "")
+        + f". Retrain to these numbers:\n#   {retrain}\n"
         + "".join(f"#   {k}: {v!r}\n" for k, v in values.items())
+        + "".join(f"#   {k}: {v!r} ({space.derived[k].text})\n" for k, v in derived.items())
     )
+    if validation.fraction > 0:
+        header += (
+            "# Retrain on all training identities and report the test split's numbers:\n"
+            f"#   {retrain} --set data.validation.fraction=0\n"
+        )
     return write_atomic(path, header + config.to_yaml())
 
 

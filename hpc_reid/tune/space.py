@@ -7,6 +7,8 @@ A space file maps config key paths to what the search may set them to::
       schedule.warmup_epochs: {type: range, bounds: [0, 10], int: true}
       sampler.num_instances: {type: choice, values: [2, 4, 8]}
       engine.seed: 0                                  # fixed for every trial
+    derived:                                          # set from the searched values
+      loss.triplet.weight: "1 - loss.osm.weight"
     constraints:
       - "schedule.warmup_epochs <= 0.5 * schedule.epochs"     # linear: Ax enforces it
       - "sampler.num_identities * sampler.num_instances <= 64"  # a derived key: checked here
@@ -15,7 +17,10 @@ Every key must exist in the :class:`~hpc_reid.config.Config` schema (an unknown 
 error, with the same did-you-mean, as ``--set``), and every bound and choice must give a valid
 config. A linear constraint over range parameters goes to Ax as a parameter constraint; any other
 (products such as P*K, or choice parameters) is checked on each suggestion, and a suggestion that
-breaks it is abandoned in Ax and replaced.
+breaks it is abandoned in Ax and replaced. A derived key is set on every trial from the searched
+values (keys, numbers, +, - and *), for parameters a method ties together: FGReID's objective
+weighs its triplet term by 1 - beta and its OSM term by beta, so one searched value sets both; it
+is checked against the schema with the parameters at their extremes like a searched key.
 """
 
 from __future__ import annotations
@@ -85,14 +90,29 @@ class Constraint:
         return bool(_evaluate(self.tree.body, values))
 
 
+@dataclass(frozen=True)
+class Derived:
+    """``key = expression`` over searched keys, set on every trial from the suggested values."""
+
+    key: str
+    text: str
+    tree: ast.Expression
+    keys: tuple[str, ...]
+
+    def value(self, values: dict[str, Any]) -> Any:
+        return _evaluate(self.tree.body, values)
+
+
 @dataclass
 class SearchSpace:
-    """The parameters a search sets, the values fixed for every trial, and the constraints."""
+    """The parameters a search sets, the values fixed for every trial, the values derived from
+    the searched ones, and the constraints."""
 
     source: str
     params: dict[str, Param]
     fixed: dict[str, Any] = field(default_factory=dict)
     constraints: list[Constraint] = field(default_factory=list)
+    derived: dict[str, Derived] = field(default_factory=dict)
 
     def ax_parameters(self) -> list:
         from ax import ChoiceParameterConfig, RangeParameterConfig
@@ -131,10 +151,31 @@ class SearchSpace:
         known = self.params
         return [f"{k}={v!r}" for k, v in values.items() if k in known and not known[k].contains(v)]
 
+    def derived_values(
+        self, values: dict[str, Any], base: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Each derived key's value from ``values`` (one suggestion); a searched key missing
+        from ``values`` is read from ``base`` (a config dict), as a trial would leave it."""
+        out = {}
+        for key, derived in self.derived.items():
+            inputs = {}
+            for k in derived.keys:
+                if k in values:
+                    inputs[k] = values[k]
+                elif base is not None:
+                    inputs[k] = get_key(base, k)
+                else:
+                    raise KeyError(f"{self.source}: derived {key} needs {k}, not in {values}")
+            out[key] = derived.value(inputs)
+        return out
+
     def config(self, base: dict[str, Any], values: dict[str, Any], source: str = "") -> Config:
-        """The base config (a ``Config.to_dict()``) with the fixed and the suggested values."""
+        """The base config (a ``Config.to_dict()``) with the fixed, the suggested and the derived
+        values."""
         data = copy.deepcopy(base)
         for key, value in {**self.fixed, **values}.items():
+            set_key(data, key, value)
+        for key, value in self.derived_values(values, data).items():
             set_key(data, key, value)
         return build_config(data, source or self.source)
 
@@ -149,6 +190,16 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"{key}: {'.'.join(sections[: i + 1])} is a value, not a section")
         node = child
     node[last] = value
+
+
+def get_key(data: dict[str, Any], key: str) -> Any:
+    """The value at ``a.b.c`` of a nested dict; a missing one is a :class:`ConfigError`."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{key}: not in the config")
+        node = node[part]
+    return node
 
 
 def load_space(path: str | Path, base: Config) -> SearchSpace:
@@ -175,10 +226,11 @@ def read_space(path: str | Path) -> Any:
 def parse_space(raw: Any, base: Config, source: str = "<space>") -> SearchSpace:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with 'parameters' (and 'constraints')")
-    unknown = set(raw) - {"parameters", "constraints"}
+    sections = ["parameters", "derived", "constraints"]
+    unknown = set(raw) - set(sections)
     if unknown:
         name = sorted(unknown)[0]
-        hint = did_you_mean(name, ["parameters", "constraints"])
+        hint = did_you_mean(name, sections)
         raise ConfigError(f"{source}: unknown section {name!r}{hint}")
     entries = raw.get("parameters") or {}
     if not isinstance(entries, dict) or not entries:
@@ -195,6 +247,10 @@ def parse_space(raw: Any, base: Config, source: str = "<space>") -> SearchSpace:
     if not params:
         raise ConfigError(f"{source}: no range or choice parameter to search")
     space = SearchSpace(source, params, fixed)
+    derived = raw.get("derived") or {}
+    if not isinstance(derived, dict):
+        raise ConfigError(f"{source}: 'derived' must map config keys to expressions")
+    space.derived = {k: _parse_derived(k, text, space) for k, text in derived.items()}
     space.constraints = [_parse_constraint(c, space) for c in raw.get("constraints") or []]
     _validate_against_schema(space, base.to_dict())
     return space
@@ -276,6 +332,34 @@ def _parse_constraint(text: Any, space: SearchSpace) -> Constraint:
             raise ConfigError(f"{where}: {key} {reason}{hint}")
     linear = degree <= 1 and all(isinstance(space.params[k], RangeParam) for k in keys)
     return Constraint(text, tree, tuple(dict.fromkeys(keys)), linear)
+
+
+def _parse_derived(key: Any, text: Any, space: SearchSpace) -> Derived:
+    where = f"{space.source}: derived {key!r}"
+    if not isinstance(key, str):
+        raise ConfigError(f"{where}: must be a config key path")
+    if key in space.params or key in space.fixed:
+        kind = "searched" if key in space.params else "fixed"
+        raise ConfigError(f"{where}: {key} is already {kind}; a key is set one way")
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{where}: {text!r} must be an expression over searched keys, such as "
+            "'1 - loss.osm.weight' (a constant is a fixed value: put it under parameters)"
+        )
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ConfigError(f"{where}: {text!r} is not an expression") from None
+    keys: list[str] = []
+    _degree(tree.body, keys, f"{where}: {text!r}")
+    if not keys:
+        raise ConfigError(f"{where}: {text!r} reads no searched key (a constant is a fixed value)")
+    for k in keys:
+        if k not in space.params:
+            reason = "is fixed, not searched" if k in space.fixed else "is not a parameter"
+            hint = "" if k in space.fixed else did_you_mean(k, list(space.params))
+            raise ConfigError(f"{where}: {k} {reason}{hint}")
+    return Derived(key, text, tree, tuple(dict.fromkeys(keys)))
 
 
 def _key_of(node: ast.AST) -> str | None:
