@@ -65,6 +65,7 @@ def refuse_several_ranks(command: str) -> None:
 
 
 def split_records(dataset, split: str) -> list[Record]:
+    """The records of ``split`` (train, query or gallery) of ``dataset``; an empty one refused."""
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     records = list(getattr(dataset, split))
