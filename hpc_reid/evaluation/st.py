@@ -77,7 +77,7 @@ ST_COLUMNS = 3  # a row's trailing columns: camera, frame // 2^16, frame % 2^16
 EPS = 1e-7  # the released code's guard in each normalisation
 FILE_VERSION = 1
 _HALF = 1 << 16  # float32 holds both halves exactly (frames below 2^40)
-_CHUNK = 1 << 22  # pairs scored at once: bounds the float64 temporaries of a tile
+_CHUNK = 1 << 20  # pairs scored at once: bounds the (8-byte) temporaries of a tile
 
 
 class SpatialTemporalError(ConfigError):
@@ -273,6 +273,7 @@ class SpatialTemporalDistance(RowDistance):
             )
         self.histogram, self.st = histogram, st
         self.table = torch.from_numpy(histogram.smoothed(st.smooth_sigma))
+        self._tables = {self.table.device: self.table}  # a copy per device the tiles are on
         self.spec = (
             f"st(cosine; bin {st.bin_frames} frames, sigma {st.smooth_sigma:g} bins, lambda "
             f"{st.lambda0:g}/{st.lambda1:g}, gamma {st.gamma0:g}/{st.gamma1:g})"
@@ -315,7 +316,9 @@ class SpatialTemporalDistance(RowDistance):
             return d
         q_cams, q_frames = _decode(q)
         g_cams, g_frames = _decode(g)
-        table = self.table.to(d.device)
+        if d.device not in self._tables:
+            self._tables[d.device] = self.table.to(d.device)
+        table = self._tables[d.device]
         step = max(1, _CHUNK // d.shape[1])
         for s in range(0, d.shape[0], step):
             block = d[s : s + step]
