@@ -813,6 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_tune_parser(commands)
     _add_visualize_parser(commands)
+    from hpc_reid.deploy.commands import add_index_and_search  # issue 22: index and search
+
+    add_index_and_search(commands)
 
     config = commands.add_parser("config", help="inspect experiment configs")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

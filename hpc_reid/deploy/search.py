@@ -1,0 +1,298 @@
+"""``hpc-reid search``: query images embedded by a model, searched in a gallery index, and per query
+a ranked list (JSON) and its picture (PNG).
+
+The model is a checkpoint (a run folder or file), run as evaluation runs it: ``saved_model`` with
+the config it stores (or ``--config``/``--set``), the test transform (bilinear resize to
+``data.height`` x ``data.width``, ``loader.augment`` mean/std) and ``evaluation.flip_average``,
+so that a query's row is the one ``hpc-reid extract`` would have written for it; or an ONNX file
+from ``hpc-reid export`` (:mod:`hpc_reid.export`), run by onnxruntime on the CPU, whose metadata
+gives the input size, mean/std and feature names. Either gives the row of the part the index holds
+(:mod:`~hpc_reid.deploy.index`, "global" by default). A video model takes each query image as a
+clip of one frame, as its layout is probed.
+
+Per query ``OUT/<stem>.json``: the query, the model, the index and per rank the gallery ``path``,
+``pid`` (null where the gallery's is negative: junk, no identity), ``camid``, the index ``row`` and
+the ``distance`` in the evaluation's convention (cosine: 1 - cos; euclidean: ||q - g||; ivf-pq's
+are approximate), nearest first; ``OUT/<stem>.png``: the query (blue frame) and its top-k gallery
+images in :mod:`hpc_reid.evaluation.plots`' cells (grey frames: a query's identity is unknown),
+each captioned with its rank, distance, pid and camera.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from hpc_reid.config import Config, write_atomic
+from hpc_reid.data.pack import image_file
+from hpc_reid.data.transforms import resize_to_tensor
+from hpc_reid.deploy.index import GalleryIndex, GalleryIndexError, open_index
+from hpc_reid.evaluation.plots import BORDER, CELL_HEIGHT, CELL_WIDTH, GAP, PAD, QUERY_COLOUR
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "QueryEncoder",
+    "SearchError",
+    "checkpoint_encoder",
+    "model_encoder",
+    "query_paths",
+    "ranked_picture",
+    "search_images",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+GALLERY_COLOUR = (150, 150, 150)
+CAPTION = 26  # pixels of text under each cell: rank and distance, then pid and camera
+BATCH = 32
+
+
+class SearchError(ValueError):
+    """A query, model or index that cannot be searched as asked."""
+
+
+@dataclass
+class QueryEncoder:
+    """Query images to index rows: ``embed`` takes (B, 3, height, width) float32 images already
+    normalised with ``mean``/``std`` and gives (B, dim) float32 rows of the indexed part."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    embed: Callable[[torch.Tensor], np.ndarray]
+    description: str
+
+    def images(self, paths: Sequence[Path]) -> torch.Tensor:
+        """The images at ``paths`` as the test transform gives them: bilinear resize to
+        (height, width), [0, 1], ``(x - mean) / std``; a file that is not an image is an error
+        naming it."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        out = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    pixels = resize_to_tensor(im.convert("RGB"), self.height, self.width)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise SearchError(f"query {path} is not an image PIL can read: {exc}") from None
+            out.append(pixels.float().div_(255.0).sub_(mean).div_(std))
+        return torch.stack(out)
+
+
+def query_paths(
+    images: Sequence[str | Path] = (), query_dir: str | Path | None = None
+) -> list[Path]:
+    """The query files: ``images`` as given, or the image files (by suffix, ``IMAGE_SUFFIXES``)
+    directly in ``query_dir``, sorted by name; each must exist and open as an image (a header
+    check), and there must be one."""
+    if bool(images) == (query_dir is not None):
+        raise SearchError("search: give query images with --image, or a folder with --query-dir")
+    if query_dir is not None:
+        folder = Path(query_dir)
+        if not folder.is_dir():
+            raise SearchError(f"--query-dir {folder} is not a folder")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise SearchError(
+                f"--query-dir {folder} holds no image file (suffixes {', '.join(IMAGE_SUFFIXES)})"
+            )
+    else:
+        paths = [Path(p) for p in images]
+    for p in paths:  # before any model is loaded: a file that is not an image fails fast
+        if not p.is_file():
+            raise SearchError(f"query image {p} does not exist")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise SearchError(f"query {p} is not an image PIL can read: {exc}") from None
+    return paths
+
+
+@contextlib.contextmanager
+def checkpoint_encoder(
+    path: str | Path, part: str = "global", config: Config | None = None
+) -> Iterator[QueryEncoder]:
+    """The checkpoint's model as a :class:`QueryEncoder` of retrieval part ``part``, as
+    evaluation extracts it (module docstring); one process (a launch of several is refused)."""
+    from hpc_reid.engine.trainer import saved_model
+    from hpc_reid.evaluation.features import extract_features
+    from hpc_reid.evaluation.parts import probe_layout, takes_clips
+
+    with saved_model(path, config) as (config, env, device, _, model):
+        if env.world_size > 1:
+            raise SearchError(f"search runs in one process, launched as {env.world_size} ranks")
+        height, width = config.data.height, config.data.width
+        layout = probe_layout(model, height, width, device)
+        if part not in layout.names:
+            raise SearchError(
+                f"checkpoint {path} has no retrieval part {part!r} (it declares "
+                f"{', '.join(layout.names)}), which the index holds"
+            )
+        columns = slice(layout.part(part).start, layout.part(part).stop)
+        clips = takes_clips(model)
+        flip = config.evaluation.flip_average
+
+        def embed(images: torch.Tensor) -> np.ndarray:
+            # a video model takes each image as a clip of one frame, its tracklet's only clip
+            batch = {"images": images.unsqueeze(1) if clips else images}
+            batch.update(pids=np.zeros(len(images)), camids=np.zeros(len(images)))
+            batch["indices"] = torch.arange(len(images))
+            rows, _, _ = extract_features(model, [batch], device, flip=flip)
+            return rows[:, columns].cpu().numpy()
+
+        augment = config.loader.augment
+        yield QueryEncoder(
+            height,
+            width,
+            tuple(augment.mean),
+            tuple(augment.std),
+            columns.stop - columns.start,
+            embed,
+            f"checkpoint {Path(path).resolve()}" + (" (flip-averaged)" if flip else ""),
+        )
+
+
+@contextlib.contextmanager
+def model_encoder(
+    path: str | Path, part: str = "global", config: Config | None = None
+) -> Iterator[QueryEncoder]:
+    """An ONNX file (``.onnx``) or a checkpoint as a :class:`QueryEncoder` of part ``part``."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if config is not None:
+            raise SearchError("--config and --set apply to a checkpoint, not an ONNX model")
+        yield onnx_encoder(path, part)
+        return
+    with checkpoint_encoder(path, part, config) as encoder:
+        yield encoder
+
+
+def onnx_encoder(path: Path, part: str = "global") -> QueryEncoder:
+    """An ONNX model from ``hpc-reid export`` as a :class:`QueryEncoder`."""
+    raise SearchError(f"{path}: ONNX models are not supported yet")
+
+
+def search_images(
+    encoder: QueryEncoder,
+    index: GalleryIndex,
+    queries: Sequence[Path],
+    top: int,
+    out_dir: str | Path,
+    picture: bool = True,
+) -> list[Path]:
+    """Search ``index`` for each query and write its JSON (and PNG); returns the JSON paths."""
+    if encoder.dim != index.dim:
+        part = index.settings["part"]["name"]
+        raise SearchError(
+            f"the model gives {encoder.dim}-d features of part {part!r} ({encoder.description}); "
+            f"the index {index.path} holds {index.dim}-d rows (from {index.settings['features']}):"
+            " use the model whose gallery features were indexed"
+        )
+    out = Path(out_dir)
+    names = _output_names(queries)
+    written = []
+    for start in range(0, len(queries), BATCH):
+        batch = queries[start : start + BATCH]
+        rows = encoder.embed(encoder.images(batch))
+        distances, found = index.search(rows, top)
+        for q, path in enumerate(batch):
+            keep = found[q] >= 0  # IVF visits nprobe cells, which may hold fewer than top rows
+            record = _ranked_list(encoder, index, path, found[q][keep], distances[q][keep])
+            name = names[start + q]
+            written.append(write_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n"))
+            if picture:
+                ranked_picture(record, out / f"{name}.png")
+    return written
+
+
+def _output_names(queries: Sequence[Path]) -> list[str]:
+    """Each query's output name: its file stem, with its position where two stems are equal."""
+    stems = [p.stem for p in queries]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+
+
+def _ranked_list(
+    encoder: QueryEncoder, index: GalleryIndex, query: Path, rows: np.ndarray, dist: np.ndarray
+) -> dict[str, Any]:
+    paths, pids, camids = index.labels(rows)
+    metric = index.metric
+    return {
+        "query": str(query.resolve()),
+        "model": encoder.description,
+        "index": str(index.path.resolve()),
+        "kind": index.settings["kind"],
+        "metric": metric,
+        "distance": "1 - cosine similarity" if metric == "cosine" else "euclidean ||q - g||",
+        "results": [
+            {
+                "rank": r + 1,
+                "path": paths[r],
+                "pid": int(pids[r]) if pids[r] >= 0 else None,
+                "camid": int(camids[r]),
+                "row": int(rows[r]),
+                "distance": float(dist[r]),
+            }
+            for r in range(len(rows))
+        ],
+    }
+
+
+def _cell(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    image = image.convert("RGB").resize((CELL_WIDTH - 2 * BORDER, CELL_HEIGHT - 2 * BORDER))
+    return ImageOps.expand(image, border=BORDER, fill=colour)
+
+
+def ranked_picture(record: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of one query's ranked list (module docstring); a gallery image that cannot be
+    opened is an error naming it."""
+    results = record["results"]
+    width = CELL_WIDTH + GAP + max(1, len(results)) * (CELL_WIDTH + PAD) - PAD
+    canvas = Image.new("RGB", (width, CELL_HEIGHT + CAPTION), (255, 255, 255))
+    with Image.open(record["query"]) as im:
+        canvas.paste(_cell(im, QUERY_COLOUR), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, CELL_HEIGHT + 1), "query", fill=QUERY_COLOUR)
+    for i, r in enumerate(results):
+        x = CELL_WIDTH + GAP + i * (CELL_WIDTH + PAD)
+        try:
+            with Image.open(image_file(r["path"])) as im:
+                canvas.paste(_cell(im, GALLERY_COLOUR), (x, 0))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise SearchError(
+                f"gallery image {r['path']} (index row {r['row']}) cannot be drawn: {exc}; "
+                "search with --no-picture where the gallery images are elsewhere"
+            ) from None
+        pid = "-" if r["pid"] is None else r["pid"]
+        caption = f"{r['rank']}: {r['distance']:.3f}\nid {pid} c{r['camid']}"
+        draw.multiline_text((x + 2, CELL_HEIGHT + 1), caption, fill=(0, 0, 0), spacing=1)
+    return write_atomic(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def run_search(
+    model: str | Path,
+    index_path: str | Path,
+    queries: Sequence[Path],
+    top: int,
+    out_dir: str | Path,
+    config: Config | None = None,
+    nprobe: int | None = None,
+    picture: bool = True,
+) -> list[Path]:
+    """``hpc-reid search``: open the index (checked before the model is loaded), then search."""
+    try:
+        index = open_index(index_path, nprobe)
+    except GalleryIndexError as exc:
+        raise SearchError(str(exc)) from None
+    part = index.settings["part"]["name"]
+    with model_encoder(model, part, config) as encoder:
+        return search_images(encoder, index, queries, top, out_dir, picture)
