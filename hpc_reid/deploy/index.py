@@ -453,13 +453,14 @@ def open_index(path: str | Path, nprobe: int | None = None) -> GalleryIndex:
     index_path, ids_path, json_path = index_files(path)
     for p, what in (
         (index_path, "index"),
-        (ids_path, "id map (gallery path, pid, camid per row)"),
+        (ids_path, "id map"),
         (json_path, "settings"),
     ):
         if not p.is_file():
             raise GalleryIndexError(
                 f"missing {what} file {p}: `hpc-reid index --out {index_path}` writes the index "
-                f"with {ids_path.name} and {json_path.name} beside it"
+                f"with its id map {ids_path.name} (gallery path, pid, camid per row) and its "
+                f"settings {json_path.name} beside it"
             )
     try:
         settings = json.loads(json_path.read_text())

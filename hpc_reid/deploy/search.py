@@ -1,14 +1,14 @@
 """``hpc-reid search``: query images embedded by a model, searched in a gallery index, and per query
 a ranked list (JSON) and its picture (PNG).
 
-The model is a checkpoint (a run folder or file), run as evaluation runs it: ``saved_model`` with
-the config it stores (or ``--config``/``--set``), the test transform (bilinear resize to
-``data.height`` x ``data.width``, ``loader.augment`` mean/std) and ``evaluation.flip_average``,
-so that a query's row is the one ``hpc-reid extract`` would have written for it; or an ONNX file
-from ``hpc-reid export`` (:mod:`hpc_reid.export`), run by onnxruntime on the CPU, whose metadata
-gives the input size, mean/std and feature names. Either gives the row of the part the index holds
-(:mod:`~hpc_reid.deploy.index`, "global" by default). A video model takes each query image as a
-clip of one frame, as its layout is probed.
+The model is a checkpoint (a run folder or file), run as extract runs it: ``saved_model`` with the
+config it stores (or ``--config``/``--set``), ``evaluation.flip_average``, and extract's own test
+loader (``loader.backend``: DALI's resize where DALI is installed, else the torch loader's test
+transform), so that a query's row is the one ``hpc-reid extract`` would have written for it (a
+video model's query is a tracklet of its one frame); or an ONNX file from ``hpc-reid export``
+(:mod:`hpc_reid.export`), run by onnxruntime on the CPU, whose metadata gives the input size,
+mean/std and feature names (images prepared by the test transform: PIL bilinear resize). Either
+gives the row of the part the index holds (:mod:`~hpc_reid.deploy.index`, "global" by default).
 
 Per query ``OUT/<stem>.json``: the query, the model, the index and per rank the gallery ``path``,
 ``pid`` (null where the gallery's is negative: junk, no identity), ``camid``, the index ``row`` and
@@ -60,32 +60,35 @@ class SearchError(ValueError):
 
 @dataclass
 class QueryEncoder:
-    """Query images to index rows: ``embed`` takes (B, 3, height, width) float32 images already
-    normalised with ``mean``/``std`` and gives (B, dim) float32 rows of the indexed part."""
+    """Query images to index rows: ``embed(paths)`` gives (len(paths), dim) float32 rows of the
+    indexed part; ``description`` names the model in the outputs."""
 
-    height: int
-    width: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     dim: int
-    embed: Callable[[torch.Tensor], np.ndarray]
+    embed: Callable[[Sequence[Path]], np.ndarray]
     description: str
 
-    def images(self, paths: Sequence[Path]) -> torch.Tensor:
-        """The images at ``paths`` as the test transform gives them: bilinear resize to
-        (height, width), [0, 1], ``(x - mean) / std``; a file that is not an image is an error
-        naming it."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        out = []
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    pixels = resize_to_tensor(im.convert("RGB"), self.height, self.width)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise SearchError(f"query {path} is not an image PIL can read: {exc}") from None
-            out.append(pixels.float().div_(255.0).sub_(mean).div_(std))
-        return torch.stack(out)
+
+def test_images(
+    paths: Sequence[Path],
+    height: int,
+    width: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """(N, 3, height, width) float32 images as the test transform
+    (:class:`~hpc_reid.data.transforms.TestTransform`) gives them: bilinear resize, [0, 1],
+    ``(x - mean) / std``; a file that is not an image is an error naming it."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                pixels = resize_to_tensor(im.convert("RGB"), height, width)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise SearchError(f"query {path} is not an image PIL can read: {exc}") from None
+        out.append(pixels.float().div_(255.0).sub_(mean_t).div_(std_t))
+    return torch.stack(out)
 
 
 def query_paths(
@@ -124,6 +127,8 @@ def checkpoint_encoder(
 ) -> Iterator[QueryEncoder]:
     """The checkpoint's model as a :class:`QueryEncoder` of retrieval part ``part``, as
     evaluation extracts it (module docstring); one process (a launch of several is refused)."""
+    from hpc_reid.data.datasets.base import ImageRecord, TrackletRecord
+    from hpc_reid.data.loaders import build_backend_test_loader
     from hpc_reid.engine.trainer import saved_model
     from hpc_reid.evaluation.features import extract_features
     from hpc_reid.evaluation.parts import probe_layout, takes_clips
@@ -140,25 +145,26 @@ def checkpoint_encoder(
             )
         columns = slice(layout.part(part).start, layout.part(part).stop)
         clips = takes_clips(model)
-        flip = config.evaluation.flip_average
 
-        def embed(images: torch.Tensor) -> np.ndarray:
-            # a video model takes each image as a clip of one frame, its tracklet's only clip
-            batch = {"images": images.unsqueeze(1) if clips else images}
-            batch.update(pids=np.zeros(len(images)), camids=np.zeros(len(images)))
-            batch["indices"] = torch.arange(len(images))
-            rows, _, _ = extract_features(model, [batch], device, flip=flip)
+        def embed(paths: Sequence[Path]) -> np.ndarray:
+            # extract's own loader (loader.backend: DALI's resize where installed, else the
+            # torch loader's TestTransform), so a query's row is the one extract would write; a
+            # video model's query is a tracklet of that one frame
+            records = [
+                TrackletRecord((str(p),), 0, 0) if clips else ImageRecord(str(p), 0, 0)
+                for p in paths
+            ]
+            loader = build_backend_test_loader(
+                records, config.loader, height, width, device, config.data.video
+            )
+            rows, _, _ = extract_features(
+                model, loader, device, flip=config.evaluation.flip_average
+            )
             return rows[:, columns].cpu().numpy()
 
-        augment = config.loader.augment
+        flip = " (flip-averaged)" if config.evaluation.flip_average else ""
         yield QueryEncoder(
-            height,
-            width,
-            tuple(augment.mean),
-            tuple(augment.std),
-            columns.stop - columns.start,
-            embed,
-            f"checkpoint {Path(path).resolve()}" + (" (flip-averaged)" if flip else ""),
+            columns.stop - columns.start, embed, f"checkpoint {Path(path).resolve()}{flip}"
         )
 
 
@@ -203,7 +209,7 @@ def search_images(
     written = []
     for start in range(0, len(queries), BATCH):
         batch = queries[start : start + BATCH]
-        rows = encoder.embed(encoder.images(batch))
+        rows = encoder.embed(batch)
         distances, found = index.search(rows, top)
         for q, path in enumerate(batch):
             keep = found[q] >= 0  # IVF visits nprobe cells, which may hold fewer than top rows
