@@ -122,3 +122,23 @@ def test_ring_frames_sum_the_edges_passed_in_either_direction():
     assert ring.ring_frames(1, 0, 1) == 20 + 30 + 40
     assert ring.ring_frames(0, 3, -1) == 40
     assert ring.ring_frames(3, 3, 1) == 0
+
+
+def test_cli_data_synth_transit_writes_the_transit_spec_and_refuses_it_for_tracklets(
+    tmp_path, capsys
+):
+    import json
+
+    from hpc_reid.cli import main as cli_main
+
+    out = tmp_path / "t"
+    args = ["data", "synth", "--transit", "--out", str(out), "--ids", "8", "--cams", "3"]
+    args += ["--images-per-id", "3", "--distractors", "1", "--junk", "1"]
+    assert cli_main(args) == 0
+    spec = json.loads((out / "meta.json").read_text())["spec"]
+    expected = SynthSpec(ids=8, cams=3, images_per_id=3, distractors=1, junk=1, transit=True)
+    assert spec == expected.to_dict() and spec["transit"] is True
+    bad = ["data", "synth", "--transit", "--tracklets", "--out", str(tmp_path / "x")]
+    assert cli_main(bad) == 2
+    assert "--transit is for images" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
