@@ -118,12 +118,15 @@ def write_best_yaml(
         retrain = f"torchrun --nproc-per-node {workers} -m hpc_reid.cli train --config {path.name}"
     derived = space.derived_values(values)
     validation = config.data.validation
-    split = f"validation (data.validation: {validation.fraction} of the train ids)"
+    split = (
+        f"\n# on the validation split (data.validation.fraction={validation.fraction} of the train "
+        "identities held out; the test split unseen)"
+    )
     header = (
         f"# The best trial ({best['trial']}, Ray trial {best['trial_id']}) of the search in "
         f"{search_dir}:\n# objective {best['objective']:.6f}, mAP {best['mAP']:.6f}, "
         f"rank-1 {best['rank-1']:.6f}"
-        + (f" on the {split}" if validation.fraction > 0 else "")
+        + (split if validation.fraction > 0 else "")
         + f". Retrain to these numbers:\n#   {retrain}\n"
         + "".join(f"#   {k}: {v!r}\n" for k, v in values.items())
         + "".join(f"#   {k}: {v!r} ({space.derived[k].text})\n" for k, v in derived.items())

@@ -196,7 +196,7 @@ def test_results_rows_and_best_yaml_carry_the_derived_values_and_the_test_comman
     trial_base = space.config(base.to_dict(), {}).to_dict()
     path = report.write_best_yaml(trial_base, space, row, tmp_path / "best.yaml", tmp_path)
     text = path.read_text()
-    assert "on the validation (data.validation: 0.2 of the train ids)" in text
+    assert "# on the validation split (data.validation.fraction=0.2 of the train" in text
     assert "#   loss.triplet.weight: " in text and "(1 - loss.osm.weight)" in text
     assert (
         "#   OMP_NUM_THREADS=1 hpc-reid train --config best.yaml --set data.validation.fraction=0"
