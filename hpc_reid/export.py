@@ -485,12 +485,28 @@ def _call_sites(graph: nn.Module, example: torch.Tensor, op: str, limit: int = 4
             continue
         name = node.scopeName().split("/")[-1].removeprefix("__module.")
         kind = type(modules[name]).__name__ if name in modules else "?"
-        frame = next((line for line in node.sourceRange().splitlines() if "hpc_reid" in line), "")
-        place = re.sub(r"^.*?(hpc_reid/[^(]+)\((\d+)\).*$", r"\1:\2", frame)
+        place = _first_caller(node.sourceRange())
         site = f"{name or 'graph'} ({kind}{', ' + place if place else ''})"
         if site not in sites:
             sites.append(site)
     return sites[:limit]
+
+
+_FRAME = re.compile(r"^(?P<file>.+)\((?P<line>\d+)\): \w+$")
+
+
+def _first_caller(stack: str) -> str:
+    """ "file:line" of the innermost frame of a traced node's stack outside torch itself (the
+    model's code calling the op), relative to the working directory where it lies below it."""
+    torch_dir = str(Path(torch.__file__).parent)
+    for line in stack.splitlines():
+        frame = _FRAME.match(line.strip())
+        if frame and not frame["file"].startswith(torch_dir):
+            path = Path(frame["file"])
+            with contextlib.suppress(ValueError):
+                path = path.resolve().relative_to(Path.cwd())
+            return f"{path}:{frame['line']}"
+    return ""
 
 
 # --- running and checking ------------------------------------------------------------------------
