@@ -683,9 +683,10 @@ def _add_tune_parser(commands) -> None:
     )
     tune.add_argument(
         "--objective",
-        choices=["map", "mean"],
+        choices=["map", "mean", "rank1"],
         default="map",
-        help="maximise mAP, or mean: (rank-1 + mAP) / 2",
+        help="maximise mAP; rank1: rank-1 (the fine-grained ReID search on CUHK01, iLIDS, PRID); "
+        "or mean: (rank-1 + mAP) / 2",
     )
     tune.add_argument("--name", help="search folder name (default: the config's name)")
     tune.add_argument(

@@ -517,7 +517,8 @@ class _Run:
             self.eval_model(), self.dataset, self.config, self.device, out_dir=run_dir
         )
         log.scalars(self.step, summary, kind="eval")
-        log.info("final evaluation on the test split: " + _fmt(summary))
+        split = "validation" if self.config.data.validation.fraction > 0 else "test"
+        log.info(f"final evaluation on the {split} split: " + _fmt(summary))
         saved_now = self.main and self.last_saved_step == self.step
         latest = self.checkpoints.latest() if saved_now else None
         better = self.best is None or summary["mAP"] >= self.best
