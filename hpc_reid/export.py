@@ -64,7 +64,13 @@ from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.datasets.base import are_tracklets
 from hpc_reid.data.transforms import resize_to_tensor
 from hpc_reid.engine.checkpoint import resolve_checkpoint
-from hpc_reid.evaluation.parts import RowLayout, part_features, retrieval_layout, takes_clips
+from hpc_reid.evaluation.parts import (
+    RowLayout,
+    declared_parts,
+    part_features,
+    retrieval_layout,
+    takes_clips,
+)
 from hpc_reid.launch.distributed import detect_env
 
 __all__ = [
@@ -75,6 +81,7 @@ __all__ = [
     "ExportResult",
     "InferenceGraph",
     "export_checkpoint",
+    "export_graph",
     "exported_layout",
     "exported_runner",
     "read_metadata",
@@ -193,10 +200,7 @@ def export_checkpoint(
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             example = inputs[: 2 if dynamic_batch else 1]
-            if fmt == "onnx":
-                _export_onnx(graph, example, tmp, metadata, dynamic_batch, opset)
-            else:
-                _export_torchscript(graph, example, tmp, metadata)
+            export_graph(graph, example, tmp, fmt, dynamic_batch, opset, metadata)
             names = [o["name"] for o in metadata["outputs"]]
             diffs, scales = _compare(graph, tmp, fmt, inputs, names, dynamic_batch)
             bad = [k for k in diffs if diffs[k] > tolerance * scales[k]]
@@ -402,17 +406,24 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _export_onnx(
+def export_graph(
     graph: InferenceGraph,
     example: torch.Tensor,
-    path: Path,
-    metadata: dict[str, Any],
-    dynamic_batch: bool,
-    opset: int,
+    path: str | Path,
+    fmt: str = "onnx",
+    dynamic_batch: bool = False,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
+    """Write ``graph`` traced on ``example`` (a batch of its inputs) to ``path`` as ``fmt``, its
+    outputs named after the model's retrieval parts, with ``metadata`` (no check: that is
+    :func:`export_checkpoint`'s; benchmarks call this directly)."""
+    if fmt == "torchscript":
+        _export_torchscript(graph, example, Path(path), metadata or {})
+        return
     import onnx
 
-    names = [o["name"] for o in metadata["outputs"]]
+    names = list(declared_parts(graph.model))
     axes = {n: {0: "batch"} for n in [INPUT, *names]} if dynamic_batch else None
     try:
         with _tracing(), torch.no_grad():
@@ -428,10 +439,11 @@ def _export_onnx(
             )
     except Exception as exc:  # the exporter raises several types; each is reported, not hidden
         raise ExportError(_export_failure(exc, graph, example, opset, dynamic_batch)) from exc
-    proto = onnx.load(str(path))
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=json.dumps(value))
-    onnx.save(proto, str(path))
+    if metadata:
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=key, value=json.dumps(value))
+        onnx.save(proto, str(path))
 
 
 def _export_torchscript(
