@@ -90,12 +90,17 @@ def _reset_peak() -> int:
     return _rss("VmRSS")
 
 
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def measure(source: SyntheticRows, settings: IndexSettings, queries: np.ndarray, top: int) -> dict:
     """Build the index of ``source`` and time its search: one case's row."""
     base = _reset_peak()
     t0 = time.perf_counter()
-    index, info = build_index(source, "cosine", settings)
+    index, info = build_index(source, "cosine", settings, log=_progress)
     build_s = time.perf_counter() - t0
+    _progress(f"{settings.kind} of {source.num_rows} rows built in {build_s:.1f} s: {info}")
     peak = _rss("VmHWM") - base
     q = prepared(queries, "cosine")
     k = min(top, source.num_rows)

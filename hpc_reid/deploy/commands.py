@@ -44,6 +44,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from hpc_reid.deploy.index import GalleryIndexError
     from hpc_reid.deploy.search import SearchError, query_paths, run_search
 
     config = None
@@ -63,7 +64,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             nprobe=args.nprobe,
             picture=not args.no_picture,
         )
-    except SearchError as exc:
+    except (SearchError, GalleryIndexError) as exc:
         print(f"hpc-reid: error: {exc}", file=sys.stderr)
         return 2
     print(f"searched {len(written)} queries: ranked lists in {args.out}")

@@ -334,8 +334,16 @@ def build_index(
         info["recall_queries"] = len(queries)
         seconds["recall"] = time.perf_counter() - t0
     info["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    info["index_bytes"] = int(faiss.serialize_index(index).nbytes)
+    info["index_bytes"] = stored_bytes(index)
     return index, info
+
+
+def stored_bytes(index: faiss.Index) -> int:
+    """The bytes an index holds: N x D x 4 for exact (counted, not serialised: that would copy
+    it); the serialised size of IVF-PQ (codes and ids, coarse centroids, codebooks)."""
+    if isinstance(index, faiss.IndexFlat):
+        return int(index.ntotal) * int(index.code_size)
+    return int(faiss.serialize_index(index).nbytes)
 
 
 def write_gallery_index(

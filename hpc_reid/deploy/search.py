@@ -20,8 +20,10 @@ each captioned with its rank, distance, pid and camera.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 GALLERY_COLOUR = (150, 150, 150)
 CAPTION = 26  # pixels of text under each cell: rank and distance, then pid and camera
-BATCH = 32
 
 
 class SearchError(ValueError):
@@ -68,7 +69,7 @@ class QueryEncoder:
     description: str
 
 
-def test_images(
+def resized_images(
     paths: Sequence[Path],
     height: int,
     width: int,
@@ -184,8 +185,38 @@ def model_encoder(
 
 
 def onnx_encoder(path: Path, part: str = "global") -> QueryEncoder:
-    """An ONNX model from ``hpc-reid export`` as a :class:`QueryEncoder`."""
-    raise SearchError(f"{path}: ONNX models are not supported yet")
+    """An ONNX model from ``hpc-reid export`` as a :class:`QueryEncoder`: its metadata's input
+    size (images resized bilinearly, RGB in [0, 1]; normalisation and flip-averaging are inside
+    the graph), its output named ``part``; a clip model's query is its one frame repeated T
+    times, the dense clip of a one-frame tracklet. Run by onnxruntime on the CPU."""
+    from hpc_reid.export import exported_runner, read_metadata
+
+    meta = read_metadata(path)
+    outputs = {o["name"]: o for o in meta.get("outputs", [])}
+    if part not in outputs:
+        raise SearchError(
+            f"ONNX model {path} has no output {part!r} (its outputs: {', '.join(outputs)}), the "
+            "retrieval part the index holds"
+        )
+    names = list(outputs)
+    dim = math.prod(outputs[part]["shape"][1:])
+    height, width, frames = meta["height"], meta["width"], meta.get("clip_length")
+    run = exported_runner(path, "onnx")
+    step = 64 if meta.get("dynamic_batch") else 1  # a static graph takes one image (N = 1)
+
+    def embed(paths: Sequence[Path]) -> np.ndarray:
+        rows = []
+        for start in range(0, len(paths), step):
+            images = resized_images(
+                paths[start : start + step], height, width, (0.0,) * 3, (1.0,) * 3
+            )
+            if frames:
+                images = images.unsqueeze(1).expand(-1, frames, -1, -1, -1).contiguous()
+            rows.append(run(images)[names.index(part)].reshape(len(images), dim))
+        return np.concatenate(rows).astype(np.float32)
+
+    source = meta.get("checkpoint")
+    return QueryEncoder(dim, embed, f"ONNX model {path.resolve()} (from {source})")
 
 
 def search_images(
@@ -204,27 +235,27 @@ def search_images(
             f"the index {index.path} holds {index.dim}-d rows (from {index.settings['features']}):"
             " use the model whose gallery features were indexed"
         )
+    if top < 1:
+        raise SearchError(f"--top {top}: expected >= 1")
     out = Path(out_dir)
     names = _output_names(queries)
+    rows = encoder.embed(queries)  # one loader over every query (a DALI pipeline is built once)
+    distances, found = index.search(rows, top)
     written = []
-    for start in range(0, len(queries), BATCH):
-        batch = queries[start : start + BATCH]
-        rows = encoder.embed(batch)
-        distances, found = index.search(rows, top)
-        for q, path in enumerate(batch):
-            keep = found[q] >= 0  # IVF visits nprobe cells, which may hold fewer than top rows
-            record = _ranked_list(encoder, index, path, found[q][keep], distances[q][keep])
-            name = names[start + q]
-            written.append(write_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n"))
-            if picture:
-                ranked_picture(record, out / f"{name}.png")
+    for q, path in enumerate(queries):
+        keep = found[q] >= 0  # IVF visits nprobe cells, which may hold fewer than top rows
+        record = _ranked_list(encoder, index, path, found[q][keep], distances[q][keep])
+        written.append(write_atomic(out / f"{names[q]}.json", json.dumps(record, indent=2) + "\n"))
+        if picture:
+            ranked_picture(record, out / f"{names[q]}.png")
     return written
 
 
 def _output_names(queries: Sequence[Path]) -> list[str]:
     """Each query's output name: its file stem, with its position where two stems are equal."""
     stems = [p.stem for p in queries]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    counts = collections.Counter(stems)
+    return [s if counts[s] == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 
 def _ranked_list(
@@ -236,6 +267,8 @@ def _ranked_list(
         "query": str(query.resolve()),
         "model": encoder.description,
         "index": str(index.path.resolve()),
+        "gallery_features": index.settings.get("features"),
+        "gallery_checkpoint": index.settings.get("features_attrs", {}).get("checkpoint"),
         "kind": index.settings["kind"],
         "metric": metric,
         "distance": "1 - cosine similarity" if metric == "cosine" else "euclidean ||q - g||",
