@@ -204,9 +204,19 @@ def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
 # ----------------------------------------------------------------------------- runs
 
 
-def split_options(seed: int, split: int) -> dict[str, int]:
-    """``data.options`` of split ``split``: the partition is a function of (seed, split) only."""
-    return {"split_id": split, "seed": seed}
+def split_options(seed: int, split: int, dataset: str | None = None) -> dict[str, int]:
+    """``data.options`` of split ``split``: the partition is a function of (seed, split) only; a
+    set whose splits are fixed in its files (iLIDS-VID, PRID 2011 multi-shot) takes no seed, so
+    it gets ``split_id`` alone."""
+    options = {"split_id": split, "seed": seed}
+    if dataset is not None:
+        from hpc_reid.data.build import check_options
+
+        try:
+            check_options(dataset, {"seed": seed})
+        except ConfigError:
+            del options["seed"]
+    return options
 
 
 def run_folder(out: Path, dataset: str, split: int, variant: str) -> Path:
@@ -218,7 +228,7 @@ def data_overrides(plan: Plan, dataset: str, split: int, seed: int, shared: Path
     variant can move it to another partition) with the plan's shared paths."""
     if dataset not in plan.datasets:
         raise ConfigError(f"data set {dataset!r} is not in {plan.source}: {list(plan.datasets)}")
-    options = json.dumps(split_options(seed, split)).replace('"', "")
+    options = json.dumps(split_options(seed, split, dataset)).replace('"', "")
     sets = [
         f"data.dataset={dataset}",
         f"data.root={shared / plan.datasets[dataset]}",
@@ -299,7 +309,7 @@ def plan_runs(
                         raise ConfigError(f"{where} on {dataset} split {split}: {exc}") from None
                     argv = ["train", "--config", str(v.config), "--resume", "auto"]
                     argv += [f"--set={s}" for s in sets]
-                if config.data.options != split_options(seed, split):
+                if config.data.options != split_options(seed, split, dataset):
                     raise ConfigError(f"{where}: data.options {config.data.options} moved")
                 resolved[v.name] = config
                 runs.append(Run(v, dataset, split, folder, tuple(argv), config))

@@ -451,3 +451,19 @@ def test_dataset_and_out_placeholders_are_filled_per_run_in_training_and_evaluat
         expected = out / run.dataset / "x" if run.variant.eval_of else out / "cache" / run.dataset
         assert run.config.data.synthetic.cache_dir == str(expected)
         assert not any("{" + "dataset}" in a or "{out}" in a for a in run.argv)
+
+
+def test_the_video_plan_runs_each_fixed_split_of_ilidsvid_and_prid_by_split_id_alone(rd, tmp_path):
+    """iLIDS-VID and PRID 2011 multi-shot have 10 fixed splits in their files: split s is
+    data.options {split_id: s} (their parsers take no seed), for every variant."""
+    plan = rd.load_plan(REPO / "configs/video/real_data.yaml")
+    assert plan.splits == 10 and set(plan.datasets) == {"ilidsvid", "prid2011_video"}
+    runs = rd.plan_runs(
+        plan, rd.select(plan, None), list(plan.datasets), [0, 7], 0, tmp_path, tmp_path
+    )
+    assert len(runs) == 2 * 2 * 2
+    for run in runs:
+        assert run.config.data.options == {"split_id": run.split}
+        assert run.config.data.dataset == run.dataset
+        assert run.config.model.head == run.variant.name
+    assert rd.split_options(0, 3, "viper") == {"split_id": 3, "seed": 0}
