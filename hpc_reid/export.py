@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -395,6 +396,24 @@ def _tracing() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _no_ir_dump() -> Iterator[None]:
+    """Standard output (the file descriptor) to /dev/null: on a failure torch's exporter writes
+    the whole TorchScript IR there from C++ (hundreds of lines for a ResNet; its
+    ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling it,
+    so the log is always on), burying :func:`_export_failure`'s message."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Without torch's notices that the TorchScript-based ONNX exporter and TorchScript itself
     are deprecated (torch 2.9+: the successors need onnxscript or give no file a server loads),
@@ -426,7 +445,7 @@ def export_graph(
     names = list(declared_parts(graph.model))
     axes = {n: {0: "batch"} for n in [INPUT, *names]} if dynamic_batch else None
     try:
-        with _tracing(), torch.no_grad():
+        with _tracing(), _no_ir_dump(), torch.no_grad():
             torch.onnx.export(
                 graph,
                 (example,),
