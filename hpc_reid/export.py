@@ -200,7 +200,8 @@ def export_checkpoint(
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            example = inputs[: 2 if dynamic_batch else 1]
+            # traced at batch 2 for a dynamic batch: at 1 a tracer may take a size-1 dim as fixed
+            example = inputs[[0, -1]] if dynamic_batch else inputs[:1]
             export_graph(graph, example, tmp, fmt, dynamic_batch, opset, metadata)
             names = [o["name"] for o in metadata["outputs"]]
             diffs, scales = _compare(graph, tmp, fmt, inputs, names, dynamic_batch)
