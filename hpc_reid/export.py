@@ -373,27 +373,13 @@ def exported_layout(metadata: dict[str, Any]) -> RowLayout:
 
 @contextlib.contextmanager
 def _tracing() -> Iterator[None]:
-    """Tracing for export: a size-independent ``Tensor.unflatten``, and quiet.
-
-    The TorchScript tracer records the Python ints of ``unflatten(0, (b, t))`` (the tracklet
-    models' (B*T, ...) -> (B, T, ...)) as constants, so a dynamic batch fails at any other batch
-    size; ``reshape`` with -1 for the first size is the same tensor and lets the graph infer it.
-    The tracer's warnings (Python bools and ints from tensors) and the exporter's deprecation
-    notice are silenced: what they warn of, a graph that differs at other inputs, is what the
-    check after export measures."""
-    original = torch.Tensor.unflatten
-
-    def unflatten(self: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
-        dim = dim % self.dim()
-        shape = list(self.shape)
-        return self.reshape(*shape[:dim], -1, *sizes[1:], *shape[dim + 1 :])
-
-    torch.Tensor.unflatten = unflatten
-    try:
-        with _quiet():
-            yield
-    finally:
-        torch.Tensor.unflatten = original
+    """Tracing for export, quiet: the tracer's warnings (Python bools and ints from tensors) and
+    the exporter's deprecation notice are silenced, since what they warn of, a graph that differs
+    at other inputs, is what the check after export measures. (The tracklet models reshape their
+    (B*T, ...) maps with ``unflatten(0, (-1, T))``, never the batch's own size, so a dynamic batch
+    stays dynamic in the traced graph.)"""
+    with _quiet():
+        yield
 
 
 @contextlib.contextmanager

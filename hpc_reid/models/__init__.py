@@ -107,11 +107,11 @@ class ReidModel(nn.Module):
                 "or temporal_attention, hpc_reid.models.temporal; fgreid takes both), or feed "
                 "the frames as images"
             )
-        b, t = x.shape[:2]
+        t = x.shape[1]
         frames = x.flatten(0, 1)  # a view when B and T are contiguous, keeping each frame's layout
         if x[:, 0].is_contiguous(memory_format=torch.channels_last) and not x[:, 0].is_contiguous():
             frames = frames.contiguous(memory_format=torch.channels_last)  # no-op for a view
-        fmaps = self.backbone(frames).unflatten(0, (b, t))
+        fmaps = self.backbone(frames).unflatten(0, (-1, t))
         return self.head(fmaps, frames) if self.head_wants_input else self.head(fmaps)
 
     def retrieval_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:

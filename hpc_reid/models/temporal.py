@@ -52,8 +52,8 @@ class TemporalHead(GlobalHead):
                 f"the {type(self).__name__} head takes per-frame maps (B, T, C, h, w), got a "
                 f"{fmaps.dim()}-D tensor of shape {tuple(fmaps.shape)}"
             )
-        b, t = fmaps.shape[:2]
-        return self.pool(fmaps.flatten(0, 1)).unflatten(0, (b, t))
+        t = fmaps.shape[1]
+        return self.pool(fmaps.flatten(0, 1)).unflatten(0, (-1, t))
 
     def neck_outputs(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The ``bnneck`` head's outputs for the pooled feature ``feat`` (GlobalHead.forward after
@@ -126,7 +126,7 @@ class TemporalAttentionHead(TemporalHead):
 
     def attention(self, fmaps: torch.Tensor) -> torch.Tensor:
         """(B, T) weights over the frames of each tracklet, non-negative, summing to 1."""
-        b, t, _, h, w = fmaps.shape
+        t, h, w = fmaps.shape[1], fmaps.shape[3], fmaps.shape[4]
         if (h, w) != self.map_size:
             raise ValueError(
                 f"temporal_attention: the backbone's map is {h}x{w} at this input size, but the "
@@ -136,7 +136,8 @@ class TemporalAttentionHead(TemporalHead):
                 "was made for"
             )
         spatial = F.relu(self.attention_conv(fmaps.flatten(0, 1)))  # (B*T, dim, 1, 1)
-        scores = F.relu(self.attention_tconv(spatial.view(b, t, -1).transpose(1, 2)))  # (B, 1, T)
+        per_tracklet = spatial.flatten(1).unflatten(0, (-1, t))  # (B, T, dim); -1: export-safe
+        scores = F.relu(self.attention_tconv(per_tracklet.transpose(1, 2)))  # (B, 1, T)
         return F.softmax(scores.squeeze(1), dim=1)
 
     def pool_time(self, fmaps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

@@ -69,12 +69,11 @@ class CosineNonLocal(nn.Module):
     def forward(self, z: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """Z' for the maps ``z`` (B*frames, C, h, w), a sample's ``frames`` maps consecutive: the
         positions mixed are a sample's frames x h x w cells."""
-        n, _, h, w = z.shape
-        b = n // frames
+        h, w = z.shape[-2:]
 
         def positions(x: torch.Tensor) -> torch.Tensor:
             # (B*T, c, h, w) -> (B, c, T*h*w), frame-major as the reference's (T, N) grid
-            return x.flatten(2).unflatten(0, (b, frames)).transpose(1, 2).flatten(2)
+            return x.flatten(2).unflatten(0, (-1, frames)).transpose(1, 2).flatten(2)
 
         theta = F.normalize(positions(F.relu(self.theta(z))), dim=1)
         affinity = F.softmax(theta.transpose(1, 2) @ theta, dim=-1)  # (B, P, P)
@@ -122,7 +121,7 @@ class FGReIDHead(nn.Module):
         """Outputs for trunk 1's maps ``fmap`` (B, C, h, w), or (B, T, C, h, w) for tracklets,
         and the images trunk 1 ran on, (B, 3, H, W) or the (B*T, 3, H, W) frames."""
         tracklets = fmap.dim() == 5
-        b, t = (fmap.shape[0], fmap.shape[1]) if tracklets else (fmap.shape[0], 1)
+        t = fmap.shape[1] if tracklets else 1
         first = fmap.flatten(0, 1) if tracklets else fmap
         second = self.trunk2(images)
         if second.shape[0] != first.shape[0] or second.shape[2:] != first.shape[2:]:
@@ -135,16 +134,16 @@ class FGReIDHead(nn.Module):
         a = self.conv1(first)
         g = a.mean(dim=(2, 3))
         m = attention_map(a, self.batch_min)
-        f1 = self.bn1(g.unflatten(0, (b, t)).mean(dim=1))
+        f1 = self.bn1(g.unflatten(0, (-1, t)).mean(dim=1))
         z = self.non_local(self.conv2(second) * m, t)
         pooled = z.sum(dim=(2, 3)) / m.sum(dim=(2, 3))  # per frame: M >= 1/2, never 0
-        f2 = self.bn2(pooled.unflatten(0, (b, t)).mean(dim=1))
+        f2 = self.bn2(pooled.unflatten(0, (-1, t)).mean(dim=1))
         feat = torch.cat([f1, f2], dim=1)
         maps = m.squeeze(1)
         out = {
             "global": feat,
             "bn": feat,
-            "attention": maps.unflatten(0, (b, t)) if tracklets else maps,
+            "attention": maps.unflatten(0, (-1, t)) if tracklets else maps,
         }
         if self.training:
             out["logits"] = self.classifier(f1)
