@@ -182,7 +182,10 @@ def table(rows: list[dict]) -> str:
             s = r["settings"]
             name += f" nlist {s['nlist']} m {s['m']} nbits {s['nbits']} nprobe {s['nprobe']}"
         ratio = exact.get(r["rows"])
-        ratio = f"{ratio / r['ms_per_query_batched']:.1f}x faster" if ratio else "-"
+        if r["kind"] == "exact":
+            ratio = "baseline"
+        else:
+            ratio = f"{ratio / r['ms_per_query_batched']:.1f}x faster" if ratio else "-"
         recall = "/".join(f"{v:.3f}" for v in r["recall"].values()) if r["recall"] else "-"
         build = f"{r['build_s']:.1f}" if r["build_s"] is not None else "-"
         lines.append(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import faiss
 import h5py
@@ -328,9 +329,76 @@ def test_search_refuses_bad_inputs_with_clear_errors(deployed, tmp_path, capsys)
         ([*model, "--index", str(tmp_path / "empty.index"), *image], "is empty"),
         ([*model, "--index", str(tmp_path / "no_ids.index"), *image], "missing id map file"),
         ([*model, "--index", str(tmp / "g.index")], "give query images with --image"),
+        ([*model, "--index", str(tmp / "g.index"), *image, "--top", "0"], "--top 0"),
     ]
     for argv, message in cases:
         assert main(["search", *argv, "--out", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("hpc-reid: error: ") and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_search_with_an_onnx_export_ranks_as_the_eager_model(deployed, tmp_path):
+    from hpc_reid.deploy.search import resized_images
+    from hpc_reid.engine.trainer import saved_model
+    from hpc_reid.evaluation.parts import part_features
+    from hpc_reid.export import export_checkpoint
+
+    tmp, checkpoint = deployed
+    _, q_paths, _, _ = read_features(tmp / "f/query.h5")
+    gf, g_paths, _, _ = read_features(tmp / "f/gallery.h5")
+    model_path = tmp_path / "m.onnx"
+    export_checkpoint(checkpoint, model_path, dynamic_batch=True)
+    queries = [q_paths[1], q_paths[4], q_paths[5]]
+    argv = ["search", "--model", str(model_path), "--index", str(tmp / "g.index"), "--top", "6"]
+    assert main([*argv, "--image", *queries, "--out", str(tmp_path / "out")]) == 0
+    # the eager model on the same bilinearly resized pixels, normalised here
+    with saved_model(checkpoint) as (config, _, _, _, model):
+        augment = config.loader.augment
+        images = resized_images(
+            [Path(p) for p in queries],
+            config.data.height,
+            config.data.width,
+            augment.mean,
+            augment.std,
+        )
+        with torch.inference_mode():
+            rows = part_features(model.eval(), model(images))["global"].numpy()
+    dist = numpy_distances(rows, gf, "cosine")
+    for q, path in enumerate(queries):
+        name = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        record = json.loads((tmp_path / f"out/{name}.json").read_text())
+        assert record["model"].startswith(f"ONNX model {model_path}")
+        got = np.array([[r["row"] for r in record["results"]]])
+        want = np.argsort(dist[q], kind="stable")[None, :6]
+        assert_same_order(got, want, dist[q][None], tol=1e-4)
+        for r in record["results"]:
+            assert r["distance"] == pytest.approx(dist[q, r["row"]], abs=1e-4)
+            assert r["path"] == g_paths[r["row"]]
+        assert (tmp_path / f"out/{name}.png").stat().st_size > 0
+
+
+def test_search_with_an_alignedreid_checkpoint_ranks_by_its_global_part(tmp_path):
+    from hpc_reid.engine.checkpoint import CheckpointManager
+    from hpc_reid.engine.trainer import train
+    from tests.engine.test_extract_parts import aligned_config
+
+    train(aligned_config(tmp_path), max_steps=1)
+    checkpoint = CheckpointManager(tmp_path / "runs/a").latest()
+    assert main(["extract", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "f")]) == 0
+    argv = ["index", "--features", str(tmp_path / "f/gallery.h5"), "--out", str(tmp_path / "i")]
+    assert main(argv) == 0
+    qf, q_paths, _, _ = read_features(tmp_path / "f/query.h5")
+    gf, _, _, _ = read_features(tmp_path / "f/gallery.h5")
+    with h5py.File(tmp_path / "f/gallery.h5") as f:
+        width = RowLayout.from_json(f.attrs["layout"]).part("global").width
+    assert json.loads((tmp_path / "i.json").read_text())["part"]["columns"] == [0, width]
+    assert width < gf.shape[1]  # the local stripes follow the global feature in each row
+    argv = ["search", "--model", str(checkpoint), "--index", str(tmp_path / "i"), "--top", "4"]
+    assert main([*argv, "--image", q_paths[2], "--out", str(tmp_path / "o"), "--no-picture"]) == 0
+    dist = numpy_distances(qf[2:3, :width], gf[:, :width], "cosine")
+    name = q_paths[2].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    record = json.loads((tmp_path / f"o/{name}.json").read_text())
+    got = np.array([[r["row"] for r in record["results"]]])
+    assert_same_order(got, np.argsort(dist, 1, kind="stable")[:, :4], dist)
+    assert not (tmp_path / f"o/{name}.png").exists()
