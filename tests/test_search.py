@@ -330,6 +330,10 @@ def test_search_refuses_bad_inputs_with_clear_errors(deployed, tmp_path, capsys)
         ([*model, "--index", str(tmp_path / "no_ids.index"), *image], "missing id map file"),
         ([*model, "--index", str(tmp / "g.index")], "give query images with --image"),
         ([*model, "--index", str(tmp / "g.index"), *image, "--top", "0"], "--top 0"),
+        (
+            ["--model", "m.onnx", "--index", str(tmp / "g.index"), *image, "--set", "x.y=1"],
+            "--config and --set apply to a checkpoint",
+        ),
     ]
     for argv, message in cases:
         assert main(["search", *argv, "--out", str(tmp_path / "o")]) == 2, argv

@@ -48,11 +48,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from hpc_reid.deploy.search import SearchError, query_paths, run_search
 
     config = None
-    if args.config or args.overrides:  # a checkpoint's config, as eval and extract take it
-        from hpc_reid.cli import _checkpoint_config
-
-        config = _checkpoint_config(argparse.Namespace(**vars(args), checkpoint=args.model))
     try:
+        if args.config or args.overrides:  # a checkpoint's config, as eval and extract take it
+            if args.model.lower().endswith(".onnx"):
+                raise SearchError("--config and --set apply to a checkpoint, not an ONNX model")
+            from hpc_reid.cli import _checkpoint_config
+
+            config = _checkpoint_config(argparse.Namespace(**vars(args), checkpoint=args.model))
         queries = query_paths(args.image or (), args.query_dir)
         written = run_search(
             args.model,
