@@ -24,21 +24,12 @@ from hpc_reid.evaluation.parts import probe_layout
 from hpc_reid.export import exported_layout, exported_runner, read_metadata
 from hpc_reid.models.heads import AvgPool, GlobalHead
 from tests.shared_data import shared_data_root
-from tests.tiny import tiny_config
+from tests.tiny import TINY_TRACKLETS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: The tiny tracklet set of tests/engine/test_video_eval.py: clips of T = 3 frames at 64x32.
-VIDEO = [
-    "data.synthetic.ids=8",
-    "data.synthetic.cams=2",
-    "data.synthetic.tracklets_per_camera=2",
-    "data.synthetic.frames_per_tracklet=[2,9]",
-    "data.synthetic.distractors=2",
-    "data.synthetic.junk=1",
-    "data.video.seq_len=3",
-    "data.video.max_clips=2",
-]
+#: The tiny tracklet set (tests/tiny.py): clips of T = 3 frames at 64x32.
+VIDEO = TINY_TRACKLETS
 FGREID = ["model.fgreid.mid_dim=32", "model.fgreid.nonlocal_dim=16"]
 #: Every registered head (and the methods' heads) on OSNet x0.25 at 64x32, one training step each;
 #: one more trunk: ResNet-18 with GeM pooling and non-local blocks.

@@ -24,7 +24,7 @@ from hpc_reid.engine.checkpoint import load_checkpoint, save_atomic
 from hpc_reid.engine.errors import CheckpointError
 from hpc_reid.engine.trainer import saved_model, train
 from hpc_reid.models import build_model
-from tests.tiny import tiny_config
+from tests.tiny import TINY_TRACKLETS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -344,18 +344,8 @@ def test_visualize_refuses_a_launch_of_several_ranks(image_run, tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
-#: tests/methods/test_fgreid.py's tiny tracklet set: 4 training ids, clips of T = 3
-TINY_VIDEO = [
-    "data.synthetic.ids=8",
-    "data.synthetic.cams=2",
-    "data.synthetic.tracklets_per_camera=2",
-    "data.synthetic.frames_per_tracklet=[2,9]",
-    "data.synthetic.distractors=2",
-    "data.synthetic.junk=1",
-    "data.video.seq_len=3",
-    "data.video.max_clips=2",
-    "loader.test_batch_size=6",
-]
+#: the tiny tracklet set (tests/tiny.py): 4 training ids, clips of T = 3
+TINY_VIDEO = TINY_TRACKLETS
 
 
 def test_tracklets_give_a_row_of_t_frames_each_and_a_tsne_of_tracklet_rows(tmp_path):

@@ -20,6 +20,21 @@ TINY_DATA = [
     "data.width=32",
 ]
 
+#: The tiny tracklet set (with data.synthetic.tracklets): 8 identities (4 train, 4 test) in 2
+#: cameras, 2 tracklets each per camera of 2-9 frames; clips of T = 3, at most 2 a tracklet (some
+#: capped, some padded by cycling); 2 clips (6 frames) a test batch, so tracklets straddle batches.
+TINY_TRACKLETS = [
+    "data.synthetic.ids=8",
+    "data.synthetic.cams=2",
+    "data.synthetic.tracklets_per_camera=2",
+    "data.synthetic.frames_per_tracklet=[2,9]",
+    "data.synthetic.distractors=2",
+    "data.synthetic.junk=1",
+    "data.video.seq_len=3",
+    "data.video.max_clips=2",
+    "loader.test_batch_size=6",
+]
+
 #: Batches of 2 identities x 2 images, read in the test process; evaluation 32 images at a time.
 TINY_BATCH = [
     "sampler.num_identities=2",

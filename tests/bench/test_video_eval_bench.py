@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hpc_reid.data.build import dataset_on_ranks
-from tests.tiny import tiny_config
+from tests.tiny import TINY_TRACKLETS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,14 +55,7 @@ def test_extraction_section_counts_the_dense_clips_of_the_tracklets(bench_script
     config = tiny_config(
         tmp_path,
         "configs/synthetic/video.yaml",
-        "data.synthetic.ids=8",
-        "data.synthetic.cams=2",
-        "data.synthetic.frames_per_tracklet=[2,9]",
-        "data.synthetic.distractors=2",
-        "data.synthetic.junk=1",
-        "data.video.seq_len=3",
-        "data.video.max_clips=2",
-        "loader.test_batch_size=6",
+        *TINY_TRACKLETS,
         "model.backbone=osnet_x0_25",
     )
     out = ve.extraction(config, tracklets=5, repeats=1)

@@ -33,23 +33,13 @@ from hpc_reid.evaluation import extract_features
 from hpc_reid.evaluation.feature_files import evaluate_feature_files
 from hpc_reid.models import build_model
 from tests.ports import free_port
-from tests.tiny import REPO, tiny_config
+from tests.tiny import REPO, TINY_TRACKLETS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: 8 identities (4 train, 4 test) in 2 cameras, 2 tracklets each per camera, of 2-9 frames at
-#: 64x32; clips of T = 3, at most 2 per tracklet (so some are capped, some padded by cycling), 2
-#: clips (6 frames) a test batch so that tracklets straddle batches; OSNet x0.25.
+#: the tiny tracklet set (tests/tiny.py) at 64x32 with OSNet x0.25
 VIDEO = [
-    "data.synthetic.ids=8",
-    "data.synthetic.cams=2",
-    "data.synthetic.tracklets_per_camera=2",
-    "data.synthetic.frames_per_tracklet=[2,9]",
-    "data.synthetic.distractors=2",
-    "data.synthetic.junk=1",
-    "data.video.seq_len=3",
-    "data.video.max_clips=2",
-    "loader.test_batch_size=6",
+    *TINY_TRACKLETS,
     "model.backbone=osnet_x0_25",
     "evaluation.flip_average=true",
     "evaluation.report_without_flip=true",

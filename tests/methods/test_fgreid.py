@@ -29,7 +29,7 @@ from hpc_reid.methods.fgreid.losses import (
 )
 from hpc_reid.models import build_model
 from hpc_reid.models.backbones import feature_map_size
-from tests.tiny import REPO, tiny_config
+from tests.tiny import REPO, TINY_TRACKLETS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -455,15 +455,7 @@ def test_configs_validate_and_cuhk01_is_two_resnet50_trunks_at_256x150_16x10_map
 #: objective) on 8 identities in 2 cameras, 2 tracklets each per camera of 2-9 frames at 64x32,
 #: clips of T = 3 (at most 2 a tracklet), the tiny head widths
 FGREID_VIDEO = [
-    "data.synthetic.ids=8",
-    "data.synthetic.cams=2",
-    "data.synthetic.tracklets_per_camera=2",
-    "data.synthetic.frames_per_tracklet=[2,9]",
-    "data.synthetic.distractors=2",
-    "data.synthetic.junk=1",
-    "data.video.seq_len=3",
-    "data.video.max_clips=2",
-    "loader.test_batch_size=6",
+    *TINY_TRACKLETS,
     f"model.fgreid.mid_dim={MID}",
     f"model.fgreid.nonlocal_dim={NL}",
     "logging.run_name=v",
