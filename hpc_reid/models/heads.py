@@ -192,7 +192,11 @@ class GlobalHead(nn.Module):
         self.retrieval_parts = {"global": RetrievalPart(cfg.retrieval_feature)}
 
     def forward(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.pool(fmap)
+        return self.neck_outputs(self.pool(fmap))
+
+    def neck_outputs(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs for the pooled feature ``feat``: heads that pool otherwise (over time: the
+        temporal heads) reuse the neck and classifier through this."""
         bn = feat if self.neck is None else self.neck(feat)
         out = {"global": feat, "bn": bn}
         if self.training:

@@ -55,16 +55,6 @@ class TemporalHead(GlobalHead):
         t = fmaps.shape[1]
         return self.pool(fmaps.flatten(0, 1)).unflatten(0, (-1, t))
 
-    def neck_outputs(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The ``bnneck`` head's outputs for the pooled feature ``feat`` (GlobalHead.forward after
-        its pooling)."""
-        bn = feat if self.neck is None else self.neck(feat)
-        out = {"global": feat, "bn": bn}
-        if self.training:
-            classifier = self.classifier if self.neck is None else self.neck.classifier
-            out["logits"] = classifier(bn)
-        return out
-
 
 @register_head("temporal_avg")
 class TemporalAvgHead(TemporalHead):
