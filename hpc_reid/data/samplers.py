@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from hpc_reid.config import ConfigError, SamplerConfig
+from hpc_reid.data.datasets.base import are_tracklets
 
 
 class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -54,6 +55,9 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     #: ``sampler.kind``; a saved state names it, so a resume refuses another kind's state.
     kind = ""
+    #: what a dataset index is, for :meth:`describe`: ``from_config`` sets "tracklets" for
+    #: tracklet records.
+    unit = "images"
 
     def __init__(self, *, rank: int, world_size: int, seed: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
@@ -79,6 +83,11 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def describe(self) -> str:
         """This rank's batch in words, for the run log ("16 ids x 4 images")."""
         raise NotImplementedError
+
+    def _counting(self, records: Sequence[Any]) -> PlannedBatchSampler:
+        """This sampler, describing its indices as tracklets if ``records`` are tracklets."""
+        self.unit = "tracklets" if are_tracklets(records) else "images"
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """Plan epoch ``epoch`` and start it at batch 0."""
@@ -187,7 +196,7 @@ class IdentitySampler(PlannedBatchSampler):
     ) -> IdentitySampler:
         """The sampler a run's ``sampler`` section (``cfg``) asks for over ``records`` (objects with
         ``pid`` and ``camid``: a data set's train split), for one rank of ``world_size``."""
-        return cls(
+        sampler = cls(
             [r.pid for r in records],
             [r.camid for r in records],
             cfg.num_identities,
@@ -198,6 +207,7 @@ class IdentitySampler(PlannedBatchSampler):
             allow_replacement=cfg.allow_replacement,
             passes=cfg.passes_per_epoch,
         )
+        return sampler._counting(records)
 
     def __init__(
         self,
@@ -273,7 +283,7 @@ class IdentitySampler(PlannedBatchSampler):
         return self.num_identities * self.num_instances
 
     def describe(self) -> str:
-        return f"{self.num_identities} ids x {self.num_instances} images"
+        return f"{self.num_identities} ids x {self.num_instances} {self.unit}"
 
     @property
     def batches_per_epoch(self) -> int:
@@ -372,7 +382,10 @@ class RandomSampler(PlannedBatchSampler):
     ) -> RandomSampler:
         """The sampler a run's ``sampler`` section (``cfg``) asks for over ``records`` (a data
         set's train split: only their number matters), for one rank of ``world_size``."""
-        return cls(len(records), rank_batch_size(cfg), rank=rank, world_size=world_size, seed=seed)
+        sampler = cls(
+            len(records), rank_batch_size(cfg), rank=rank, world_size=world_size, seed=seed
+        )
+        return sampler._counting(records)
 
     def __init__(
         self,
@@ -403,7 +416,7 @@ class RandomSampler(PlannedBatchSampler):
         return self._batch_size
 
     def describe(self) -> str:
-        return f"{self._batch_size} random images"
+        return f"{self._batch_size} random {self.unit}"
 
     @property
     def batches_per_epoch(self) -> int:

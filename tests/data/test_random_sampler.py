@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hpc_reid.config import AugmentConfig, ConfigError, LoaderConfig, SamplerConfig
-from hpc_reid.data.datasets.base import ImageRecord
+from hpc_reid.data.datasets.base import ImageRecord, TrackletRecord
 from hpc_reid.data.loaders import torch_loader
 from hpc_reid.data.samplers import (
     IdentitySampler,
@@ -226,6 +226,12 @@ def test_config_builds_the_kind_it_names_with_its_batch_and_description():
     s = build_sampler(records, cfg, seed=1, rank=1, world_size=2)
     assert type(s) is RandomSampler and s.batch_size == 7 == rank_batch_size(cfg)
     assert s.describe() == "7 random images"
+    tracklets = [
+        TrackletRecord(tuple(f"{i}_{j}.jpg" for j in range(3)), r.pid, r.camid)
+        for i, r in enumerate(records)
+    ]
+    assert build_sampler(tracklets, cfg, seed=1).describe() == "7 random tracklets"
+    assert build_sampler(tracklets, identity_cfg, seed=1).describe() == "4 ids x 3 tracklets"
     assert s.rank == 1 and s.world_size == 2 and s.num_records == 100
     assert s.batches_per_epoch == 100 // 14
     ignored = SamplerConfig(num_identities=4, num_instances=3, batch_size=64)
