@@ -4,7 +4,8 @@ over splits and each variant's paired difference from a reference, split by spli
 A plan (``configs/ablation/real_data.yaml``) names a base config, the variants (``--set`` overrides
 of it, another config, or an evaluation of another variant's checkpoint with ``evaluation.*`` or
 ``model.retrieval_feature`` overrides), the reference variant, and the data sets with their folders
-under ``--shared-data``.
+under ``--shared-data`` (``viper: viper``, or ``LABEL: {dataset: NAME, root: FOLDER, options: {...}}``
+for a set under another protocol, e.g. VehicleID's ``test_size``: each label its own rows).
 Split ``s`` of data set ``d`` is the partition ``data.options = {split_id: s, seed: --seed}``
 gives (each parser draws its test identities with ``np.random.default_rng([seed, split_id])``),
 the same for every variant: splits vary more than recipes, so variants are compared split by split
@@ -81,12 +82,22 @@ class Variant:
     init_from: str | None = None
 
 
+@dataclass(frozen=True)
+class PlanDataset:
+    """One data set of a plan: its registered name, its folder under the shared data folder and
+    ``data.options`` beside each split's (e.g. VehicleID's ``test_size``)."""
+
+    name: str
+    folder: str
+    options: dict = field(default_factory=dict)
+
+
 @dataclass
 class Plan:
     source: Path
     reference: str
     variants: dict[str, Variant]
-    datasets: dict[str, str]  # registered name -> folder under the shared data folder
+    datasets: dict[str, PlanDataset]  # label (run folders, --datasets, {dataset}) -> data set
     shared_paths: dict[str, str] = field(default_factory=dict)
     splits: int = 5  # the default of --splits for this plan
 
@@ -179,7 +190,32 @@ def load_plan(path: str | Path) -> Plan:
     for key, value in (("datasets", datasets), ("shared_paths", shared)):
         if not isinstance(value, dict):
             raise ConfigError(f"plan {path}: {key} must be a mapping, got {value!r}")
-    return Plan(path, reference, variants, dict(datasets), dict(shared), splits)
+    entries = {
+        str(label): _plan_dataset(str(label), spec, f"plan {path}: datasets.{label}")
+        for label, spec in datasets.items()
+    }
+    return Plan(path, reference, variants, entries, dict(shared), splits)
+
+
+def _plan_dataset(label: str, spec, where: str) -> PlanDataset:
+    """``LABEL: FOLDER`` (LABEL is the registered name) or ``LABEL: {dataset: NAME, root: FOLDER,
+    options: {...}}``, e.g. ``vehicleid_1600: {dataset: vehicleid, root: VehicleID, options:
+    {test_size: 1600}}``: one set under several protocols, each its own rows and run folders."""
+    if isinstance(spec, str):
+        return PlanDataset(label, spec)
+    keys = {"dataset", "root", "options"}
+    if not isinstance(spec, dict) or set(spec) - keys or "root" not in spec:
+        raise ConfigError(
+            f"{where}: expected a folder under the shared data folder or a mapping with root and "
+            f"optionally dataset (the registered name, default {label!r}) and options; got {spec!r}"
+        )
+    options = spec.get("options") or {}
+    if not isinstance(options, dict) or {"split_id", "seed"} & set(options):
+        raise ConfigError(
+            f"{where}.options: expected a mapping of data.options without split_id and seed (the "
+            f"runner sets those per split), got {options!r}"
+        )
+    return PlanDataset(str(spec.get("dataset", label)), str(spec["root"]), dict(options))
 
 
 def select(plan: Plan, names: Iterable[str] | None) -> list[Variant]:
@@ -223,16 +259,24 @@ def run_folder(out: Path, dataset: str, split: int, variant: str) -> Path:
     return out / "runs" / dataset / f"split_{split}" / variant
 
 
+def entry_options(plan: Plan, dataset: str, split: int, seed: int) -> dict:
+    """``data.options`` of a plan's data set ``dataset`` on split ``split``: its own options with
+    the split's beside them."""
+    entry = plan.datasets[dataset]
+    return {**entry.options, **split_options(seed, split, entry.name)}
+
+
 def data_overrides(plan: Plan, dataset: str, split: int, seed: int, shared: Path) -> list[str]:
     """The ``--set`` list that puts a run on split ``split`` of ``dataset`` (applied last, so no
     variant can move it to another partition) with the plan's shared paths."""
     if dataset not in plan.datasets:
         raise ConfigError(f"data set {dataset!r} is not in {plan.source}: {list(plan.datasets)}")
-    options = json.dumps(split_options(seed, split, dataset)).replace('"', "")
+    entry = plan.datasets[dataset]
+    options = entry_options(plan, dataset, split, seed)
     sets = [
-        f"data.dataset={dataset}",
-        f"data.root={shared / plan.datasets[dataset]}",
-        f"data.options={options}",
+        f"data.dataset={entry.name}",
+        f"data.root={shared / entry.folder}",
+        f"data.options={json.dumps(options).replace(chr(34), '')}",
     ]
     return sets + [f"{key}={shared / rel}" for key, rel in plan.shared_paths.items()]
 
@@ -248,7 +292,7 @@ class Run:
 
 
 def fill(override: str, dataset: str, out: Path) -> str:
-    """A plan's override with ``{dataset}`` (the data set's registered name) and ``{out}`` (the
+    """A plan's override with ``{dataset}`` (the data set's label in the plan) and ``{out}`` (the
     campaign's ``--out`` folder) filled in: per-data-set inputs a recipe reads, e.g. SAN's pseudo
     textures generated for each set (``data.textures.root={out}/textures/{dataset}.h5``)."""
     return override.replace("{dataset}", dataset).replace("{out}", str(out))
@@ -309,7 +353,7 @@ def plan_runs(
                         raise ConfigError(f"{where} on {dataset} split {split}: {exc}") from None
                     argv = ["train", "--config", str(v.config), "--resume", "auto"]
                     argv += [f"--set={s}" for s in sets]
-                if config.data.options != split_options(seed, split, dataset):
+                if config.data.options != entry_options(plan, dataset, split, seed):
                     raise ConfigError(f"{where}: data.options {config.data.options} moved")
                 resolved[v.name] = config
                 runs.append(Run(v, dataset, split, folder, tuple(argv), config))

@@ -467,3 +467,45 @@ def test_the_video_plan_runs_each_fixed_split_of_ilidsvid_and_prid_by_split_id_a
         assert run.config.data.dataset == run.dataset
         assert run.config.model.head == run.variant.name
     assert rd.split_options(0, 3, "viper") == {"split_id": 3, "seed": 0}
+
+
+def test_a_data_set_entry_may_name_its_set_and_options_so_one_set_runs_under_two_protocols(
+    rd, tmp_path
+):
+    """VehicleID's test sizes: each label is its own rows and run folders, data.dataset is the
+    registered name, and its options go beside each split's (the split's own keys win)."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        f"base: {REPO / 'configs/vehicleid/bot_r50.yaml'}\n"
+        "datasets:\n"
+        "  vehicleid_800: VehicleID\n"
+        "  vehicleid_1600: {dataset: vehicleid, root: VehicleID, options: {test_size: 1600}}\n"
+        "variants:\n  base: ['data.synthetic.cache_dir={out}/{dataset}']\n"
+    )
+    plan = rd.load_plan(path)
+    assert plan.datasets["vehicleid_1600"] == rd.PlanDataset(
+        "vehicleid", "VehicleID", {"test_size": 1600}
+    )
+    assert plan.datasets["vehicleid_800"] == rd.PlanDataset("vehicleid_800", "VehicleID")
+    runs = rd.plan_runs(
+        plan, rd.select(plan, None), ["vehicleid_1600"], [0, 3], 4, tmp_path, tmp_path / "o"
+    )
+    assert [r.folder for r in runs] == [
+        tmp_path / "o" / "runs" / "vehicleid_1600" / f"split_{s}" / "base" for s in (0, 3)
+    ]
+    for run, split in zip(runs, (0, 3), strict=True):
+        assert run.config.data.dataset == "vehicleid"
+        assert run.config.data.root == str(tmp_path / "VehicleID")
+        assert run.config.data.options == {"test_size": 1600, "split_id": split, "seed": 4}
+        assert run.config.data.synthetic.cache_dir == str(tmp_path / "o" / "vehicleid_1600")
+    for bad, problem in (
+        ("{dataset: vehicleid}", "mapping with root"),
+        ("{root: V, protocol: 1}", "mapping with root"),
+        ("{root: V, options: {split_id: 2}}", "without split_id and seed"),
+    ):
+        path.write_text(
+            f"base: {REPO / 'configs/vehicleid/bot_r50.yaml'}\n"
+            f"datasets:\n  v: {bad}\nvariants:\n  base: []\n"
+        )
+        with pytest.raises(ConfigError, match=rf"datasets\.v.*{problem}"):
+            rd.load_plan(path)
