@@ -259,6 +259,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hpc_reid.engine.trainer import evaluate_checkpoint
 
     if args.query_features or args.gallery_features:
+        if args.draws is not None:
+            raise ConfigError("eval --draws evaluates a --checkpoint, not feature files")
         return _eval_feature_files(args)
     if not args.checkpoint:
         raise ConfigError("eval: give --checkpoint, or --query-features and --gallery-features")
@@ -268,6 +270,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "evaluation.distance=global+local (--set evaluation.distance_weights.local=0.5); "
             "--distance and --distance-weight are for feature files"
         )
+    if args.draws is not None:
+        from hpc_reid.engine.checkpoint import resolve_checkpoint
+        from hpc_reid.evaluation.draws import evaluate_draws
+
+        config = _with_run_histogram(args.checkpoint, _checkpoint_config(args, always=True))
+        run_dir = resolve_checkpoint(args.checkpoint).resolve().parent.parent
+        evaluate_draws(args.checkpoint, config, args.draws, args.out or run_dir / "eval_draws")
+        return 0
     config = _with_run_histogram(args.checkpoint, _checkpoint_config(args))
     evaluate_checkpoint(args.checkpoint, config, args.out)
     return 0
@@ -289,13 +299,14 @@ def _with_run_histogram(checkpoint: str, config):
     return config
 
 
-def _checkpoint_config(args: argparse.Namespace):
+def _checkpoint_config(args: argparse.Namespace, always: bool = False):
     """The config to evaluate or extract ``args.checkpoint`` with: ``--config`` with ``--set``;
     without ``--config``, the resolved config the checkpoint stores with ``--set`` applied and
-    validated as a file's would be; None (the stored config as it is) when neither is given."""
+    validated as a file's would be; None (the stored config as it is) when neither is given,
+    unless ``always``."""
     if args.config:
         return load_config(args.config, args.overrides)
-    if not args.overrides:
+    if not args.overrides and not always:
         return None
     from hpc_reid.config import config_with_overrides
     from hpc_reid.engine.checkpoint import load_checkpoint
@@ -833,6 +844,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a checkpoint written by train")
     evaluate.add_argument("--out", help="folder for results.json (and plots, for a checkpoint)")
     _add_config_args(evaluate, required=False)
+    evaluate.add_argument(
+        "--draws",
+        type=int,
+        metavar="N",
+        help="evaluate test draws data.options.split_id 0..N-1 of a protocol that redraws only "
+        "its gallery (VehicleID: 10), each into OUT/draw_S, and write their mean and std "
+        "(default OUT: eval_draws/ beside the checkpoint's run folder)",
+    )
     evaluate.add_argument("--query-features", help="query.h5 written by extract")
     evaluate.add_argument("--gallery-features", help="gallery.h5 written by extract")
     evaluate.add_argument(

@@ -1,0 +1,91 @@
+"""`hpc-reid eval --checkpoint RUN --draws N`: one checkpoint on N gallery draws (VehicleID), each
+draw's metrics equal to evaluating that draw alone, their mean and std as numpy computes them; a
+set whose splits are train/test partitions is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpc_reid.cli import main
+from hpc_reid.engine.checkpoint import CheckpointManager
+from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.evaluation.draws import summarise_draws
+from tests.data.test_vehicle_datasets import make_vehicleid
+from tests.engine.test_trainer import tiny_config
+from tests.shared_data import require_shared_data
+
+NO_PLOTS = "evaluation.plots=false"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run trained one step and its latest checkpoint, and a miniature VehicleID set with
+    real (random) images."""
+    tmp = tmp_path_factory.mktemp("draws")
+    train(tiny_config(tmp, "logging.run_name=x", NO_PLOTS), max_steps=1)
+    root = tmp / "VehicleID"
+    make_vehicleid(root, seed=3, vids_per_list=8)
+    rng = np.random.default_rng(0)
+    for path in sorted((root / "image").iterdir()):
+        pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format="JPEG")
+    return tmp, CheckpointManager(tmp / "runs/x").latest(), root
+
+
+def vehicle_sets(root, split_id=0) -> list[str]:
+    return [
+        "data.dataset=vehicleid",
+        f"data.root={root}",
+        f"data.options={{test_size: 800, split_id: {split_id}, seed: 5}}",
+    ]
+
+
+def test_summary_is_numpy_mean_and_sample_std_of_each_shared_scalar():
+    rng = np.random.default_rng(1)
+    results = [
+        {"rank-1": float(a), "mAP": float(b), "cmc": [0.1, 0.2], "final": True}
+        for a, b in rng.random((5, 2))
+    ]
+    summary = summarise_draws(results)
+    for key in ("rank-1", "mAP"):
+        values = np.array([r[key] for r in results])
+        assert summary[key] == pytest.approx(values.mean(), abs=1e-12)
+        assert summary[f"std/{key}"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+    assert "cmc" not in summary and "final" not in summary
+    assert [d["split_id"] for d in summary["draws"]] == [0, 1, 2, 3, 4]
+
+
+def test_each_draw_equals_evaluating_it_alone_and_the_summary_is_their_mean(run, tmp_path):
+    tmp, checkpoint, root = run
+    argv = ["eval", "--checkpoint", str(checkpoint), "--draws", "3", "--out", str(tmp_path / "d")]
+    sets = [a for s in (*vehicle_sets(root), NO_PLOTS) for a in ("--set", s)]
+    assert main([*argv, *sets]) == 0
+    summary = json.loads((tmp_path / "d" / "results.json").read_text())
+    alone = []
+    for s in range(3):  # the reference: the training config rebuilt, this draw's split_id
+        config = tiny_config(tmp, "logging.run_name=x", NO_PLOTS, *vehicle_sets(root, s))
+        alone.append(evaluate_checkpoint(checkpoint, config, out_dir=tmp_path / f"alone{s}"))
+        drawn = json.loads((tmp_path / "d" / f"draw_{s}" / "results.json").read_text())
+        assert {k: drawn[k] for k in alone[s]} == pytest.approx(alone[s], abs=1e-9)
+    assert len({round(r["mAP"], 9) for r in alone}) > 1  # the draws differ
+    for key in ("rank-1", "rank-5", "mAP", "mINP"):
+        values = np.array([r[key] for r in alone])
+        assert summary[key] == pytest.approx(values.mean(), abs=1e-9)
+        assert summary[f"std/{key}"] == pytest.approx(values.std(ddof=1), abs=1e-9)
+
+
+def test_a_set_whose_splits_partition_train_and_test_is_refused(run, tmp_path, capsys):
+    viper = require_shared_data("viper/images", directory=True).parent
+    _, checkpoint, _ = run
+    argv = ["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
+    sets = ["data.dataset=viper", f"data.root={viper}", "data.options={split_id: 0, seed: 0}"]
+    assert main([*argv, "--draws", "2", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "'viper' trains on a different split" in err and "vehicleid" in err
+    assert not (tmp_path / "results.json").exists()
+    assert main([*argv, "--draws", "1"]) == 2
+    assert "eval --draws 1: give at least 2 draws" in capsys.readouterr().err
