@@ -4,8 +4,9 @@ over splits and each variant's paired difference from a reference, split by spli
 A plan (``configs/ablation/real_data.yaml``) names a base config, the variants (``--set`` overrides
 of it, another config, or an evaluation of another variant's checkpoint with ``evaluation.*`` or
 ``model.retrieval_feature`` overrides), the reference variant, and the data sets with their folders
-under ``--shared-data`` (``viper: viper``, or ``LABEL: {dataset: NAME, root: FOLDER, options: {...}}``
-for a set under another protocol, e.g. VehicleID's ``test_size``: each label its own rows).
+under ``--shared-data`` (``viper: viper``, or ``LABEL: {dataset: NAME, root: FOLDER, options:
+{...}}`` for a set under another protocol, e.g. VehicleID's ``test_size``: each label its own
+rows).
 Split ``s`` of data set ``d`` is the partition ``data.options = {split_id: s, seed: --seed}``
 gives (each parser draws its test identities with ``np.random.default_rng([seed, split_id])``),
 the same for every variant: splits vary more than recipes, so variants are compared split by split
