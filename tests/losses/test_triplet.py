@@ -161,6 +161,7 @@ def _rank_worker(rank: int, store: str, out_dir: str) -> None:
         _, parts = ReidLoss(cfg, num_classes=5, feat_dim=DIM)({"global": x}, pids)
         out["reid_triplet"] = parts["triplet"]
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
