@@ -13,7 +13,6 @@ split has seen the other splits' test identities.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from hpc_reid.bench.report import write_json_atomic
 from hpc_reid.config import Config, ConfigError, config_with_overrides
+from hpc_reid.launch.distributed import detect_env
 
 __all__ = ["draw_configs", "evaluate_draws", "summarise_draws"]
 
@@ -75,7 +75,7 @@ def evaluate_draws(checkpoint: str | Path, config: Config, draws: int, out: str 
         for s, c in enumerate(draw_configs(config, draws))
     ]
     summary = summarise_draws(results)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if detect_env().rank == 0:  # the launcher's rank (torchrun or srun), group or not
         write_json_atomic(out / "results.json", summary)
         shown = ", ".join(
             f"{k} {100 * summary[k]:.2f} ± {100 * summary['std/' + k]:.2f}"
