@@ -746,10 +746,21 @@ def cmd_visualize_tsne(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize_textures(args: argparse.Namespace) -> int:
+    from hpc_reid.visualize import texture_figure
+
+    path, titles = texture_figure(
+        args.checkpoint, args.out, args.split, args.num, _checkpoint_config(args)
+    )
+    print(f"wrote {path} (columns: {', '.join(titles)})")
+    return 0
+
+
 def _add_visualize_parser(commands) -> None:
     visualize = commands.add_parser(
         "visualize",
-        help="pictures of a checkpoint: attention maps, a t-SNE of features and centers (PNG)",
+        help="pictures of a checkpoint: attention maps, a t-SNE of features and centers, "
+        "decoded textures (PNG)",
         description="Drawn on one process (a torchrun/srun launch is refused), with the config "
         "the checkpoint stores, or --config; --set overrides either.",
     )
@@ -770,7 +781,16 @@ def _add_visualize_parser(commands) -> None:
         "centers (train split only; the features are then the center loss's input, the global "
         "output) fitted in the same seeded t-SNE.",
     )
-    for p, split in ((attention, "query"), (tsne, "train")):
+    textures = pictures.add_parser(
+        "textures",
+        help="a SAN decoder's textures of images of a split beside the true ones (model.head: san)",
+        description="OUT/textures_SPLIT.png: --num images spread over the split, a row each: the "
+        "input as the model saw it, the texture its decoder gives it, the true texture where the "
+        "data set has them (the synthetic set; black for an image of no identity), then the "
+        "pseudo texture the run trained on (data.textures.kind: pseudo); textures magnified by "
+        "an integer factor to the input's height. The column titles are printed.",
+    )
+    for p, split in ((attention, "query"), (tsne, "train"), (textures, "query")):
         p.add_argument("--checkpoint", required=True, help="a checkpoint, run or folder")
         p.add_argument("--out", required=True, help="folder for the PNG")
         p.add_argument(
@@ -779,6 +799,8 @@ def _add_visualize_parser(commands) -> None:
         _add_config_args(p, required=False)
     attention.add_argument("--num", type=int, default=8, help="images or tracklets drawn (8)")
     attention.set_defaults(func=cmd_visualize_attention)
+    textures.add_argument("--num", type=int, default=6, help="images drawn (6)")
+    textures.set_defaults(func=cmd_visualize_textures)
     tsne.add_argument("--max-ids", type=int, default=20, help="identities drawn (20)")
     tsne.add_argument(
         "--no-centers", action="store_true", help="the retrieval features alone, no centers"

@@ -18,8 +18,13 @@
   indexed by training label: only the train split has them. scikit-learn's t-SNE is used where
   installed (it comes with the ``ray`` extra, through ax-platform), else :func:`exact_tsne`, a
   small exact one in numpy; both seeded, so a figure is reproducible.
+- ``textures``: images of a split beside the texture a SAN decoder (Jin et al., AAAI 2020;
+  :mod:`hpc_reid.methods.san`) gives each, in eval mode with the decoder switched on, and the
+  targets where they exist: the synthetic set's true texture of the identity, and the pseudo
+  texture (SAN-PG's) a run with ``data.textures.kind: pseudo`` trained on. Textures are magnified
+  by an integer factor to the input's height, pixels kept; a row per image.
 
-Both draw on one process: a launch of several ranks is refused rather than having N processes
+All draw on one process: a launch of several ranks is refused rather than having N processes
 write the same file.
 """
 
@@ -447,3 +452,115 @@ def tsne_figure(
         + f"\n{config.name}, {resolve_checkpoint(checkpoint).name}"
     )
     return plot_tsne(embedding, points, Path(out) / f"tsne_{split}.png", title)
+
+
+# ----------------------------------------------------------------------------------- textures
+
+
+def magnify(cells: np.ndarray, height: int) -> np.ndarray:
+    """Cells (N, h, w, 3) repeated by the integer factor max(1, height // h) along both axes
+    (nearest neighbour): a 64 x 32 texture beside a 128 x 64 input is drawn 128 x 64, its
+    pixels kept."""
+    k = max(1, height // cells.shape[1])
+    return cells.repeat(k, axis=1).repeat(k, axis=2)
+
+
+def cell_grid(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
+    """Rows of (H_i, W_j, 3) uint8 cells (a column's cells one width, a row's at most its
+    tallest) as one white image, every cell at the top left of its slot, :data:`PAD` apart."""
+    cols = max(len(r) for r in rows)
+    widths = [max(r[j].shape[1] for r in rows if j < len(r)) for j in range(cols)]
+    heights = [max(c.shape[0] for c in r) for r in rows]
+    lefts = np.concatenate([[0], np.cumsum(np.add(widths, PAD))])
+    tops = np.concatenate([[0], np.cumsum(np.add(heights, PAD))])
+    out = Image.new("RGB", (int(lefts[-1]) - PAD, int(tops[-1]) - PAD), "white")
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            out.paste(Image.fromarray(cell), (int(lefts[j]), int(tops[i])))
+    return out
+
+
+def texture_columns(config: Config, records: Sequence[Record]) -> list[tuple[str, np.ndarray]]:
+    """The target textures of ``records`` to draw beside the decoded ones, each (title, (N, h,
+    w, 3) uint8 at ``model.san.texture_size``): the true textures where the data set has them
+    (the synthetic set's per-identity maps; an image of no identity, a distractor, gets black),
+    then the pseudo textures the run trained on (``data.textures.kind: pseudo``)."""
+    from hpc_reid.data.build import dataset_root
+    from hpc_reid.methods.san.textures import PseudoTextures, SyntheticTextures, decode_texture
+
+    size = tuple(int(s) for s in config.model.san.texture_size)
+    root = dataset_root(config.data, announce=lambda _: None)[1]
+    stores = []
+    if (root / "textures").is_dir():
+        stores.append(("true texture", SyntheticTextures(root)))
+    if config.data.textures.kind == "pseudo":
+        stores.append(("pseudo texture", PseudoTextures(config.data.textures.root, root)))
+    columns = []
+    for title, store in stores:
+        cells = []
+        for record in records:
+            key = store.key(record.path)
+            if store.has(key):
+                cells.append(decode_texture(store.read(key), store.where(key), size))
+            else:
+                cells.append(np.zeros((*size, 3), dtype=np.uint8))
+        columns.append((title, np.stack(cells)))
+    return columns
+
+
+def decoded_textures(
+    model: nn.Module, records: Sequence[Record], config: Config, device
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs (N, H, W, 3) as the model saw them and its decoded textures (N, h, w, 3),
+    uint8, in eval mode with the decoder on (:func:`~hpc_reid.methods.san.decoding`)."""
+    from hpc_reid.methods.san.generate import to_uint8
+    from hpc_reid.methods.san.model import decoding
+
+    if "texture" not in model.output_keys:
+        raise ConfigError(
+            f"the {config.model.head!r} head decodes no texture: its outputs are "
+            f"{', '.join(sorted(model.output_keys))}; expected a head with a 'texture' output "
+            "(model.head: san)"
+        )
+    if are_tracklets(records):
+        raise ConfigError("hpc-reid visualize textures draws images; this data set has tracklets")
+    loader = build_backend_test_loader(
+        records, config.loader, config.data.height, config.data.width, device
+    )
+    augment = config.loader.augment
+    images, textures = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with decoding(model), torch.inference_mode():
+            for batch in loader:
+                x = batch["images"].to(device)
+                images.append(denormalise(x, augment.mean, augment.std))
+                textures.append(to_uint8(model(x)["texture"]))
+    finally:
+        model.train(was_training)
+    return np.concatenate(images), np.concatenate(textures)
+
+
+def texture_figure(
+    checkpoint: str | Path,
+    out: str | Path,
+    split: str = "query",
+    num: int = 6,
+    config: Config | None = None,
+) -> tuple[Path, list[str]]:
+    """``out/textures_<split>.png``: ``num`` images of ``split`` spread over it, a row each: the
+    input as the model saw it, the texture the checkpoint's decoder gives it, then the targets
+    :func:`texture_columns` finds; textures magnified to the input's height
+    (:func:`magnify`). Returns the path and the columns' titles."""
+    refuse_several_ranks("textures")
+    with saved_model(checkpoint, config) as (config, _, device, dataset, model):
+        records = spread(split_records(dataset, split), num)
+        images, predicted = decoded_textures(model, records, config, device)
+        targets = texture_columns(config, records)
+    height = images.shape[1]
+    columns = [("image", images), ("decoded texture", magnify(predicted, height))]
+    columns += [(title, magnify(cells, height)) for title, cells in targets]
+    picture = cell_grid([[cells[i] for _, cells in columns] for i in range(len(records))])
+    path = Path(out) / f"textures_{split}.png"
+    return write_atomic(path, lambda f: picture.save(f, format="PNG")), [t for t, _ in columns]

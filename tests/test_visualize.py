@@ -121,6 +121,38 @@ def test_a_head_without_attention_is_refused_naming_its_outputs():
         visualize.attention_maps(model, [], config, "cpu")
 
 
+def test_a_head_without_a_decoder_is_refused_naming_its_outputs():
+    cfg = ModelConfig.model_validate({"backbone": "osnet_x0_25", "pretrained": None})
+    config = SimpleNamespace(model=cfg)
+    with pytest.raises(ConfigError, match=r"'bnneck' head decodes no texture: .*bn, .*global"):
+        visualize.decoded_textures(build_model(cfg, 4), [], config, "cpu")
+
+
+def test_magnify_repeats_each_pixel_by_the_integer_factor_to_the_height():
+    cells = np.arange(2 * 3 * 2 * 3, dtype=np.uint8).reshape(2, 3, 2, 3)
+    big = visualize.magnify(cells, 7)  # 7 // 3 = 2
+    assert big.shape == (2, 6, 4, 3)
+    for y in range(6):
+        for x in range(4):
+            np.testing.assert_array_equal(big[:, y, x], cells[:, y // 2, x // 2])
+    assert visualize.magnify(cells, 2).shape == cells.shape  # never shrunk
+
+
+def test_cell_grid_puts_cells_of_several_sizes_top_left_in_their_slots():
+    a = np.full((4, 3, 3), 10, np.uint8)
+    b = np.full((2, 5, 3), 20, np.uint8)
+    c = np.full((3, 3, 3), 30, np.uint8)
+    png = np.asarray(visualize.cell_grid([[a, b], [c, b]]))
+    # columns 3 and 5 wide, rows 4 and 3 high, PAD apart; the rest white
+    assert png.shape == (4 + PAD + 3, 3 + PAD + 5, 3)
+    expected = np.full(png.shape, 255, np.uint8)
+    expected[0:4, 0:3] = 10
+    expected[0:2, 3 + PAD : 8 + PAD] = 20
+    expected[4 + PAD : 7 + PAD, 0:3] = 30
+    expected[4 + PAD : 6 + PAD, 3 + PAD : 8 + PAD] = 20
+    np.testing.assert_array_equal(png, expected)
+
+
 # -------------------------------------------------------------------------- the t-SNE's input
 
 

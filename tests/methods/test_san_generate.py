@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 from hpc_reid.cli import main as cli
 from hpc_reid.config import load_config
@@ -24,6 +25,8 @@ from hpc_reid.methods.san.textures import PseudoTextures, TextureError, decode_t
 from hpc_reid.models import build_model
 from tests.ports import free_port
 from tests.tiny import TINY_DATA, tiny_config
+
+PAD = 2  # hpc_reid.visualize.PAD, white pixels between the picture's cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -161,6 +164,42 @@ def test_pseudo_textures_train_san(san_pg):
     train(config, max_steps=2)
     state = load_checkpoint(CheckpointManager(tmp / "runs/san_pseudo").latest())
     assert state["step"] == 2
+
+
+def test_visualize_textures_draws_input_decoded_true_and_pseudo_texture_rows(san_pg, capsys):
+    """`hpc-reid visualize textures` on SAN-PG with pseudo targets set: a row per query image
+    spread over the split, its cells the input as the model saw it, the decoded texture, the
+    identity's true texture and the pseudo texture, each 16 x 8 texture magnified 4x to 64 x 32."""
+    checkpoint, tmp = san_pg
+    data_config = tiny(tmp, "configs/synthetic/bot.yaml")
+    out = tmp / "vis_targets.h5"
+    generate_textures(checkpoint, data_config, out, preview=0)
+    pseudo = read_all(out, data_config)
+    args = ["visualize", "textures", "--checkpoint", str(checkpoint), "--num", "3"]
+    args += ["--out", str(tmp / "vis"), "--set=data.textures.kind=pseudo"]
+    assert cli([*args, f"--set=data.textures.root={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "columns: image, decoded texture, true texture, pseudo texture" in printed
+    png = np.asarray(Image.open(tmp / "vis" / "textures_query.png").convert("RGB"))
+    assert png.shape == (3 * (64 + PAD) - PAD, 4 * (32 + PAD) - PAD, 3)
+    decoded = expected_textures(checkpoint, data_config)
+    root = dataset_root(data_config.data, announce=lambda _: None)[1]
+    dataset = dataset_on_ranks(data_config.data, True)
+    records = [dataset.query[i * len(dataset.query) // 3] for i in range(3)]
+    loader = build_backend_test_loader(records, data_config.loader, 64, 32, "cpu")
+    x = torch.cat([b["images"] for b in loader])
+    mean = torch.tensor(data_config.loader.augment.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data_config.loader.augment.std).view(1, 3, 1, 1)
+    inputs = ((x * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    for i, record in enumerate(records):
+        key = image_key(record.path, root)
+        true = Image.open(root / "textures" / f"{record.pid:04d}.png").convert("RGB")
+        true = np.asarray(true.resize((8, 16), Image.BILINEAR))
+        cells = [inputs[i], *(np.kron(t, np.ones((4, 4, 1), np.uint8))
+                              for t in (decoded[key], true, pseudo[key]))]  # fmt: skip
+        for j, cell in enumerate(cells):
+            top, left = i * (64 + PAD), j * (32 + PAD)
+            np.testing.assert_array_equal(png[top : top + 64, left : left + 32], cell)
 
 
 def test_a_training_image_without_its_texture_stops_the_run_before_any_step(san_pg):
