@@ -122,3 +122,28 @@ def test_a_checkpoint_evaluates_after_its_initial_weight_file_is_gone(tmp_path):
     init.unlink()
     assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b")]) == 0
     assert results(tmp_path / "b")["mAP"] == pytest.approx(with_file["mAP"], abs=1e-12)
+
+
+def test_a_checkpoint_evaluates_on_another_set_with_its_own_classifier_size(run, tmp_path):
+    """Cross-domain evaluation: a model trained on the tiny set (8 training identities) ranks a
+    set with 10; its classifier (unused by ranking) keeps the checkpoint's size. The reference is
+    the same weights saved as if trained on the other set, a classifier of 10 rows (random), which
+    loads the old way."""
+    tmp, checkpoint = run
+    other = "data.synthetic.ids=20"  # 10 training identities
+    assert main(["eval", "--checkpoint", str(checkpoint), "--set", other,
+                 "--out", str(tmp_path / "cross")]) == 0  # fmt: skip
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["model_meta"]["num_classes"] == 8
+    weights = state["strategy"]["model"]
+    resized = [k for k in weights if "classifier" in k and weights[k].shape[0] == 8]
+    assert resized
+    for key in resized:
+        weights[key] = torch.randn(10, *weights[key].shape[1:])
+    state["model_meta"]["num_classes"] = 10
+    native = tmp_path / "native.pt"
+    torch.save(state, native)
+    config = tiny_config(tmp, "logging.run_name=x", NO_PLOTS, other)
+    expected = evaluate_checkpoint(native, config, out_dir=tmp_path / "reference")
+    got = results(tmp_path / "cross")
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-12)

@@ -616,7 +616,9 @@ def saved_model(path: str | Path, config: Config | None = None):
     ``(config, env, device, dataset, model)``, distributed set up for the ``with`` block.
 
     ``config`` defaults to the resolved config stored in the checkpoint; a checkpoint of another
-    model than ``config`` builds is refused.
+    model than ``config`` builds is refused. The classifier is built with the checkpoint's number
+    of classes, not the data set's: the weights are the checkpoint's, and a model trained on one
+    set runs on another's images (cross-domain evaluation; SAN-PG's textures for a real set).
     """
     state = load_checkpoint(path)
     config = config or Config.model_validate(state["config"])
@@ -627,9 +629,10 @@ def saved_model(path: str | Path, config: Config | None = None):
     )
     try:
         dataset = dataset_on_ranks(config.data, env.rank == 0)
-        model = build_model(without_initial_weights(config.model), dataset.num_train_pids)
+        classes = state["model_meta"].get("num_classes", dataset.num_train_pids)
+        model = build_model(without_initial_weights(config.model), classes)
         model = model.to(device)
-        meta = model_meta(config, dataset.num_train_pids, model)
+        meta = model_meta(config, classes, model)
         if state["model_meta"] != meta:
             raise CheckpointError(
                 f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"

@@ -52,8 +52,9 @@ def expected_textures(checkpoint: Path, data_config) -> dict[str, np.ndarray]:
     stored = load_config(None, [])  # a Config to validate the stored dict with
     stored = type(stored).model_validate(load_checkpoint(checkpoint)["config"])
     dataset = dataset_on_ranks(data_config.data, True)
-    model = build_model(stored.model, dataset.num_train_pids)
-    model.load_state_dict(load_checkpoint(checkpoint)["strategy"]["model"])
+    state = load_checkpoint(checkpoint)  # SAN-PG's classes, whatever the data set's
+    model = build_model(stored.model, state["model_meta"]["num_classes"])
+    model.load_state_dict(state["strategy"]["model"])
     model.eval()
     root = dataset_root(data_config.data, announce=lambda _: None)[1]
     records = all_images(dataset)
@@ -96,6 +97,21 @@ def test_every_image_gets_its_decoded_texture_and_a_rerun_writes_nothing(san_pg,
     assert Path(first["preview"]).stat().st_size > 0
     again = generate_textures(checkpoint, data, out, preview=0)
     assert again["written"] == 0 and again["skipped"] == len(expected)
+
+
+def test_textures_for_a_set_of_other_identities_than_san_pg_trained_on(san_pg):
+    """SAN-PG (8 training identities) writes the textures of a set with 10, as of a real set:
+    every image's decoded texture."""
+    checkpoint, tmp = san_pg
+    data_config = tiny(tmp, "configs/synthetic/bot.yaml", "data.synthetic.ids=20")
+    out = tmp / "other_set.h5"
+    summary = generate_textures(checkpoint, data_config, out, preview=0)
+    expected = expected_textures(checkpoint, data_config)
+    assert summary["written"] == len(expected) and len(expected) > 0
+    got = read_all(out, data_config)
+    assert got.keys() == expected.keys()
+    for key, texture in expected.items():
+        np.testing.assert_array_equal(got[key], texture)
 
 
 def test_an_interrupted_folder_continues_with_the_missing_textures_only(san_pg):
