@@ -591,7 +591,15 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log)
         sampler.load_state_dict(state["sampler"])
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path} cannot resume this run: {exc}") from None
-    strategy.load_state_dict(state["strategy"])
+    try:
+        strategy.load_state_dict(state["strategy"])
+    except ValueError as exc:  # torch's optimizer refuses another set of parameter groups
+        raise CheckpointError(
+            f"checkpoint {path} cannot resume this run: its optimizer state does not fit this "
+            f"run's ({exc}); the optimizer settings that make parameter groups (e.g. "
+            "optimizer.decoder_lr, bias_lr_factor) must be the ones it was written with, or start "
+            "another run (logging.run_name)"
+        ) from None
     criterion.load_state_dict(state["criterion"])
     if state["world_size"] == world:
         _set_rng_state(state["rng"][rank], device, log.info)

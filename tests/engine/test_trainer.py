@@ -20,6 +20,7 @@ from hpc_reid.engine import trainer
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import evaluate_checkpoint, select_device, train
+from tests import tiny as tests_tiny
 from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
 
@@ -109,6 +110,24 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     path = CheckpointManager(tmp_path / "runs/a").latest()
     other = tiny_config(tmp_path, "logging.run_name=b", "sampler.num_identities=4")
     with pytest.raises(CheckpointError, match="cannot resume this run"):
+        train(other, resume=str(path))
+
+
+def test_resume_with_other_optimizer_groups_is_refused_naming_the_checkpoint(tmp_path):
+    """A SAN run with the decoder's own rate (its own parameter groups) resumed without it: torch's
+    bare "different number of parameter groups" becomes an error naming the file and the keys."""
+    tiny_san = ["model.san.texture_size=[16,8]", "loss.decoder_triplet.mining=hard"]
+    san = tests_tiny.tiny_config(
+        tmp_path, "configs/synthetic/san.yaml", *tiny_san, "logging.run_name=a"
+    )
+    assert san.optimizer.decoder_lr is not None
+    train(san, max_steps=1)
+    path = CheckpointManager(tmp_path / "runs/a").latest()
+    other = tests_tiny.tiny_config(
+        tmp_path, "configs/synthetic/san.yaml", *tiny_san, "logging.run_name=b",
+        "optimizer.decoder_lr=null", "optimizer.decoder_weight_decay=null",
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=rf"{path}.*optimizer state.*optimizer.decoder_lr"):
         train(other, resume=str(path))
 
 
