@@ -125,14 +125,19 @@ def overlay(images: np.ndarray, maps: torch.Tensor, alpha: float = ALPHA) -> np.
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def grid(rows: Sequence[np.ndarray]) -> Image.Image:
-    """Rows of cells (each (n, H, W, 3) uint8, all cells one size) as one white-padded image."""
-    h, w = rows[0].shape[1:3]
+def grid(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
+    """Rows of (H, W, 3) uint8 cells as one white image, every cell at the top left of its slot,
+    :data:`PAD` apart: a column as wide as its widest cell, a row as tall as its tallest (a row
+    may be an (n, H, W, 3) array of equal cells)."""
     cols = max(len(r) for r in rows)
-    out = Image.new("RGB", (cols * (w + PAD) - PAD, len(rows) * (h + PAD) - PAD), "white")
+    widths = [max(r[j].shape[1] for r in rows if j < len(r)) for j in range(cols)]
+    heights = [max(c.shape[0] for c in r) for r in rows]
+    lefts = np.concatenate([[0], np.cumsum(np.add(widths, PAD))])
+    tops = np.concatenate([[0], np.cumsum(np.add(heights, PAD))])
+    out = Image.new("RGB", (int(lefts[-1]) - PAD, int(tops[-1]) - PAD), "white")
     for i, row in enumerate(rows):
         for j, cell in enumerate(row):
-            out.paste(Image.fromarray(cell), (j * (w + PAD), i * (h + PAD)))
+            out.paste(Image.fromarray(cell), (int(lefts[j]), int(tops[i])))
     return out
 
 
@@ -465,21 +470,6 @@ def magnify(cells: np.ndarray, height: int) -> np.ndarray:
     return cells.repeat(k, axis=1).repeat(k, axis=2)
 
 
-def cell_grid(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
-    """Rows of (H_i, W_j, 3) uint8 cells (a column's cells one width, a row's at most its
-    tallest) as one white image, every cell at the top left of its slot, :data:`PAD` apart."""
-    cols = max(len(r) for r in rows)
-    widths = [max(r[j].shape[1] for r in rows if j < len(r)) for j in range(cols)]
-    heights = [max(c.shape[0] for c in r) for r in rows]
-    lefts = np.concatenate([[0], np.cumsum(np.add(widths, PAD))])
-    tops = np.concatenate([[0], np.cumsum(np.add(heights, PAD))])
-    out = Image.new("RGB", (int(lefts[-1]) - PAD, int(tops[-1]) - PAD), "white")
-    for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
-            out.paste(Image.fromarray(cell), (int(lefts[j]), int(tops[i])))
-    return out
-
-
 def texture_columns(config: Config, records: Sequence[Record]) -> list[tuple[str, np.ndarray]]:
     """The target textures of ``records`` to draw beside the decoded ones, each (title, (N, h,
     w, 3) uint8 at ``model.san.texture_size``): the true textures where the data set has them
@@ -561,6 +551,6 @@ def texture_figure(
     height = images.shape[1]
     columns = [("image", images), ("decoded texture", magnify(predicted, height))]
     columns += [(title, magnify(cells, height)) for title, cells in targets]
-    picture = cell_grid([[cells[i] for _, cells in columns] for i in range(len(records))])
+    picture = grid([[cells[i] for _, cells in columns] for i in range(len(records))])
     path = Path(out) / f"textures_{split}.png"
     return write_atomic(path, lambda f: picture.save(f, format="PNG")), [t for t, _ in columns]

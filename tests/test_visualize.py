@@ -138,11 +138,11 @@ def test_magnify_repeats_each_pixel_by_the_integer_factor_to_the_height():
     assert visualize.magnify(cells, 2).shape == cells.shape  # never shrunk
 
 
-def test_cell_grid_puts_cells_of_several_sizes_top_left_in_their_slots():
+def test_grid_puts_cells_of_several_sizes_top_left_in_their_slots():
     a = np.full((4, 3, 3), 10, np.uint8)
     b = np.full((2, 5, 3), 20, np.uint8)
     c = np.full((3, 3, 3), 30, np.uint8)
-    png = np.asarray(visualize.cell_grid([[a, b], [c, b]]))
+    png = np.asarray(visualize.grid([[a, b], [c, b]]))
     # columns 3 and 5 wide, rows 4 and 3 high, PAD apart; the rest white
     assert png.shape == (4 + PAD + 3, 3 + PAD + 5, 3)
     expected = np.full(png.shape, 255, np.uint8)
