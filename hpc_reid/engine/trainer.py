@@ -596,9 +596,9 @@ def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log)
     except ValueError as exc:  # torch's optimizer refuses another set of parameter groups
         raise CheckpointError(
             f"checkpoint {path} cannot resume this run: its optimizer state does not fit this "
-            f"run's ({exc}); the optimizer settings that make parameter groups (e.g. "
-            "optimizer.decoder_lr, bias_lr_factor) must be the ones it was written with, or start "
-            "another run (logging.run_name)"
+            f"run's ({exc}); what makes the parameter groups (optimizer.decoder_lr gives the "
+            "decoder its own, frozen parameters leave theirs out) must be as it was written "
+            "with, or start another run (logging.run_name)"
         ) from None
     criterion.load_state_dict(state["criterion"])
     if state["world_size"] == world:

@@ -23,10 +23,9 @@ from hpc_reid.methods.san.generate import all_images, generate_textures, to_uint
 from hpc_reid.methods.san.model import decoding
 from hpc_reid.methods.san.textures import PseudoTextures, TextureError, decode_texture, image_key
 from hpc_reid.models import build_model
+from hpc_reid.visualize import PAD  # white pixels between the picture's cells
 from tests.ports import free_port
 from tests.tiny import TINY_DATA, tiny_config
-
-PAD = 2  # hpc_reid.visualize.PAD, white pixels between the picture's cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
