@@ -476,26 +476,18 @@ def texture_columns(config: Config, records: Sequence[Record]) -> list[tuple[str
     (the synthetic set's per-identity maps; an image of no identity, a distractor, gets black),
     then the pseudo textures the run trained on (``data.textures.kind: pseudo``)."""
     from hpc_reid.data.build import dataset_root
-    from hpc_reid.methods.san.textures import PseudoTextures, SyntheticTextures, decode_texture
+    from hpc_reid.methods.san.textures import PseudoTextures, texture_or_black, true_textures
 
     size = tuple(int(s) for s in config.model.san.texture_size)
     root = dataset_root(config.data, announce=lambda _: None)[1]
-    stores = []
-    if (root / "textures").is_dir():
-        stores.append(("true texture", SyntheticTextures(root)))
+    stores = [("true texture", true_textures(root))]
     if config.data.textures.kind == "pseudo":
         stores.append(("pseudo texture", PseudoTextures(config.data.textures.root, root)))
-    columns = []
-    for title, store in stores:
-        cells = []
-        for record in records:
-            key = store.key(record.path)
-            if store.has(key):
-                cells.append(decode_texture(store.read(key), store.where(key), size))
-            else:
-                cells.append(np.zeros((*size, 3), dtype=np.uint8))
-        columns.append((title, np.stack(cells)))
-    return columns
+    return [
+        (title, np.stack([texture_or_black(store, r.path, size) for r in records]))
+        for title, store in stores
+        if store is not None
+    ]
 
 
 def decoded_textures(

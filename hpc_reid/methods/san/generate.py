@@ -35,10 +35,11 @@ from hpc_reid.evaluation.sharded import shard_range
 from hpc_reid.methods.san.model import decoding
 from hpc_reid.methods.san.textures import (
     PseudoTextures,
-    SyntheticTextures,
     TextureWriter,
     decode_texture,
     image_key,
+    texture_or_black,
+    true_textures,
 )
 
 TITLES = ("image", "SAN-PG texture", "true texture")
@@ -166,7 +167,7 @@ def draw_preview(records: Sequence[ImageRecord], root: Path, out: Path, config: 
 
     size = tuple(config.model.san.texture_size)
     generated = PseudoTextures(out, root)
-    truth = SyntheticTextures(root) if (root / "textures").is_dir() else None
+    truth = true_textures(root)
     cols = 3 if truth is not None else 2
     fig, axes = plt.subplots(len(records), cols, figsize=(2.2 * cols, 2.2 * len(records)))
     axes = np.atleast_2d(axes)
@@ -174,12 +175,8 @@ def draw_preview(records: Sequence[ImageRecord], root: Path, out: Path, config: 
         key = image_key(record.path, root)
         panels = [np.asarray(Image.open(record.path).convert("RGB"))]
         panels.append(decode_texture(generated.read(generated.key(record.path)), key, size))
-        if truth is not None:  # distractors and junk images have no identity's texture
-            true_key = truth.key(record.path)
-            if truth.has(true_key):
-                panels.append(decode_texture(truth.read(true_key), key, size))
-            else:
-                panels.append(np.zeros_like(panels[-1]))
+        if truth is not None:
+            panels.append(texture_or_black(truth, record.path, size))
         for ax, panel, title in zip(row, panels, TITLES[: len(panels)], strict=True):
             ax.imshow(panel)
             ax.set_title(title, fontsize=8)

@@ -59,9 +59,11 @@ __all__ = [
     "TextureWriter",
     "decode_texture",
     "image_key",
+    "texture_or_black",
     "texture_shard",
     "texture_store",
     "texture_targets",
+    "true_textures",
 ]
 
 FORMAT = "hpc-reid textures"
@@ -154,6 +156,23 @@ class SyntheticTextures:
 
     def read(self, key: str) -> bytes:
         return _read(self.where(key))
+
+
+def true_textures(root: str | Path) -> SyntheticTextures | None:
+    """The data set's own per-identity texture maps where it has them (the synthetic set's
+    ``textures/``), else None: real sets have none."""
+    return SyntheticTextures(root) if (Path(root) / "textures").is_dir() else None
+
+
+def texture_or_black(
+    store: SyntheticTextures | PseudoTextures, path: str, size: tuple[int, int]
+) -> np.ndarray:
+    """The texture ``store`` holds for the image at ``path``, decoded as (H, W, 3) uint8 of
+    ``size``; black where it holds none (distractor and junk images have no identity's)."""
+    key = store.key(path)
+    if not store.has(key):
+        return np.zeros((*size, 3), dtype=np.uint8)
+    return decode_texture(store.read(key), store.where(key), size)
 
 
 def texture_shard(out: str | Path, rank: int, world: int) -> Path:
