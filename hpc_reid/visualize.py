@@ -48,6 +48,7 @@ from hpc_reid.engine.errors import CheckpointError
 from hpc_reid.engine.trainer import saved_model
 from hpc_reid.evaluation.features import extract_features
 from hpc_reid.launch.distributed import detect_env
+from hpc_reid.models import inferring
 from hpc_reid.models.heads import RetrievalPart
 
 SPLITS = ("train", "query", "gallery")
@@ -158,24 +159,19 @@ def attention_maps(
     )
     augment = config.loader.augment
     images, maps = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                x = batch["images"].to(device)
-                att = model(x).get("attention")
-                if att is None or att.dim() != x.dim() - 1:
-                    shape = None if att is None else tuple(att.shape)
-                    raise ValueError(
-                        f"the model's eval-mode attention for inputs {tuple(x.shape)} is {shape}; "
-                        "expected (N, h, w) for images, (N, T, h, w) for tracklets"
-                    )
-                pixels = denormalise(x.flatten(0, x.dim() - 4), augment.mean, augment.std)
-                images.append(pixels.reshape(*x.shape[:-3], *pixels.shape[1:]))
-                maps.append(att.float().cpu())
-    finally:
-        model.train(was_training)
+    with inferring(model):
+        for batch in loader:
+            x = batch["images"].to(device)
+            att = model(x).get("attention")
+            if att is None or att.dim() != x.dim() - 1:
+                shape = None if att is None else tuple(att.shape)
+                raise ValueError(
+                    f"the model's eval-mode attention for inputs {tuple(x.shape)} is {shape}; "
+                    "expected (N, h, w) for images, (N, T, h, w) for tracklets"
+                )
+            pixels = denormalise(x.flatten(0, x.dim() - 4), augment.mean, augment.std)
+            images.append(pixels.reshape(*x.shape[:-3], *pixels.shape[1:]))
+            maps.append(att.float().cpu())
     return np.concatenate(images), torch.cat(maps)
 
 
@@ -511,16 +507,11 @@ def decoded_textures(
     )
     augment = config.loader.augment
     images, textures = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with decoding(model), torch.inference_mode():
-            for batch in loader:
-                x = batch["images"].to(device)
-                images.append(denormalise(x, augment.mean, augment.std))
-                textures.append(to_uint8(model(x)["texture"]))
-    finally:
-        model.train(was_training)
+    with decoding(model), inferring(model):
+        for batch in loader:
+            x = batch["images"].to(device)
+            images.append(denormalise(x, augment.mean, augment.std))
+            textures.append(to_uint8(model(x)["texture"]))
     return np.concatenate(images), np.concatenate(textures)
 
 

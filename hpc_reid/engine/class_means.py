@@ -31,6 +31,7 @@ from hpc_reid.config import Config
 from hpc_reid.data.datasets.base import Record
 from hpc_reid.engine.evaluate import shard_loader
 from hpc_reid.evaluation.features import TrackletMeans
+from hpc_reid.models import inferring
 
 #: what a term asks for: (model output key, average with the horizontal flip)
 Request = tuple[str, bool]
@@ -53,46 +54,41 @@ def class_sums(
     tracklets: dict[Request, TrackletMeans] = {}
     keys = sorted({key for key, _ in requests})
     flips = {key for key, flip in requests if flip}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                images = batch["images"].to(device, non_blocking=True)
-                pids = torch.as_tensor(batch["pids"], device=device).long().reshape(-1)
-                if len(pids) and (int(pids.min()) < 0 or int(pids.max()) >= num_classes):
-                    bad = pids[(pids < 0) | (pids >= num_classes)][0]
-                    raise ValueError(
-                        f"training label {int(bad)} outside the {num_classes} classes: the "
-                        "records are not a training split relabelled 0..C-1"
+    with inferring(model):
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            pids = torch.as_tensor(batch["pids"], device=device).long().reshape(-1)
+            if len(pids) and (int(pids.min()) < 0 or int(pids.max()) >= num_classes):
+                bad = pids[(pids < 0) | (pids >= num_classes)][0]
+                raise ValueError(
+                    f"training label {int(bad)} outside the {num_classes} classes: the "
+                    "records are not a training split relabelled 0..C-1"
+                )
+            plain = model(images)
+            flipped = model(torch.flip(images, dims=[-1])) if flips else None
+            for key in keys:
+                if key not in plain:
+                    raise KeyError(
+                        f"class means of the model output {key!r}: the model in eval mode "
+                        f"returns {sorted(plain)}"
                     )
-                plain = model(images)
-                flipped = model(torch.flip(images, dims=[-1])) if flips else None
-                for key in keys:
-                    if key not in plain:
-                        raise KeyError(
-                            f"class means of the model output {key!r}: the model in eval mode "
-                            f"returns {sorted(plain)}"
-                        )
-                for key, flip in requests:
-                    f = plain[key].double().reshape(len(images), -1)
-                    if flip:  # the mean of the image's and its flip's feature
-                        f = (f + flipped[key].double().reshape(len(images), -1)) * 0.5
-                    if images.dim() == 5:  # clips: first averaged per tracklet (below)
-                        means = tracklets.setdefault((key, flip), TrackletMeans())
-                        means.add(batch["indices"], f, pids.cpu(), pids.cpu())
-                        continue
-                    if (key, flip) not in sums:
-                        sums[key, flip] = torch.zeros(
-                            num_classes, f.shape[1], dtype=torch.float64, device=device
-                        )
-                    sums[key, flip].index_add_(0, pids, f)
-                if images.dim() == 4:
-                    counts.index_add_(
-                        0, pids, torch.ones(len(pids), dtype=torch.float64, device=device)
+            for key, flip in requests:
+                f = plain[key].double().reshape(len(images), -1)
+                if flip:  # the mean of the image's and its flip's feature
+                    f = (f + flipped[key].double().reshape(len(images), -1)) * 0.5
+                if images.dim() == 5:  # clips: first averaged per tracklet (below)
+                    means = tracklets.setdefault((key, flip), TrackletMeans())
+                    means.add(batch["indices"], f, pids.cpu(), pids.cpu())
+                    continue
+                if (key, flip) not in sums:
+                    sums[key, flip] = torch.zeros(
+                        num_classes, f.shape[1], dtype=torch.float64, device=device
                     )
-    finally:
-        model.train(was_training)
+                sums[key, flip].index_add_(0, pids, f)
+            if images.dim() == 4:
+                counts.index_add_(
+                    0, pids, torch.ones(len(pids), dtype=torch.float64, device=device)
+                )
     for request, means in tracklets.items():  # each tracklet's feature, then its class's sum
         rows, tracklet_pids, _ = means.means(torch.float64)
         labels = torch.from_numpy(tracklet_pids).to(device)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from hpc_reid.evaluation.parts import RowLayout, part_features, retrieval_layout
+from hpc_reid.models import inferring
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, Any, Any]:
@@ -147,37 +148,32 @@ class TrackletMeans:
 
 
 def _extract(model, loader, device, flip: bool, keep_plain: bool):
-    was_training = model.training
-    model.eval()
     feats: list[torch.Tensor] = []
     plain: list[torch.Tensor] = []
     pids: list[np.ndarray] = []
     camids: list[np.ndarray] = []
     clips = {"feats": TrackletMeans(), "plain": TrackletMeans()}  # used by clip batches only
     layout = None
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                images, batch_pids, batch_camids = _unpack(batch)
-                images = images.to(device, non_blocking=True)
-                f, layout = _rows(model, images, layout)
-                p = f.clone() if keep_plain else None
-                if flip:
-                    flipped, _ = _rows(model, torch.flip(images, dims=[-1]), layout)
-                    f = f.add_(flipped).mul_(0.5)
-                if images.dim() == 5:  # dense clips of tracklets: rows are averaged per tracklet
-                    owners = _clip_owners(batch)
-                    clips["feats"].add(owners, f, batch_pids, batch_camids)
-                    if keep_plain:
-                        clips["plain"].add(owners, p, batch_pids, batch_camids)
-                    continue
-                feats.append(f)
+    with inferring(model):
+        for batch in loader:
+            images, batch_pids, batch_camids = _unpack(batch)
+            images = images.to(device, non_blocking=True)
+            f, layout = _rows(model, images, layout)
+            p = f.clone() if keep_plain else None
+            if flip:
+                flipped, _ = _rows(model, torch.flip(images, dims=[-1]), layout)
+                f = f.add_(flipped).mul_(0.5)
+            if images.dim() == 5:  # dense clips of tracklets: rows are averaged per tracklet
+                owners = _clip_owners(batch)
+                clips["feats"].add(owners, f, batch_pids, batch_camids)
                 if keep_plain:
-                    plain.append(p)
-                pids.append(_as_numpy(batch_pids).reshape(-1))
-                camids.append(_as_numpy(batch_camids).reshape(-1))
-    finally:
-        model.train(was_training)
+                    clips["plain"].add(owners, p, batch_pids, batch_camids)
+                continue
+            feats.append(f)
+            if keep_plain:
+                plain.append(p)
+            pids.append(_as_numpy(batch_pids).reshape(-1))
+            camids.append(_as_numpy(batch_camids).reshape(-1))
     if clips["feats"].sums is not None:
         if feats:
             raise ValueError("the test loader yielded both image batches and clip batches")

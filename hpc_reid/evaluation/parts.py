@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hpc_reid.config import ConfigError
+from hpc_reid.models import inferring
 
 __all__ = [
     "METRIC",
@@ -276,13 +277,8 @@ def probe_layout(
     shard's included. A video model (:func:`takes_clips`) gets it as a clip of one frame (1, 1, 3,
     height, width): its rows are one per clip whatever T is."""
     shape = (1, 1, 3, height, width) if takes_clips(model) else (1, 3, height, width)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            outputs = model(torch.zeros(*shape, device=device))
-    finally:
-        model.train(was_training)
+    with inferring(model):
+        outputs = model(torch.zeros(*shape, device=device))
     return retrieval_layout(model, outputs)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -27,6 +30,7 @@ __all__ = [
     "build_backbone",
     "build_head",
     "build_model",
+    "inferring",
     "load_pretrained",
     "register_backbone",
     "register_head",
@@ -157,3 +161,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     from hpc_reid.methods.alignedreid.mutual import MutualModel  # methods import models
 
     return MutualModel([one() for _ in range(cfg.members)])
+
+
+@contextlib.contextmanager
+def inferring(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode under ``torch.inference_mode`` for the block, its train/eval mode
+    restored afterwards (also when the block raises): how evaluation, extraction and the method
+    passes that run between training steps use a model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)

@@ -1,4 +1,5 @@
-"""ReidModel: outputs per mode and neck, pooling choice, and that it can fit a small batch."""
+"""ReidModel: outputs per mode and neck, pooling choice, that it can fit a small batch, and the
+inferring() context (eval mode, no autograd, mode restored)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from hpc_reid.config import ConfigError, ModelConfig, load_config
 from hpc_reid.evaluation.features import extract_features
-from hpc_reid.models import ReidModel, build_model, register_head
+from hpc_reid.models import ReidModel, build_model, inferring, register_head
 from hpc_reid.models.heads import AvgPool, GeM
 
 
@@ -164,3 +165,24 @@ def test_a_checkpoint_from_before_named_heads_loads_into_the_bnneck_head():
     fresh.load_state_dict(old, strict=True)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_inferring_runs_in_eval_mode_without_autograd_and_restores_the_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
+    for mode in (True, False):
+        model.train(mode)
+        with inferring(model) as same:
+            assert same is model and not model.training
+            assert all(not m.training for m in model.modules())
+            y = model(torch.ones(4, 3))
+            assert torch.is_inference_mode_enabled() and not y.requires_grad
+            torch.testing.assert_close(y, model[0](torch.ones(4, 3)))  # dropout off
+        assert model.training is mode and all(m.training is mode for m in model.modules())
+        assert not torch.is_inference_mode_enabled()
+
+
+def test_inferring_restores_training_mode_when_the_block_raises():
+    model = torch.nn.Linear(3, 2).train()
+    with pytest.raises(RuntimeError, match="boom"), inferring(model):
+        raise RuntimeError("boom")
+    assert model.training and not torch.is_inference_mode_enabled()

@@ -43,6 +43,7 @@ from hpc_reid.evaluation import RowDistance
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine, query_ranks
 from hpc_reid.evaluation.sharded import all_gather_rows, shard_range
 from hpc_reid.methods.cace.model import normalized_pair_distance
+from hpc_reid.models import inferring
 
 
 def _maps(model, records: Sequence[ImageRecord], config: Config, device) -> Iterator[torch.Tensor]:
@@ -130,24 +131,19 @@ def rescore_ranking(
     g_cams = np.array([r.camid for r in dataset.gallery])
     k = min(ev.rescore_k, len(dataset.gallery))
     parts: list[QueryRanks] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(share.start, share.stop, ev.rescore_batch):
-                e = min(s + ev.rescore_batch, share.stop)
-                d = distance(query_rows[s - share.start : e - share.start], gallery_rows)
-                order = np.argsort(d.cpu().numpy(), axis=1, kind="stable")  # ties by index
-                queries = dataset.query[s:e]
-                top = order[:, :k]
-                pair = _pair_distances(model, queries, dataset.gallery, top, config, device)
-                positions = rescored_positions(order, pair)
-                q_pids = np.array([r.pid for r in queries])
-                q_cams = np.array([r.camid for r in queries])
-                ids = (q_pids, g_pids, q_cams, g_cams)
-                parts.append(query_ranks(positions, *ids, backend=ev.backend, query_start=s))
-    finally:
-        model.train(was_training)
+    with inferring(model):
+        for s in range(share.start, share.stop, ev.rescore_batch):
+            e = min(s + ev.rescore_batch, share.stop)
+            d = distance(query_rows[s - share.start : e - share.start], gallery_rows)
+            order = np.argsort(d.cpu().numpy(), axis=1, kind="stable")  # ties by index
+            queries = dataset.query[s:e]
+            top = order[:, :k]
+            pair = _pair_distances(model, queries, dataset.gallery, top, config, device)
+            positions = rescored_positions(order, pair)
+            q_pids = np.array([r.pid for r in queries])
+            q_cams = np.array([r.camid for r in queries])
+            ids = (q_pids, g_pids, q_cams, g_cams)
+            parts.append(query_ranks(positions, *ids, backend=ev.backend, query_start=s))
     return combine(_gather(parts), ev.max_rank)
 
 

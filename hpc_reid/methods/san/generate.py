@@ -41,6 +41,7 @@ from hpc_reid.methods.san.textures import (
     texture_or_black,
     true_textures,
 )
+from hpc_reid.models import inferring
 
 TITLES = ("image", "SAN-PG texture", "true texture")
 
@@ -95,17 +96,12 @@ def write_textures(
         [r for r, _ in todo], config.loader, config.data.height, config.data.width, device
     )
     done = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with decoding(model), torch.inference_mode():
-            for batch in loader:
-                images = batch["images"].to(device, non_blocking=True)
-                for texture in to_uint8(model(images)["texture"]):
-                    writer.write(todo[done][1], texture)
-                    done += 1
-    finally:
-        model.train(was_training)
+    with decoding(model), inferring(model):
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            for texture in to_uint8(model(images)["texture"]):
+                writer.write(todo[done][1], texture)
+                done += 1
     if done != len(todo):
         raise RuntimeError(f"the loader yielded {done} images of {len(todo)}")
     return done
