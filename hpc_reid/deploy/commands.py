@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from hpc_reid.cli import add_overrides
+from hpc_reid.cli.common import add_overrides
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -52,9 +52,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.config or args.overrides:  # a checkpoint's config, as eval and extract take it
             if args.model.lower().endswith(".onnx"):
                 raise SearchError("--config and --set apply to a checkpoint, not an ONNX model")
-            from hpc_reid.cli import _checkpoint_config
+            from hpc_reid.cli.common import checkpoint_config
 
-            config = _checkpoint_config(argparse.Namespace(**vars(args), checkpoint=args.model))
+            config = checkpoint_config(argparse.Namespace(**vars(args), checkpoint=args.model))
         queries = query_paths(args.image or (), args.query_dir)
         written = run_search(
             args.model,
