@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,11 +77,73 @@ def _expand_host(item: str, hostlist: str) -> list[str]:
     return hosts
 
 
-def _int(env: Mapping[str, str], key: str) -> int:
+def _int(env: Mapping[str, str], key: str, least: int | None = None) -> int:
+    """``env[key]`` as an integer (at least ``least``, when given), or an error naming it."""
+    value = env[key]
     try:
-        return int(env[key])
+        number = int(value)
     except ValueError:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+    if least is not None and number < least:
+        raise ValueError(f"environment variable {key}={value!r}: expected an integer >= {least}")
+    return number
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Training processes on this node, from the launcher's environment (``os.environ`` by
+    default): torchrun's ``LOCAL_WORLD_SIZE``; under SLURM this node's entry of
+    ``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (entry ``SLURM_NODEID``), else
+    ``SLURM_NTASKS_PER_NODE``; else 1."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env:
+        return _int(env, "LOCAL_WORLD_SIZE", least=1)
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(key):
+            counts = slurm_tasks_per_node(env[key])
+            node = _int(env, "SLURM_NODEID", least=0) if "SLURM_NODEID" in env else 0
+            if node >= len(counts):
+                raise ValueError(
+                    f"SLURM_NODEID={node} but {key}={env[key]!r} lists {len(counts)} node(s)"
+                )
+            return counts[node]
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return _int(env, "SLURM_NTASKS_PER_NODE", least=1)
+    return 1
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list, one count per node: ``"4(x2),3"`` -> ``[4, 4, 3]``."""
+    counts = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", item)
+        if m is None or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise ValueError(
+                f"cannot parse SLURM tasks per node {spec!r} at {item!r}: expected counts "
+                "like '4' or '4(x2)', separated by commas"
+            )
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def rank_cores(
+    affinity: Collection[int] | None = None,
+    cpu_count: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """The cores this training process may use (at least 1): DALI's pipelines size to it.
+
+    Every local rank runs its own pipelines, so the node's cores are divided among the
+    :func:`local_world_size` ranks: 8 ranks each taking all 64 cores would run 512 threads on 64
+    cores. An affinity mask smaller than the machine (``affinity`` < ``cpu_count``; SLURM's
+    ``--cpus-per-task`` binding, ``taskset``, a cpuset) already holds only this process's share,
+    and is not divided again. Defaults: ``os.sched_getaffinity(0)``, ``os.cpu_count()``,
+    ``os.environ``.
+    """
+    cores = len(os.sched_getaffinity(0) if affinity is None else affinity)
+    total = (os.cpu_count() or cores) if cpu_count is None else cpu_count
+    if cores < total:
+        return max(1, cores)
+    return max(1, cores // local_world_size(env))
 
 
 def detect_env(env: Mapping[str, str] | None = None) -> DistEnv:

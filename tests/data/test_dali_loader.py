@@ -6,6 +6,7 @@ cores each rank's pipelines take."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -563,54 +564,11 @@ def test_decoder_args_fancy_upsampling_everywhere_and_hw_share_on_the_gpu_only()
             LoaderConfig(dali_hw_decoder_load=bad)
 
 
-@pytest.mark.parametrize(
-    ("spec", "counts"),
-    [("8", [8]), ("4(x2)", [4, 4]), ("4(x2),3", [4, 4, 3]), ("2,1(x3),5", [2, 1, 1, 1, 5])],
-)
-def test_slurm_tasks_per_node_expands_repeat_counts(spec, counts):
-    assert dali_loader.slurm_tasks_per_node(spec) == counts
-
-
-@pytest.mark.parametrize("spec", ["", "4(x2", "x2", "4(2)", "0", "4(x0)", "a,3"])
-def test_slurm_tasks_per_node_names_a_malformed_list(spec):
-    with pytest.raises(ValueError, match="SLURM tasks per node"):
-        dali_loader.slurm_tasks_per_node(spec)
-
-
-def test_local_world_size_from_torchrun_then_slurm_then_one():
-    lws = dali_loader.local_world_size
-    assert lws({}) == 1
-    assert lws({"LOCAL_WORLD_SIZE": "8", "SLURM_TASKS_PER_NODE": "2(x4)"}) == 8  # torchrun
-    assert lws({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}) == 3  # this node's
-    assert lws({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "1"}) == 4
-    # the step's own distribution over the job's
-    step = {"SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "8", "SLURM_NODEID": "0"}
-    assert lws(step) == 2
-    assert lws({"SLURM_NTASKS_PER_NODE": "6"}) == 6
-    with pytest.raises(ValueError, match="SLURM_NODEID=3"):
-        lws({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "3"})
-    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='zero'"):
-        lws({"LOCAL_WORLD_SIZE": "zero"})
-
-
-def test_rank_cores_divides_the_node_among_local_ranks_unless_already_bound():
-    node = range(64)
-    cores = dali_loader.rank_cores
-    assert cores(node, 64, {}) == 64
-    assert cores(node, 64, {"LOCAL_WORLD_SIZE": "8"}) == 8
-    assert cores(node, 64, {"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}) == 8
-    assert cores(range(8), 8, {"LOCAL_WORLD_SIZE": "3"}) == 2  # rounded down
-    assert cores(range(4), 4, {"LOCAL_WORLD_SIZE": "8"}) == 1  # at least one
-    # SLURM --cpus-per-task=8 binding: the mask holds only this task's cores already.
-    assert cores(range(8, 16), 64, {"SLURM_TASKS_PER_NODE": "8"}) == 8
-    assert cores(range(8, 16), 64, {"LOCAL_WORLD_SIZE": "8"}) == 8
-
-
 def test_pipeline_layout_takes_this_rank_s_share_of_the_node(monkeypatch):
     """Eight torchrun ranks on a 64-core node: 8 single-threaded CPU pipelines each (not 64),
     or one 8-thread GPU pipeline each."""
-    monkeypatch.setattr(dali_loader.os, "sched_getaffinity", lambda pid: set(range(64)))
-    monkeypatch.setattr(dali_loader.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     cfg = LoaderConfig(num_workers=4)
     assert dali_loader.pipeline_layout(cfg, gpu=False) == (8, 1, 1)

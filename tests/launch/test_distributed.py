@@ -1,10 +1,19 @@
-"""Launcher environment detection and SLURM host lists."""
+"""Launcher environment detection, SLURM host and tasks-per-node lists, and a rank's share of the
+node's cores."""
 
 from __future__ import annotations
 
 import pytest
 
-from hpc_reid.launch.distributed import DistEnv, cuda_device_index, detect_env, expand_hostlist
+from hpc_reid.launch.distributed import (
+    DistEnv,
+    cuda_device_index,
+    detect_env,
+    expand_hostlist,
+    local_world_size,
+    rank_cores,
+    slurm_tasks_per_node,
+)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +120,46 @@ def test_cuda_device_index_warns_when_local_ranks_outnumber_several_visible_gpus
 def test_cuda_device_index_refuses_no_visible_device():
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         cuda_device_index(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "counts"),
+    [("8", [8]), ("4(x2)", [4, 4]), ("4(x2),3", [4, 4, 3]), ("2,1(x3),5", [2, 1, 1, 1, 5])],
+)
+def test_slurm_tasks_per_node_expands_repeat_counts(spec, counts):
+    assert slurm_tasks_per_node(spec) == counts
+
+
+@pytest.mark.parametrize("spec", ["", "4(x2", "x2", "4(2)", "0", "4(x0)", "a,3"])
+def test_slurm_tasks_per_node_names_a_malformed_list(spec):
+    with pytest.raises(ValueError, match="SLURM tasks per node"):
+        slurm_tasks_per_node(spec)
+
+
+def test_local_world_size_from_torchrun_then_slurm_then_one():
+    lws = local_world_size
+    assert lws({}) == 1
+    assert lws({"LOCAL_WORLD_SIZE": "8", "SLURM_TASKS_PER_NODE": "2(x4)"}) == 8  # torchrun
+    assert lws({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}) == 3  # this node's
+    assert lws({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "1"}) == 4
+    # the step's own distribution over the job's
+    step = {"SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "8", "SLURM_NODEID": "0"}
+    assert lws(step) == 2
+    assert lws({"SLURM_NTASKS_PER_NODE": "6"}) == 6
+    with pytest.raises(ValueError, match="SLURM_NODEID=3"):
+        lws({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "3"})
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='zero'"):
+        lws({"LOCAL_WORLD_SIZE": "zero"})
+
+
+def test_rank_cores_divides_the_node_among_local_ranks_unless_already_bound():
+    node = range(64)
+    cores = rank_cores
+    assert cores(node, 64, {}) == 64
+    assert cores(node, 64, {"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert cores(node, 64, {"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}) == 8
+    assert cores(range(8), 8, {"LOCAL_WORLD_SIZE": "3"}) == 2  # rounded down
+    assert cores(range(4), 4, {"LOCAL_WORLD_SIZE": "8"}) == 1  # at least one
+    # SLURM --cpus-per-task=8 binding: the mask holds only this task's cores already.
+    assert cores(range(8, 16), 64, {"SLURM_TASKS_PER_NODE": "8"}) == 8
+    assert cores(range(8, 16), 64, {"LOCAL_WORLD_SIZE": "8"}) == 8

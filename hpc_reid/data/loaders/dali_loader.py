@@ -47,9 +47,9 @@ Pipelines. On the CPU the loader runs one single-threaded pipeline per core side
 takes batches from them in turn (batch b from pipeline ``b % n``; :func:`pipeline_layout`): on
 2 cores that is about 1.2x one pipeline with two threads, whose operators split each batch in
 small tasks across the threads. On the GPU it runs one. The cores are this rank's share of the
-node (:func:`rank_cores`): the node's divided by the ranks on it (torchrun's
-``LOCAL_WORLD_SIZE``, SLURM's tasks per node), unless the process's affinity mask is already
-smaller than the machine (SLURM's ``--cpus-per-task`` binding), which is then its share.
+node (:func:`~hpc_reid.launch.distributed.rank_cores`): the node's divided by the ranks on it
+(torchrun's ``LOCAL_WORLD_SIZE``, SLURM's tasks per node), unless the process's affinity mask is
+already smaller than the machine (SLURM's ``--cpus-per-task`` binding), which is then its share.
 Outputs are taken over by torch through DLPack, not copied.
 
 Epochs and resume. :class:`DaliTrainLoader` has ``len(loader) == len(sampler)`` and reads the
@@ -67,9 +67,7 @@ epoch), so workers need no messages. ``loader.prefetch`` is each pipeline's pref
 from __future__ import annotations
 
 import copy
-import os
-import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,6 +81,7 @@ from hpc_reid.data.datasets.base import ImageRecord, Record
 from hpc_reid.data.pack import read_image_bytes
 from hpc_reid.data.samplers import PlannedBatchSampler
 from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
+from hpc_reid.launch.distributed import rank_cores
 
 from .torch_loader import CorruptImageError, load_rgb
 from .tracklets import ClipBatches, clip_frames, clips_per_batch, require_video, tracklet_sample
@@ -268,73 +267,9 @@ def _dali_device(device: torch.device | str | None) -> tuple[bool, int | None]:
     return True, device.index if device.index is not None else torch.cuda.current_device()
 
 
-def local_world_size(env: Mapping[str, str] | None = None) -> int:
-    """Training processes on this node, from the launcher's environment (``os.environ`` by
-    default): torchrun's ``LOCAL_WORLD_SIZE``; under SLURM this node's entry of
-    ``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (entry ``SLURM_NODEID``), else
-    ``SLURM_NTASKS_PER_NODE``; else 1."""
-    env = os.environ if env is None else env
-    if "LOCAL_WORLD_SIZE" in env:
-        return _env_int(env, "LOCAL_WORLD_SIZE")
-    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        if env.get(key):
-            counts = slurm_tasks_per_node(env[key])
-            node = _env_int(env, "SLURM_NODEID", least=0) if "SLURM_NODEID" in env else 0
-            if node >= len(counts):
-                raise ValueError(
-                    f"SLURM_NODEID={node} but {key}={env[key]!r} lists {len(counts)} node(s)"
-                )
-            return counts[node]
-    if env.get("SLURM_NTASKS_PER_NODE"):
-        return _env_int(env, "SLURM_NTASKS_PER_NODE")
-    return 1
-
-
-def _env_int(env: Mapping[str, str], key: str, least: int = 1) -> int:
-    value = env[key]
-    if not value.strip().isdigit() or int(value) < least:
-        raise ValueError(f"environment variable {key}={value!r}: expected an integer >= {least}")
-    return int(value)
-
-
-def slurm_tasks_per_node(spec: str) -> list[int]:
-    """SLURM's tasks-per-node list, one count per node: ``"4(x2),3"`` -> ``[4, 4, 3]``."""
-    counts = []
-    for item in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", item)
-        if m is None or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise ValueError(
-                f"cannot parse SLURM tasks per node {spec!r} at {item!r}: expected counts "
-                "like '4' or '4(x2)', separated by commas"
-            )
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
-
-
-def rank_cores(
-    affinity: Collection[int] | None = None,
-    cpu_count: int | None = None,
-    env: Mapping[str, str] | None = None,
-) -> int:
-    """The cores this training process's DALI threads may use (at least 1).
-
-    Every local rank runs its own pipelines, so the node's cores are divided among the
-    :func:`local_world_size` ranks: 8 ranks each taking all 64 cores would run 512 threads on 64
-    cores. An affinity mask smaller than the machine (``affinity`` < ``cpu_count``; SLURM's
-    ``--cpus-per-task`` binding, ``taskset``, a cpuset) already holds only this process's share,
-    and is not divided again. Defaults: ``os.sched_getaffinity(0)``, ``os.cpu_count()``,
-    ``os.environ``.
-    """
-    cores = len(os.sched_getaffinity(0) if affinity is None else affinity)
-    total = (os.cpu_count() or cores) if cpu_count is None else cpu_count
-    if cores < total:
-        return max(1, cores)
-    return max(1, cores // local_world_size(env))
-
-
 def pipeline_layout(cfg: LoaderConfig, gpu: bool) -> tuple[int, int, int]:
     """(pipelines, threads each, Python workers each) for ``cfg`` on this process's cores
-    (:func:`rank_cores`: its share of the node).
+    (:func:`~hpc_reid.launch.distributed.rank_cores`: its share of the node).
 
     On the CPU, one single-threaded pipeline per core, dealt batches in turn, outruns one
     pipeline with a thread per core (2 cores: about 4,300 against 3,700 img/s for the whole
