@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from real_data import stamped  # bench/real_data.py: the RESULTS.md heading of a bench run
 
-from hpc_reid.config import write_atomic
+from hpc_reid.atomic import write_atomic
 from hpc_reid.evaluation.distances import RowDistance, evaluate_features
 from hpc_reid.evaluation.parts import METRIC, RowLayout
 from hpc_reid.evaluation.ranking import rank_metrics

@@ -46,13 +46,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hpc_reid.atomic import write_atomic
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import (
     Config,
     ConfigError,
     config_with_overrides,
     load_config,
-    write_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]

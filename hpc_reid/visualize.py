@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hpc_reid.config import Config, ConfigError, write_atomic
+from hpc_reid.atomic import write_atomic
+from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.datasets.base import Record, are_tracklets
 from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.engine.checkpoint import load_checkpoint, resolve_checkpoint

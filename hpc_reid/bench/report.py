@@ -21,8 +21,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpc_reid.atomic import write_atomic
 from hpc_reid.bench.comm_model import fit_latency_bandwidth, predict_step
-from hpc_reid.config import ConfigError, write_atomic
+from hpc_reid.config import ConfigError
 
 SUMMED = "img_per_s"  # per-rank throughputs add up; every other number gets min/max/mean
 

@@ -114,7 +114,7 @@ def _eval_feature_files(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from hpc_reid.config import write_atomic
+    from hpc_reid.atomic import write_atomic
     from hpc_reid.evaluation.feature_files import FeatureFileError, evaluate_feature_files
 
     if not (args.query_features and args.gallery_features) or args.checkpoint or args.config:

@@ -31,7 +31,6 @@ from hpc_reid.config.loading import (
     load_config,
     read_yaml,
     save_resolved,
-    write_atomic,
 )
 from hpc_reid.config.loss import (
     AnchorConfig,
@@ -122,5 +121,4 @@ __all__ = [
     "load_config",
     "read_yaml",
     "save_resolved",
-    "write_atomic",
 ]

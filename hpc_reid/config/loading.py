@@ -1,19 +1,18 @@
 """Reading configs: YAML files with ``_base_`` chains, ``--set`` overrides, validation errors
-that name the key; and writing the resolved config (atomically) beside a run."""
+that name the key; and writing the resolved config beside a run."""
 
 from __future__ import annotations
 
 import copy
 import difflib
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hpc_reid.atomic import write_atomic
 from hpc_reid.config.base import ConfigError
 from hpc_reid.config.schema import Config
 
@@ -135,27 +134,6 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         apply_override(data, assignment)
     source = str(path or "<defaults>") + (f" with --set {' '.join(overrides)}" if overrides else "")
     return build_config(data, source)
-
-
-def write_atomic(path: str | Path, data: str | bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write ``data`` to a temporary sibling, then rename over ``path``: text (UTF-8), bytes, or
-    a function that writes to the open binary file (e.g. ``lambda f: fig.savefig(f)``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_resolved(config: Config, run_dir: str | Path) -> Path:

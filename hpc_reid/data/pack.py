@@ -54,7 +54,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping
@@ -67,6 +66,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from hpc_reid import __version__
+from hpc_reid.atomic import temporary_sibling
 from hpc_reid.data.datasets.base import (
     _REGISTRY,
     DatasetError,
@@ -368,10 +368,8 @@ def pack_dataset(
     start, tmps, files = time.perf_counter(), [], []
     try:
         for final in finals:
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a pack is meant to be shared
-            tmps.append(Path(tmp))
+            tmp = temporary_sibling(final)  # readable as the umask allows: packs are shared
+            tmps.append(tmp)
             files.append(h5py.File(tmp, "w"))
         num_frames = sum(frame_count(getattr(dataset, split)) for split in SPLITS)
         writers = [_ShardWriter(f, -(-num_frames // shards), video) for f in files]

@@ -47,7 +47,7 @@ import faiss
 import h5py
 import numpy as np
 
-from hpc_reid.config import write_atomic
+from hpc_reid.atomic import write_atomic
 from hpc_reid.evaluation.feature_files import FORMAT_VERSION as FEATURES_FORMAT
 from hpc_reid.evaluation.feature_files import file_layout
 from hpc_reid.evaluation.parts import METRIC, PartLayout

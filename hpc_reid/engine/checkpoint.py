@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hpc_reid.atomic import write_atomic
 from hpc_reid.engine.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -23,19 +23,7 @@ _NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to a temporary sibling, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -111,9 +99,7 @@ class CheckpointManager:
         return newest_checkpoint(self.folder)
 
     def _write_pointer(self, name: str, target: str) -> None:
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(target + "\n")
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder / name, target + "\n")
 
 
 def newest_checkpoint(folder: Path) -> Path | None:

@@ -54,7 +54,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.config import Config, ConfigError, write_atomic
+from hpc_reid.atomic import write_atomic
+from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.datasets import ReidDataset
 from hpc_reid.data.datasets.base import Record, TrackletRecord
 from hpc_reid.data.loaders import build_backend_test_loader

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc_reid.config import Config, ModelConfig, save_resolved, write_atomic
+from hpc_reid.atomic import write_atomic
+from hpc_reid.config import Config, ModelConfig, save_resolved
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields, with_fields
 from hpc_reid.data.loaders import build_backend_train_loader, frames_channels_last

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from hpc_reid.config import write_atomic
+from hpc_reid.atomic import write_atomic
 from hpc_reid.data.pack import image_file
 
 CELL_HEIGHT, CELL_WIDTH = 128, 64  # the usual person crop aspect ratio (2:1)

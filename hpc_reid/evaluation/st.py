@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpc_reid.config import ConfigError, write_atomic
+from hpc_reid.atomic import write_atomic
+from hpc_reid.config import ConfigError
 from hpc_reid.data.datasets.base import Record, TrackletRecord
 from hpc_reid.evaluation.distances import RowDistance, pairwise_distance
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpc_reid.config import write_atomic
+from hpc_reid.atomic import write_atomic
 from hpc_reid.tune.space import RangeParam, SearchSpace
 
 METRIC_COLUMNS = ("objective", "mAP", "rank-1")

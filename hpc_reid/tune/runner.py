@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from hpc_reid.config import SYNTHETIC, Config, ConfigError, build_config, write_atomic
+from hpc_reid.atomic import write_atomic
+from hpc_reid.config import SYNTHETIC, Config, ConfigError, build_config
 from hpc_reid.data.build import dataset_root
 from hpc_reid.engine.errors import TrainingError
 from hpc_reid.tune import report

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from hpc_reid.config import write_atomic
+from hpc_reid.atomic import write_atomic
 from hpc_reid.engine.errors import TrainingError
 from hpc_reid.tune.space import SearchSpace
 

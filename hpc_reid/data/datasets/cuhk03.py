@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import scipy.io
 from PIL import Image
+
+from hpc_reid.atomic import write_atomic
 
 from .base import (
     DatasetError,
@@ -222,12 +222,6 @@ def extract_images(mat_path: Path, variant: str, image_dir: Path) -> int:
 
 
 def write_png_atomically(pixels: np.ndarray, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(pixels).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+    No fsync: a conversion writes thousands of these, and after a crash it runs again."""
+    write_atomic(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), fsync=False)

@@ -33,7 +33,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hpc_reid.atomic import write_atomic
 from hpc_reid.config import Config
 from hpc_reid.data.build import dataset_root
 from hpc_reid.data.datasets.base import DatasetError, ImageRecord
@@ -467,7 +467,7 @@ class TextureWriter:
         if not self.h5:
             target = self.out / Path(rel_path).with_suffix(".png")
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(target, buf.getvalue())
+            write_atomic(target, buf.getvalue(), fsync=False)
             return
         if rel_path in self._keys:
             raise TextureError(f"texture of {rel_path} is already in {self.final}")
@@ -501,7 +501,7 @@ class TextureWriter:
         if not self.h5:
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.attrs}
             text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-            _write_atomic(self.out / "textures.json", text.encode())
+            write_atomic(self.out / "textures.json", text)
             return
         if self._file is None:
             return
@@ -525,15 +525,3 @@ class TextureWriter:
 
 def _attr(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool) else json.dumps(value)
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; textures are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
