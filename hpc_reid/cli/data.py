@@ -100,14 +100,14 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from hpc_reid.data.pack import pack_info
+    from hpc_reid.data.packed import pack_info
 
     print(pack_info(args.file))
     return 0
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from hpc_reid.data.pack import verify_pack
+    from hpc_reid.data.packed import verify_pack
 
     checked, bad = verify_pack(args.file, progress=sys.stderr.isatty())
     for image in bad:

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from hpc_reid.atomic import write_atomic
 from hpc_reid.config import Config
-from hpc_reid.data.pack import image_file
+from hpc_reid.data.packed import image_file
 from hpc_reid.data.transforms import resize_to_tensor
 from hpc_reid.deploy.index import GalleryIndex, GalleryIndexError, open_index
 from hpc_reid.evaluation.plots import BORDER, CELL_HEIGHT, CELL_WIDTH, GAP, PAD, QUERY_COLOUR

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
 from hpc_reid.atomic import write_atomic
-from hpc_reid.data.pack import image_file
+from hpc_reid.data.packed import image_file
 
 CELL_HEIGHT, CELL_WIDTH = 128, 64  # the usual person crop aspect ratio (2:1)
 BORDER = 4

@@ -19,10 +19,10 @@ from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.datasets import DatasetError, ImageRecord, ReidDataset, build_dataset
 from hpc_reid.data.datasets.market1501 import Market1501
 from hpc_reid.data.loaders import CorruptImageError, build_test_loader, build_train_loader
-from hpc_reid.data.pack import (
+from hpc_reid.data.pack import pack_dataset
+from hpc_reid.data.packed import (
     PackedDataset,
     PackError,
-    pack_dataset,
     pack_files,
     parse_pack_path,
     read_image_bytes,

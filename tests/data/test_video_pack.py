@@ -15,11 +15,11 @@ from PIL import Image
 from hpc_reid.cli import main
 from hpc_reid.data import pack as packing
 from hpc_reid.data.datasets import DatasetError, build_dataset
-from hpc_reid.data.pack import (
+from hpc_reid.data.pack import pack_dataset
+from hpc_reid.data.packed import (
     TRACKLET_FORMAT_VERSION,
     PackError,
     image_file,
-    pack_dataset,
     parse_pack_path,
     read_image_bytes,
     verify_pack,

@@ -27,7 +27,8 @@ from hpc_reid.cli import main as cli_main
 from hpc_reid.config import ConfigError, SpatialTemporalConfig, load_config
 from hpc_reid.data.datasets import build_dataset
 from hpc_reid.data.datasets.base import ImageRecord, TrackletRecord
-from hpc_reid.data.pack import PackedDataset, pack_dataset
+from hpc_reid.data.pack import pack_dataset
+from hpc_reid.data.packed import PackedDataset
 from hpc_reid.data.synthetic import SynthSpec, plan
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.evaluate import spatial_temporal_distance

@@ -1,10 +1,10 @@
 """Data set parsers, registered by name (see :func:`register_dataset`).
 
-HDF5 packs of any of them are read by :class:`hpc_reid.data.pack.PackedDataset`, registered as
+HDF5 packs of any of them are read by :class:`hpc_reid.data.packed.PackedDataset`, registered as
 "pack".
 """
 
-from hpc_reid.data import pack
+from hpc_reid.data import packed
 
 from . import (
     cuhk01,
@@ -47,7 +47,7 @@ __all__ = [
     "market1501",
     "mars",
     "msmt17",
-    "pack",
+    "packed",
     "partitions",
     "prid2011",
     "prid2011_video",

@@ -211,7 +211,7 @@ def available_datasets() -> list[str]:
 def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
     """Parse the data set registered as ``name`` under ``root``.
 
-    A ``root`` ending in ``.h5`` is an HDF5 pack of the set (see :mod:`hpc_reid.data.pack`): it is
+    A ``root`` ending in ``.h5`` is an HDF5 pack of the set (see :mod:`hpc_reid.data.packed`): it is
     opened instead of parsed, after checking that it holds ``name`` built with ``options``.
     """
     try:
@@ -223,7 +223,7 @@ def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
             f"unknown data set {name!r}{hint}; available: {', '.join(available_datasets())}"
         ) from None
     if Path(root).suffix.lower() in (".h5", ".hdf5"):
-        from hpc_reid.data.pack import open_pack  # imported here: pack imports this module
+        from hpc_reid.data.packed import open_pack  # imported here: packed imports this module
 
         return open_pack(root, name, options)
     return factory(root, **options)

@@ -78,7 +78,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from hpc_reid.config import LoaderConfig, VideoConfig
 from hpc_reid.data.datasets.base import ImageRecord, Record
-from hpc_reid.data.pack import read_image_bytes
+from hpc_reid.data.packed import read_image_bytes
 from hpc_reid.data.samplers import PlannedBatchSampler
 from hpc_reid.data.transforms import LUMA, TrainTransform, sample_rng
 from hpc_reid.launch.distributed import rank_cores

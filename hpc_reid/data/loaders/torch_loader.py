@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from hpc_reid.config import LoaderConfig, VideoConfig
 from hpc_reid.data.datasets.base import DatasetError, ImageRecord, Record, TrackletRecord
-from hpc_reid.data.pack import image_file
+from hpc_reid.data.packed import image_file
 from hpc_reid.data.transforms import TestTransform, TrainTransform, sample_rng
 
 from .tracklets import ClipBatches, clip_frames, clips_per_batch, require_video, tracklet_sample
@@ -53,7 +53,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Decode ``path`` fully into an RGB image, or raise :class:`CorruptImageError` naming it.
 
     ``path`` is an image file or a record path into an HDF5 pack (``PACK.h5::INDEX/RELPATH``,
-    read through a handle opened in this process on first use; see :mod:`hpc_reid.data.pack`).
+    read through a handle opened in this process on first use; see :mod:`hpc_reid.data.packed`).
     """
     try:
         with Image.open(image_file(path)) as img:

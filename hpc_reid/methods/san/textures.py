@@ -47,7 +47,7 @@ from hpc_reid.config import Config
 from hpc_reid.data.build import dataset_root
 from hpc_reid.data.datasets.base import DatasetError, ImageRecord
 from hpc_reid.data.fields import register_batch_field
-from hpc_reid.data.pack import parse_pack_path
+from hpc_reid.data.packed import parse_pack_path
 
 __all__ = [
     "FORMAT",
