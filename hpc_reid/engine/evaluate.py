@@ -218,6 +218,60 @@ def shard_features_and_plain(
     return feats.float(), plain.float()
 
 
+def record_key(record: Record) -> str | tuple[str, ...]:
+    """What a record's features depend on: its image (a tracklet: its frames), not its labels."""
+    return tuple(record.frames) if isinstance(record, TrackletRecord) else record.path
+
+
+class FeatureCache:
+    """One model's test rows kept across evaluations that rank the same images split otherwise
+    into query and gallery (``eval --draws``: VehicleID redraws only its gallery), so each image
+    is extracted once. An evaluation extracts the records not seen yet (sharded over the ranks as
+    usual), gathers their rows to every rank (N x D, on the model's device, as re-ranking does)
+    and takes its own shard's rows from here. Rows do not depend on the batch an image was
+    extracted in (eval mode), up to float reordering."""
+
+    def __init__(self) -> None:
+        self._rows: dict[Any, torch.Tensor] = {}
+        self._plain: dict[Any, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def shard_rows(
+        self, model, records: Sequence[Record], config: Config, device, plain: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's contiguous shard of ``records``: its rows (as :func:`shard_features`) and,
+        with ``plain``, its image-only rows (as :func:`shard_features_and_plain`)."""
+        keys = [record_key(r) for r in records]
+        seen: set = set()
+        missing = []  # the same list on every rank: records and the cache are
+        for key, record in zip(keys, records, strict=True):
+            if key not in seen and (key not in self._rows or (plain and key not in self._plain)):
+                seen.add(key)
+                missing.append(record)
+        if missing:
+            if plain:
+                rows, image_only = shard_features_and_plain(model, missing, config, device)
+                image_only = _all_rows(image_only)
+            else:
+                rows, image_only = shard_features(model, missing, config, device), None
+            rows = _all_rows(rows)
+            for i, record in enumerate(missing):
+                self._rows[record_key(record)] = rows[i]
+                if image_only is not None:
+                    self._plain[record_key(record)] = image_only[i]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        part = shard_range(len(keys), rank, world)
+        mine = keys[part.start : part.stop]
+        if not mine:
+            empty = torch.empty(0, 0, device=device)
+            return empty, (empty if plain else None)
+        stacked = torch.stack([self._rows[k] for k in mine])
+        return stacked, (torch.stack([self._plain[k] for k in mine]) if plain else None)
+
+
 def _all_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's contiguous shard concatenated in rank order (N, D), on every rank, on the
     device of ``local`` (an NCCL gather of CUDA features stays on the GPU)."""
@@ -252,16 +306,21 @@ def evaluate_model(
     config: Config,
     device: torch.device,
     out_dir: Path | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Rank the query against the gallery; every rank returns the same summary.
 
     With ``out_dir`` the main process writes ``results.json``, ``cmc.png`` and ``ranked.png``.
+    With ``cache`` the rows of images it holds are not extracted again (:class:`FeatureCache`).
     """
     distance = evaluation_distance(model, config, device)  # a ConfigError before extraction
     st = spatial_temporal_distance(distance, dataset, config)  # evaluation.st: ditto
     ev = config.evaluation
     both = ev.flip_average and ev.report_without_flip  # papers report both protocols
-    if both:
+    if cache is not None:  # rows extracted by an earlier evaluation of the same model reused
+        qf, q_plain = cache.shard_rows(model, dataset.query, config, device, both)
+        gf, g_plain = cache.shard_rows(model, dataset.gallery, config, device, both)
+    elif both:
         qf, q_plain = shard_features_and_plain(model, dataset.query, config, device)
         gf, g_plain = shard_features_and_plain(model, dataset.gallery, config, device)
     else:

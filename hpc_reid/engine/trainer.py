@@ -34,7 +34,11 @@ from hpc_reid.data.samplers import PlannedBatchSampler, build_sampler
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.evaluate import check_evaluation_distance, evaluate_model
+from hpc_reid.engine.evaluate import (
+    FeatureCache,
+    check_evaluation_distance,
+    evaluate_model,
+)
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
@@ -653,16 +657,20 @@ def saved_model(path: str | Path, config: Config | None = None):
 
 
 def evaluate_checkpoint(
-    path: str | Path, config: Config | None = None, out_dir: str | Path | None = None
+    path: str | Path,
+    config: Config | None = None,
+    out_dir: str | Path | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model on its data set's test split (sharded over ranks if launched so).
 
     ``config`` defaults to the resolved config stored in the checkpoint; results and plots go to
-    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder).
+    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder). ``cache`` keeps the test
+    rows for the next evaluation of the same checkpoint (``eval --draws``).
     """
     with saved_model(path, config) as (config, env, device, dataset, model):
         out = Path(out_dir) if out_dir else Path(path).resolve().parent.parent / "eval"
-        summary = evaluate_model(model, dataset, config, device, out_dir=out)
+        summary = evaluate_model(model, dataset, config, device, out_dir=out, cache=cache)
         if env.rank == 0:
             print(f"{path}: " + _fmt(summary))
             print(

@@ -4,7 +4,9 @@ redraws only its gallery (VehicleID: one random image of each test vehicle is it
 reports them.
 
 Each draw is a full evaluation (``evaluate_checkpoint``) with ``data.options.split_id = s`` for
-s = 0..N-1, its results in ``OUT/draw_S/``; ``OUT/results.json`` holds every scalar metric's mean
+s = 0..N-1, its results in ``OUT/draw_S/``; the draws share one
+:class:`~hpc_reid.engine.evaluate.FeatureCache`, so every test image is extracted once (the first
+draw), not N times; ``OUT/results.json`` holds every scalar metric's mean
 (under its own name, so tools reading ``rank-1`` get the protocol's number), its std as
 ``std/<metric>`` and the draws one by one. A set whose training split changes with ``split_id``
 (VIPeR, PRID, CUHK01: each split is a train/test partition) is refused: a checkpoint trained on one
@@ -18,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from hpc_reid.bench.report import write_json_atomic
 from hpc_reid.config import Config, ConfigError, config_with_overrides
-from hpc_reid.launch.distributed import detect_env
+from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
 
 __all__ = ["draw_configs", "evaluate_draws", "summarise_draws"]
 
@@ -67,15 +71,28 @@ def summarise_draws(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_draws(checkpoint: str | Path, config: Config, draws: int, out: str | Path) -> dict:
     """Every draw of ``checkpoint`` evaluated into ``out/draw_S``; the summary into
     ``out/results.json`` (rank 0), also returned."""
-    from hpc_reid.engine.trainer import evaluate_checkpoint
+    from hpc_reid.engine.evaluate import FeatureCache
+    from hpc_reid.engine.trainer import evaluate_checkpoint, select_device
 
-    out = Path(out)
-    results = [
-        evaluate_checkpoint(checkpoint, c, out / f"draw_{s}")
-        for s, c in enumerate(draw_configs(config, draws))
-    ]
+    out, cache = Path(out), FeatureCache()  # every draw ranks the same images: extracted once
+    env = detect_env()
+    # One process group for all draws, which each evaluation finds ready: a fresh one per draw
+    # would have a rank connect to the previous group's addresses (gloo: connection refused).
+    joined = env.distributed and not dist.is_initialized()
+    if joined:
+        device = select_device(config.engine.device, env.local_rank)
+        backend = choose_backend(config.distributed.backend, device)
+        init_distributed(env, backend, config.distributed.timeout_s)
+    try:
+        results = [
+            evaluate_checkpoint(checkpoint, c, out / f"draw_{s}", cache=cache)
+            for s, c in enumerate(draw_configs(config, draws))
+        ]
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
     summary = summarise_draws(results)
-    if detect_env().rank == 0:  # the launcher's rank (torchrun or srun), group or not
+    if env.rank == 0:  # the launcher's rank (torchrun or srun), group or not
         write_json_atomic(out / "results.json", summary)
         shown = ", ".join(
             f"{k} {100 * summary[k]:.2f} ± {100 * summary['std/' + k]:.2f}"

@@ -89,3 +89,57 @@ def test_a_set_whose_splits_partition_train_and_test_is_refused(run, tmp_path, c
     assert not (tmp_path / "results.json").exists()
     assert main([*argv, "--draws", "1"]) == 2
     assert "eval --draws 1: give at least 2 draws" in capsys.readouterr().err
+
+
+def test_every_test_image_is_extracted_once_over_all_draws(run, tmp_path, monkeypatch):
+    from hpc_reid.data.build import dataset_from_config
+    from hpc_reid.engine import evaluate
+
+    tmp, checkpoint, root = run
+    extracted = []
+    for name in ("shard_features", "shard_features_and_plain"):
+        real = getattr(evaluate, name)
+
+        def counting(model, records, config, device, real=real):
+            extracted.extend(r.path for r in records)
+            return real(model, records, config, device)
+
+        monkeypatch.setattr(evaluate, name, counting)
+    argv = ["eval", "--checkpoint", str(checkpoint), "--draws", "3", "--out", str(tmp_path)]
+    assert main([*argv, *[a for s in (*vehicle_sets(root), NO_PLOTS) for a in ("--set", s)]]) == 0
+    config = tiny_config(tmp, *vehicle_sets(root))
+    test = dataset_from_config(config.data, lambda *_: None)
+    images = {r.path for r in (*test.query, *test.gallery)}
+    assert len(test.gallery) < len(images)  # draws split the same images otherwise
+    assert sorted(extracted) == sorted(images)  # each once, in the first draw
+
+
+@pytest.mark.slow
+def test_two_ranks_draw_as_one_process(run, tmp_path):
+    """Each rank extracts its shard of the images once, the rows gathered to every rank; each
+    draw then takes its own shard's rows: the same metrics as one process."""
+    from tests.engine.test_trainer import _torchrun
+
+    _, checkpoint, root = run
+    sets = [a for s in (*vehicle_sets(root), NO_PLOTS) for a in ("--set", s)]
+    results = {}
+    for n in (1, 2):
+        argv = [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--draws",
+            "3",
+            "--out",
+            str(tmp_path / f"w{n}"),
+        ]
+        if n == 1:
+            assert main([*argv, *sets]) == 0
+        else:
+            proc = _torchrun(2, [*argv, *sets], tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = json.loads((tmp_path / f"w{n}" / "results.json").read_text())
+    draws = [d.pop("draws") for d in results.values()]
+    assert results[2] == pytest.approx(results[1], abs=1e-6)
+    for a, b in zip(*draws, strict=True):
+        assert b == pytest.approx(a, abs=1e-6)
