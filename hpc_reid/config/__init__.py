@@ -1,14 +1,17 @@
 """Typed experiment configuration: one YAML file per experiment, validated, with CLI overrides.
 
-A config file is a YAML mapping with the sections below; any key left out takes the default shown
-in the schema. ``_base_: other.yaml`` (a path relative to the file) merges the file onto another
-one, so method and data set variants state only what differs. ``--set a.b=c`` overrides one key;
-the value is read as YAML (``--set optimizer.lr=1e-3``, ``--set schedule.milestones=[20,40]``) and
-then validated like the file. Every error names the key path, the bad value and what is allowed.
+A config file is a YAML mapping of the sections of :class:`Config`; any key left out takes the
+default shown in the schema. ``_base_: other.yaml`` (a path relative to the file) merges the file
+onto another one, so method and data set variants state only what differs. ``--set a.b=c``
+overrides one key; the value is read as YAML (``--set optimizer.lr=1e-3``, ``--set
+schedule.milestones=[20,40]``) and then validated like the file. Every error names the key path,
+the bad value and what is allowed.
 
-The schema is a section per module (``base`` the base class and the error type, ``data``,
-``model``, ``loss``, ``training``, ``evaluation``, ``schema`` the whole experiment), the reading of
-files and overrides in ``loading``; everything is importable from ``hpc_reid.config``.
+The schema is a module per group of sections: ``data`` (data, sampler, loader), ``model``,
+``loss``, ``training`` (optimizer, schedule, engine, logging, distributed), ``evaluation``, and
+``schema`` (:class:`Config`, the whole experiment, and its checks across sections) on ``base``
+(the section base class and :class:`ConfigError`); ``loading`` reads files and overrides.
+Everything is importable from ``hpc_reid.config``.
 """
 
 from hpc_reid.config.base import ConfigError, Section, did_you_mean
