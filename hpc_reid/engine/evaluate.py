@@ -235,9 +235,6 @@ class FeatureCache:
         self._rows: dict[Any, torch.Tensor] = {}
         self._plain: dict[Any, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def shard_rows(
         self, model, records: Sequence[Record], config: Config, device, plain: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
