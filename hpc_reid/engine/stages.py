@@ -34,7 +34,7 @@ from hpc_reid.engine import checkpoint
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
 from hpc_reid.engine.trainer import StopSignal, run_dir_of, select_device, train
-from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
+from hpc_reid.launch.distributed import choose_backend, detect_env, process_group
 
 #: Names shown per kind of mismatching key in a refusal (the counts are always given).
 SHOWN = 5
@@ -353,44 +353,41 @@ def run_stages(
             "train --then: the stages share one process group, so engine.device and "
             "distributed.backend must be the same in every stage"
         )
-    joined = env.distributed and not dist.is_initialized()
-    if joined:
-        init_distributed(env, backends.pop(), max(c.distributed.timeout_s for c in configs))
-    # Between stages (and while a stage builds) USR1/TERM are recorded rather than ending the
-    # process, and a stop agreed at a stage boundary ends the chain for a requeue.
-    stop = StopSignal()
+    timeout_s = max(c.distributed.timeout_s for c in configs)
+    with process_group(env, backends.pop(), timeout_s):
+        # Between stages (and while a stage builds) USR1/TERM are recorded rather than ending the
+        # process, and a stop agreed at a stage boundary ends the chain for a requeue.
+        stop = StopSignal()
 
-    def say(line: str) -> None:
-        if env.rank == 0:
-            print(f"hpc-reid: {line}", flush=True)
+        def say(line: str) -> None:
+            if env.rank == 0:
+                print(f"hpc-reid: {line}", flush=True)
 
-    try:
-        previous: Path | None = None
-        result: dict[str, Any] = {}
-        for i, (source, config) in enumerate(stages, 1):
-            name = f"stage {i}/{len(stages)} ({source})"
-            if stop.agreed(device):
-                say(f"stop signal before {name}: the chain ends here")
-                return {"stopped_at_step": None, "preempted": True, "stage": i}
-            if previous is not None and config.model.init_from is None:
-                config = config.model_copy(deep=True)
-                config.model.init_from = str(previous)
-            run_dir, epochs = run_dir_of(config), config.schedule.epochs
-            done = _from_main(partial(finished_stage, run_dir, epochs)) if resume else None
-            if done is not None:
-                say(f"{name} already finished in {run_dir}: skipped")
-                previous, result = done, {"skipped": str(run_dir)}
-                continue
-            say(f"{name} in {run_dir}")
-            result = train(config, resume=resume, max_steps=max_steps)
-            if "stopped_at_step" in result:
-                say(f"{name} stopped at step {result['stopped_at_step']}")
-                return {**result, "stage": i}
-            previous = _from_main(partial(final_checkpoint, run_dir, epochs))
-            if previous is None:
-                raise TrainingError(f"{name} ended without a final checkpoint in {run_dir}")
-        return {**result, "stage": len(stages)}
-    finally:
-        stop.restore()
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            previous: Path | None = None
+            result: dict[str, Any] = {}
+            for i, (source, config) in enumerate(stages, 1):
+                name = f"stage {i}/{len(stages)} ({source})"
+                if stop.agreed(device):
+                    say(f"stop signal before {name}: the chain ends here")
+                    return {"stopped_at_step": None, "preempted": True, "stage": i}
+                if previous is not None and config.model.init_from is None:
+                    config = config.model_copy(deep=True)
+                    config.model.init_from = str(previous)
+                run_dir, epochs = run_dir_of(config), config.schedule.epochs
+                done = _from_main(partial(finished_stage, run_dir, epochs)) if resume else None
+                if done is not None:
+                    say(f"{name} already finished in {run_dir}: skipped")
+                    previous, result = done, {"skipped": str(run_dir)}
+                    continue
+                say(f"{name} in {run_dir}")
+                result = train(config, resume=resume, max_steps=max_steps)
+                if "stopped_at_step" in result:
+                    say(f"{name} stopped at step {result['stopped_at_step']}")
+                    return {**result, "stage": i}
+                previous = _from_main(partial(final_checkpoint, run_dir, epochs))
+                if previous is None:
+                    raise TrainingError(f"{name} ended without a final checkpoint in {run_dir}")
+            return {**result, "stage": len(stages)}
+        finally:
+            stop.restore()

@@ -13,10 +13,11 @@ ready, and ``cleanup`` leaves a group it found to the launcher that created it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -234,6 +235,23 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: int = 1800) -> None:
         world_size=env.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, backend: str, timeout_s: int = 1800) -> Iterator[None]:
+    """One process group for a ``with`` block that runs several jobs in turn (``train --then``'s
+    stages, ``eval --draws``' draws), each of which finds it ready (:func:`init_distributed`) and
+    leaves it (:func:`cleanup`). A fresh group per job would make rank 0 host a new rendezvous
+    while a slower rank may still reach the previous one (gloo: connection refused). Joined here
+    only when launched and not joined yet, and then destroyed on the way out."""
+    joined = env.distributed and not dist.is_initialized()
+    if joined:
+        init_distributed(env, backend, timeout_s)
+    try:
+        yield
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank() -> int:
