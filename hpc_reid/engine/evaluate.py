@@ -241,23 +241,22 @@ class FeatureCache:
         """This rank's contiguous shard of ``records``: its rows (as :func:`shard_features`) and,
         with ``plain``, its image-only rows (as :func:`shard_features_and_plain`)."""
         keys = [record_key(r) for r in records]
-        seen: set = set()
-        missing = []  # the same list on every rank: records and the cache are
+        missing: dict = {}  # key -> record, the same on every rank: records and the cache are
         for key, record in zip(keys, records, strict=True):
-            if key not in seen and (key not in self._rows or (plain and key not in self._plain)):
-                seen.add(key)
-                missing.append(record)
+            if key not in self._rows or (plain and key not in self._plain):
+                missing.setdefault(key, record)
         if missing:
+            todo = list(missing.values())
             if plain:
-                rows, image_only = shard_features_and_plain(model, missing, config, device)
+                rows, image_only = shard_features_and_plain(model, todo, config, device)
                 image_only = _all_rows(image_only)
             else:
-                rows, image_only = shard_features(model, missing, config, device), None
+                rows, image_only = shard_features(model, todo, config, device), None
             rows = _all_rows(rows)
-            for i, record in enumerate(missing):
-                self._rows[record_key(record)] = rows[i]
+            for i, key in enumerate(missing):
+                self._rows[key] = rows[i]
                 if image_only is not None:
-                    self._plain[record_key(record)] = image_only[i]
+                    self._plain[key] = image_only[i]
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         part = shard_range(len(keys), rank, world)

@@ -20,17 +20,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from hpc_reid.bench.report import write_json_atomic
 from hpc_reid.config import Config, ConfigError, config_with_overrides
-from hpc_reid.launch.distributed import choose_backend, detect_env, init_distributed
+from hpc_reid.launch.distributed import choose_backend, detect_env, process_group
 
 __all__ = ["draw_configs", "evaluate_draws", "summarise_draws"]
 
 
 def _train_key(dataset) -> list[tuple]:
-    return [(getattr(r, "path", None) or tuple(r.frames), r.pid) for r in dataset.train]
+    from hpc_reid.engine.evaluate import record_key
+
+    return [(record_key(r), r.pid) for r in dataset.train]
 
 
 def draw_configs(config: Config, draws: int) -> list[Config]:
@@ -76,21 +76,13 @@ def evaluate_draws(checkpoint: str | Path, config: Config, draws: int, out: str 
 
     out, cache = Path(out), FeatureCache()  # every draw ranks the same images: extracted once
     env = detect_env()
-    # One process group for all draws, which each evaluation finds ready: a fresh one per draw
-    # would have a rank connect to the previous group's addresses (gloo: connection refused).
-    joined = env.distributed and not dist.is_initialized()
-    if joined:
-        device = select_device(config.engine.device, env.local_rank)
-        backend = choose_backend(config.distributed.backend, device)
-        init_distributed(env, backend, config.distributed.timeout_s)
-    try:
+    device = select_device(config.engine.device, env.local_rank)
+    backend = choose_backend(config.distributed.backend, device)
+    with process_group(env, backend, config.distributed.timeout_s):  # one for all the draws
         results = [
             evaluate_checkpoint(checkpoint, c, out / f"draw_{s}", cache=cache)
             for s, c in enumerate(draw_configs(config, draws))
         ]
-    finally:
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()
     summary = summarise_draws(results)
     if env.rank == 0:  # the launcher's rank (torchrun or srun), group or not
         write_json_atomic(out / "results.json", summary)
