@@ -562,6 +562,17 @@ def run_seconds(out: Path, runs: Sequence[Run]) -> dict[str, float]:
     return total
 
 
+def cpu_name() -> str:
+    """The CPU's model name (float kernels, hence the numbers, differ between CPUs)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def stamped(tool: str, argv: Sequence[str], machine: str) -> dict[str, str]:
     """The command, date and machine of a bench run, and the RESULTS.md heading made of them."""
     command = f"python bench/{tool}.py " + shlex.join(argv)
@@ -700,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary["seed"] = args.seed
     summary["seconds"] = run_seconds(out, runs)
-    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {version('torch')}"
+    machine = f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {version('torch')}"
     stamp = stamped("real_data", sys.argv[1:] if argv is None else argv, machine)
     header = stamp.pop("header")
     summary.update(stamp)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 # bench/real_data.py: mean, std, ±, output, the process runner and the --parallel arguments
-from real_data import _pm, _stats, add_parallel, publish, run_logged, stamped, threads_per_run
+from real_data import (
+    _pm,
+    _stats,
+    add_parallel,
+    cpu_name,
+    publish,
+    run_logged,
+    stamped,
+    threads_per_run,
+)
 
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import ConfigError, load_config
@@ -120,17 +128,6 @@ def markdown(summary: dict, header: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def cpu_name() -> str:
-    """The CPU's model name (float kernels, hence the numbers, differ between CPUs)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_parser() -> argparse.ArgumentParser:
