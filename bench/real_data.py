@@ -472,8 +472,9 @@ def aggregate(
 ) -> dict:
     """Per data set and variant: mean ± std over splits of each metric; against ``reference``,
     the paired per-split difference (variant - reference) over the splits both have, its mean ±
-    std, and the splits it wins (>), ties and loses. Every (variant, data set, split) without a
-    result is listed under ``missing``."""
+    std, and the splits it wins (>), ties and loses; each split's own values under ``per_split``
+    (so the pairs can be checked, or paired again later without the runs). Every (variant, data
+    set, split) without a result is listed under ``missing``."""
     missing = [
         {"variant": v, "dataset": d, "split": s}
         for d in datasets
@@ -489,6 +490,7 @@ def aggregate(
             row = {"splits": have}
             for m in METRICS:
                 row[m] = _stats([results[(v, d, s)][m] for s in have])
+            row["per_split"] = {str(s): dict(results[(v, d, s)]) for s in have}
             paired = [s for s in have if (reference, d, s) in results]
             row["paired_splits"] = paired
             row["vs_reference"] = {}
@@ -519,9 +521,30 @@ def _pm(stats: dict, signed: bool = False) -> str:
     return mean if stats["std"] is None else f"{mean} ± {100 * stats['std']:.1f}"
 
 
+def _per_split_table(splits: Sequence[int], rows: Mapping[str, dict]) -> list[str]:
+    """Each variant's rank-1 / mAP on each split, in percent to two decimals (``–`` where the
+    run is missing): the pairs behind the Δ columns."""
+    lines = [
+        "Per split, rank-1 / mAP:",
+        "",
+        "| variant | " + " | ".join(f"split {s}" for s in splits) + " |",
+        "|---|" + "---:|" * len(splits),
+    ]
+    for v, row in rows.items():
+        cells = []
+        for s in splits:
+            got = row["per_split"].get(str(s))
+            cells.append(
+                "–" if got is None else f"{100 * got['rank-1']:.2f} / {100 * got['mAP']:.2f}"
+            )
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict, header: str = "") -> str:
     """A table per data set: each metric's mean ± std over splits, in percent; then the paired
-    difference from the reference in rank-1 and mAP, and the splits won out of those paired."""
+    difference from the reference in rank-1 and mAP, and the splits won out of those paired;
+    below it each split's rank-1 / mAP (:func:`_per_split_table`)."""
     ref = summary["reference"]
     lines = [header] if header else []
     for d, rows in summary["datasets"].items():
@@ -542,7 +565,7 @@ def markdown(summary: dict, header: str = "") -> str:
                 n = len(row["paired_splits"])
                 cells.append("–" if v == ref or not n else f"{_pm(vs, True)} ({vs['wins']}/{n})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_per_split_table(summary["splits"], rows), ""]
     if summary["missing"]:
         gone = ", ".join(
             f"{m['dataset']}/{m['variant']}/split {m['split']}" for m in summary["missing"]

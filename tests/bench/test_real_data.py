@@ -95,6 +95,25 @@ def test_markdown_states_mean_std_paired_difference_and_missing_runs(rd):
     assert "| ref (reference) | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | – | – |" in text
     assert "| a (1 of 2 splits) | 53.0 | 53.0 | 53.0 | 53.0 | +3.0 (1/1) | +3.0 (1/1) |" in text
     assert "Missing runs (1): viper/a/split 1" in text
+    assert "| variant | split 0 | split 1 |" in text
+    assert "| ref | 50.00 / 50.00 | 60.00 / 60.00 |" in text
+    assert "| a | 53.00 / 53.00 | – |" in text
+
+
+def test_per_split_values_are_the_runs_own_and_the_table_prints_them(rd):
+    variants, splits = ["ref", "a"], [0, 1, 2]
+    results = random_results(2, variants, ["viper"], splits, drop={("a", "viper", 1)})
+    summary = rd.aggregate(results, variants, ["viper"], splits, "ref")
+    for v in variants:
+        row = summary["datasets"]["viper"][v]
+        assert row["per_split"] == {str(s): results[(v, "viper", s)] for s in row["splits"]}
+    text = rd.markdown(summary)
+    x = results[("a", "viper", 2)]
+    r = results[("ref", "viper", 1)]
+    line = next(t for t in text.splitlines() if t.startswith("| a | "))
+    assert line.split(" | ")[2] == "–"
+    assert line.split(" | ")[3] == f"{100 * x['rank-1']:.2f} / {100 * x['mAP']:.2f} |"
+    assert f"| {100 * r['rank-1']:.2f} / {100 * r['mAP']:.2f} |" in text
 
 
 def small_plan(tmp_path: Path, variants: str) -> Path:
