@@ -522,10 +522,10 @@ def _pm(stats: dict, signed: bool = False) -> str:
 
 
 def _per_split_table(splits: Sequence[int], rows: Mapping[str, dict]) -> list[str]:
-    """Each variant's rank-1 / mAP on each split, in percent to two decimals (``–`` where the
-    run is missing): the pairs behind the Δ columns."""
+    """Each variant's metrics on each split, rank-1 / rank-5 / rank-10 / mAP in percent to two
+    decimals (``–`` where the run is missing): the pairs behind the Δ columns."""
     lines = [
-        "Per split, rank-1 / mAP:",
+        "Per split, " + " / ".join(METRICS) + ":",
         "",
         "| variant | " + " | ".join(f"split {s}" for s in splits) + " |",
         "|---|" + "---:|" * len(splits),
@@ -534,9 +534,8 @@ def _per_split_table(splits: Sequence[int], rows: Mapping[str, dict]) -> list[st
         cells = []
         for s in splits:
             got = row["per_split"].get(str(s))
-            cells.append(
-                "–" if got is None else f"{100 * got['rank-1']:.2f} / {100 * got['mAP']:.2f}"
-            )
+            values = "–" if got is None else " / ".join(f"{100 * got[m]:.2f}" for m in METRICS)
+            cells.append(values)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 

@@ -96,8 +96,9 @@ def test_markdown_states_mean_std_paired_difference_and_missing_runs(rd):
     assert "| a (1 of 2 splits) | 53.0 | 53.0 | 53.0 | 53.0 | +3.0 (1/1) | +3.0 (1/1) |" in text
     assert "Missing runs (1): viper/a/split 1" in text
     assert "| variant | split 0 | split 1 |" in text
-    assert "| ref | 50.00 / 50.00 | 60.00 / 60.00 |" in text
-    assert "| a | 53.00 / 53.00 | – |" in text
+    assert "Per split, rank-1 / rank-5 / rank-10 / mAP:" in text
+    assert "| ref | 50.00 / 50.00 / 50.00 / 50.00 | 60.00 / 60.00 / 60.00 / 60.00 |" in text
+    assert "| a | 53.00 / 53.00 / 53.00 / 53.00 | – |" in text
 
 
 def test_per_split_values_are_the_runs_own_and_the_table_prints_them(rd):
@@ -112,8 +113,12 @@ def test_per_split_values_are_the_runs_own_and_the_table_prints_them(rd):
     r = results[("ref", "viper", 1)]
     line = next(t for t in text.splitlines() if t.startswith("| a | "))
     assert line.split(" | ")[2] == "–"
-    assert line.split(" | ")[3] == f"{100 * x['rank-1']:.2f} / {100 * x['mAP']:.2f} |"
-    assert f"| {100 * r['rank-1']:.2f} / {100 * r['mAP']:.2f} |" in text
+
+    def cell(values):
+        return " / ".join(f"{100 * values[m]:.2f}" for m in METRICS)
+
+    assert line.split(" | ")[3] == cell(x) + " |"
+    assert f"| {cell(r)} |" in text
 
 
 def small_plan(tmp_path: Path, variants: str) -> Path:
