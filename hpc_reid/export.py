@@ -61,6 +61,7 @@ from PIL import Image
 from torch import nn
 
 import hpc_reid
+from hpc_reid.atomic import temporary_sibling
 from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.datasets.base import are_tracklets
 from hpc_reid.data.transforms import resize_to_tensor
@@ -197,8 +198,8 @@ def export_checkpoint(
         frames = config.data.video.seq_len if clips else None
         inputs, source = _check_inputs(config, dataset, check_images, check_count, frames)
         metadata = _metadata(graph, config, path, fmt, frames, dynamic_batch, opset)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(out)
         try:
             # traced at batch 2 for a dynamic batch: at 1 a tracer may take a size-1 dim as fixed
             example = inputs[[0, -1]] if dynamic_batch else inputs[:1]

@@ -47,7 +47,7 @@ import faiss
 import h5py
 import numpy as np
 
-from hpc_reid.atomic import write_atomic
+from hpc_reid.atomic import temporary_sibling, write_atomic
 from hpc_reid.evaluation.feature_files import FORMAT_VERSION as FEATURES_FORMAT
 from hpc_reid.evaluation.feature_files import file_layout
 from hpc_reid.evaluation.parts import METRIC, PartLayout
@@ -368,16 +368,17 @@ def write_gallery_index(
             if k in ("model", "checkpoint", "config", "split", "records", "metric", "distance")
         }
         build_id = uuid.uuid4().hex
-        tmp_ids = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp")
-        tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+        temporary = [temporary_sibling(ids_path)]
         try:
+            temporary.append(temporary_sibling(index_path))
+            tmp_ids, tmp_index = temporary
             _write_ids(rows.file, tmp_ids, build_id, settings.chunk_rows)
             faiss.write_index(index, str(tmp_index))
             os.replace(tmp_ids, ids_path)
             os.replace(tmp_index, index_path)
         except BaseException:
-            tmp_ids.unlink(missing_ok=True)
-            tmp_index.unlink(missing_ok=True)
+            for tmp in temporary:
+                tmp.unlink(missing_ok=True)
             raise
     record = {
         "format_version": INDEX_FORMAT,

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 import torch
 
+from hpc_reid.atomic import temporary_sibling
 from hpc_reid.evaluation.distances import Metric, RowDistance
 from hpc_reid.evaluation.parts import RowLayout
 from hpc_reid.evaluation.ranking import QueryRanks, RankResult, combine
@@ -54,10 +55,6 @@ _COLUMNS = ("features", "pids", "camids", "paths")
 
 class FeatureFileError(ValueError):
     """A feature file that is missing, not HDF5, or not in this format."""
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _create(f: h5py.File, num: int, dim: int, attrs: dict[str, Any]) -> None:
@@ -95,7 +92,7 @@ def write_feature_file(
                 f"{path}: rows of width {features.shape[1]}, the layout's are {layout.width}"
             )
         attrs = {**attrs, "layout": layout.to_json()}
-    tmp = _tmp_name(path)
+    tmp = temporary_sibling(path)
     try:
         with h5py.File(tmp, "w") as f:
             _create(f, len(features), features.shape[1], attrs)
@@ -155,7 +152,7 @@ def concatenate_feature_files(
         layouts = {f.attrs.get("layout") for f in files}
         if len(layouts) > 1:
             raise FeatureFileError(f"parts {list(parts)} have different row layouts {layouts}")
-        tmp = _tmp_name(path)
+        tmp = temporary_sibling(path)
         try:
             with h5py.File(tmp, "w") as out:
                 attrs = {k: v for k, v in files[0].attrs.items() if k != "format_version"}
