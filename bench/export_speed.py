@@ -30,7 +30,7 @@ import torch
 
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import load_config
-from hpc_reid.engine.trainer import without_initial_weights
+from hpc_reid.engine.saved import without_initial_weights
 from hpc_reid.export import DEFAULT_OPSET, INPUT, InferenceGraph, export_graph
 from hpc_reid.models import build_model
 

@@ -179,7 +179,7 @@ def export_checkpoint(
     check it (module docstring) and rename it into place; an :class:`ExportError` leaves nothing
     at ``out`` (a file already there is kept). ``config`` defaults to the checkpoint's own;
     ``check_images`` is a folder of images (else the data set's first query images)."""
-    from hpc_reid.engine.trainer import saved_model  # the trainer imports the whole engine
+    from hpc_reid.engine.saved import saved_model  # it imports the trainer, hence the whole engine
 
     _check_arguments(fmt, opset, tolerance, check_count)
     env = detect_env()

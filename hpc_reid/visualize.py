@@ -46,7 +46,7 @@ from hpc_reid.data.datasets.base import Record, are_tracklets
 from hpc_reid.data.loaders import build_backend_test_loader
 from hpc_reid.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from hpc_reid.engine.errors import CheckpointError
-from hpc_reid.engine.trainer import saved_model
+from hpc_reid.engine.saved import saved_model
 from hpc_reid.evaluation.features import extract_features
 from hpc_reid.launch.distributed import detect_env
 from hpc_reid.models import inferring

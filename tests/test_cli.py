@@ -11,7 +11,8 @@ import torch
 
 from hpc_reid.cli import main
 from hpc_reid.engine.checkpoint import CheckpointManager
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.models import build_model
 from tests.engine.test_trainer import tiny_config, weights
 

@@ -18,7 +18,8 @@ from hpc_reid.cli import main
 from hpc_reid.config import ConfigError
 from hpc_reid.data.loaders import build_test_loader
 from hpc_reid.engine.checkpoint import CheckpointManager
-from hpc_reid.engine.trainer import saved_model, train
+from hpc_reid.engine.saved import saved_model
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation.features import extract_features
 from hpc_reid.evaluation.parts import probe_layout
 from hpc_reid.export import exported_layout, exported_runner, read_metadata

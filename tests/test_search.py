@@ -344,7 +344,7 @@ def test_search_refuses_bad_inputs_with_clear_errors(deployed, tmp_path, capsys)
 
 def test_search_with_an_onnx_export_ranks_as_the_eager_model(deployed, tmp_path):
     from hpc_reid.deploy.search import resized_images
-    from hpc_reid.engine.trainer import saved_model
+    from hpc_reid.engine.saved import saved_model
     from hpc_reid.evaluation.parts import part_features
     from hpc_reid.export import export_checkpoint
 

@@ -24,8 +24,9 @@ from hpc_reid.engine import trainer
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.deepspeed_strategy import export_weights
 from hpc_reid.engine.errors import CheckpointError
+from hpc_reid.engine.saved import evaluate_checkpoint
 from hpc_reid.engine.stages import SHOWN, init_weights_from
-from hpc_reid.engine.trainer import evaluate_checkpoint, model_meta, train
+from hpc_reid.engine.trainer import model_meta, train
 from hpc_reid.models import build_model
 from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE

@@ -22,7 +22,8 @@ from hpc_reid.data.datasets.base import ImageRecord
 from hpc_reid.data.loaders import build_backend_test_loader, load_rgb
 from hpc_reid.engine.checkpoint import load_checkpoint, save_atomic
 from hpc_reid.engine.errors import CheckpointError
-from hpc_reid.engine.trainer import saved_model, train
+from hpc_reid.engine.saved import saved_model
+from hpc_reid.engine.trainer import train
 from hpc_reid.models import build_model
 from tests.tiny import TINY_TRACKLETS, tiny_config
 

@@ -66,7 +66,7 @@ def _train_on_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hpc_reid.engine.trainer import evaluate_checkpoint
+    from hpc_reid.engine.saved import evaluate_checkpoint
 
     if args.query_features or args.gallery_features:
         if args.draws is not None:

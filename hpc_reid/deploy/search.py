@@ -131,7 +131,7 @@ def checkpoint_encoder(
     evaluation extracts it (module docstring); one process (a launch of several is refused)."""
     from hpc_reid.data.datasets.base import ImageRecord, TrackletRecord
     from hpc_reid.data.loaders import build_backend_test_loader
-    from hpc_reid.engine.trainer import saved_model
+    from hpc_reid.engine.saved import saved_model
     from hpc_reid.evaluation.features import extract_features
     from hpc_reid.evaluation.parts import probe_layout, takes_clips
 

@@ -79,6 +79,12 @@ from hpc_reid.evaluation.st import (
 )
 
 
+def metrics_line(summary: dict[str, Any]) -> str:
+    """``rank-1 55.30%, rank-5 ..., mAP ...``: a summary's metrics for a log line."""
+    keys = [k for k in ("rank-1", "rank-5", "rank-10", "mAP", "mINP") if k in summary]
+    return ", ".join(f"{k} {100 * summary[k]:.2f}%" for k in keys)
+
+
 def check_evaluation_distance(model, config: Config) -> None:
     """A ConfigError naming ``evaluation.distance``, the part and the parts ``model`` declares
     when the distance names a part the model lacks (``local`` of a model without local features)

@@ -22,7 +22,7 @@ from pathlib import Path
 from hpc_reid.config import Config
 from hpc_reid.data.datasets.base import are_tracklets
 from hpc_reid.engine.evaluate import evaluation_distance, shard_features, shown_image
-from hpc_reid.engine.trainer import saved_model
+from hpc_reid.engine.saved import saved_model
 from hpc_reid.evaluation.feature_files import concatenate_feature_files, write_feature_file
 from hpc_reid.evaluation.parts import probe_layout
 from hpc_reid.evaluation.sharded import shard_range

@@ -6,45 +6,38 @@ restore or start, evaluate before training, the epoch loop (train an epoch, end 
 evaluation and checkpoint), the final evaluation. A method changes none of these steps: its head,
 loss terms and test-time distance plug in where the model, the criterion and the evaluation are
 built. A SLURM pre-emption signal (USR1 or TERM) makes every rank stop at the same step boundary
-after one last checkpoint.
+after one last checkpoint (engine/resume.py: the signal, generators, restoring). A saved model is
+loaded and evaluated by engine/saved.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from hpc_reid.atomic import write_atomic
-from hpc_reid.config import Config, ModelConfig, save_resolved
+from hpc_reid.config import Config, save_resolved
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields, with_fields
 from hpc_reid.data.loaders import build_backend_train_loader, frames_channels_last
 from hpc_reid.data.samplers import PlannedBatchSampler, build_sampler
-from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
+from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.class_means import class_means
-from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.evaluate import (
-    FeatureCache,
-    check_evaluation_distance,
-    evaluate_model,
-)
+from hpc_reid.engine.errors import TrainingError
+from hpc_reid.engine.evaluate import check_evaluation_distance, evaluate_model, metrics_line
 from hpc_reid.engine.optim import (
     build_optimizer,
     build_scheduler,
     scaled_lr,
     strategy_args,
 )
+from hpc_reid.engine.resume import StopSignal, all_rng_states, checkpoint_to_resume, restore
 from hpc_reid.engine.run_log import RunLog
 from hpc_reid.engine.strategy import DDPStrategy, prepare_model, sync_bn_applies
 from hpc_reid.evaluation.ranking import BACKENDS as RANKING_BACKENDS
@@ -110,78 +103,6 @@ def model_meta(config: Config, num_classes: int, model) -> dict[str, Any]:
         "feature_dim": model.feature_dim,
         **getattr(model.head, "meta", {}),
     }
-
-
-class StopSignal:
-    """Records SIGUSR1/SIGTERM; the ranks agree on stopping through one all-reduce per check.
-
-    ``agreed`` is a collective (and a host sync): the trainer calls it on every rank at the same
-    steps. ``stopping`` tells whether an agreement said stop, on every rank, whichever received it.
-    """
-
-    def __init__(self):
-        self.received = False
-        self.stopping = False
-        self._previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            # signal.signal raises ValueError outside the main thread (e.g. a Ray actor thread)
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def agreed(self, device: torch.device) -> bool:
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            self.stopping = self.received
-            return self.stopping
-        flag = torch.tensor([float(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stopping = bool(flag.item())
-        return self.stopping
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """This rank's generators. On CUDA only its own device's: the visible devices differ between
-    jobs (per-task GPU binding shows one), and the others' generators are not this rank's."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device, log: Callable[[str], None]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is None or device.type != "cuda":
-        return
-    if isinstance(cuda, list | tuple):  # checkpoints before 2026-12 held every visible device's
-        if device.index is None or device.index >= len(cuda):
-            log(
-                f"checkpoint holds CUDA generator states of {len(cuda)} devices, none for "
-                f"{device}: its CUDA generator is not restored"
-            )
-            return
-        cuda = cuda[device.index]
-    torch.cuda.set_rng_state(cuda, device)
-
-
-def _all_rng_states(device: torch.device) -> list[dict[str, Any]]:
-    if not dist.is_initialized():
-        return [_rng_state(device)]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, _rng_state(device))
-    return states
 
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
@@ -282,7 +203,7 @@ class _Run:
         run_dir = run_dir_of(config)
         lg = config.logging
         checkpoints = CheckpointManager(run_dir, lg.keep_last, lg.keep_best)
-        resume_path = _resume_path(resume, checkpoints)
+        resume_path = checkpoint_to_resume(resume, checkpoints)
         log = RunLog(
             run_dir, enabled=main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar
         )
@@ -388,7 +309,7 @@ class _Run:
 
     def restore_or_start(self) -> None:
         if self.resume_path is not None:
-            self.epoch, self.step, self.best = _restore(
+            self.epoch, self.step, self.best = restore(
                 self.resume_path,
                 self.meta,
                 self.strategy,
@@ -414,7 +335,7 @@ class _Run:
     def evaluate_before_training(self) -> None:
         if self.resume_path is None and self.config.evaluation.at_start:
             start = evaluate_model(self.eval_model(), self.dataset, self.config, self.device)
-            self.log.info("before training (initial weights): " + _fmt(start))
+            self.log.info("before training (initial weights): " + metrics_line(start))
             self.log.scalars(0, start, kind="eval")
             if self.main:
                 text = json.dumps(start, indent=2) + "\n"
@@ -501,7 +422,7 @@ class _Run:
         ev, ck = self.config.evaluation.every_epochs, self.config.logging.checkpoint_every
         if ev and self.epoch % ev == 0 and self.epoch < self.epochs:
             summary = evaluate_model(self.eval_model(), self.dataset, self.config, self.device)
-            self.log.info(f"epoch {self.epoch}: " + _fmt(summary))
+            self.log.info(f"epoch {self.epoch}: " + metrics_line(summary))
             self.log.scalars(self.step, summary, kind="eval")
             improved = self.best is None or summary["mAP"] > self.best
             self.best = summary["mAP"] if improved else self.best
@@ -523,7 +444,7 @@ class _Run:
         )
         log.scalars(self.step, summary, kind="eval")
         split = "validation" if self.config.data.validation.fraction > 0 else "test"
-        log.info(f"final evaluation on the {split} split: " + _fmt(summary))
+        log.info(f"final evaluation on the {split} split: " + metrics_line(summary))
         saved_now = self.main and self.last_saved_step == self.step
         latest = self.checkpoints.latest() if saved_now else None
         better = self.best is None or summary["mAP"] >= self.best
@@ -544,7 +465,7 @@ class _Run:
             "strategy": self.strategy.state_dict(),
             "criterion": self.criterion.state_dict(),
             "sampler": self.sampler.state_dict(batches_consumed=self.consumed),
-            "rng": _all_rng_states(self.device),
+            "rng": all_rng_states(self.device),
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
@@ -562,118 +483,3 @@ class _Run:
     def close(self) -> None:
         self.stop.restore()
         self.log.close()
-
-
-def _fmt(summary: dict[str, Any]) -> str:
-    keys = [k for k in ("rank-1", "rank-5", "rank-10", "mAP", "mINP") if k in summary]
-    return ", ".join(f"{k} {100 * summary[k]:.2f}%" for k in keys)
-
-
-def _resume_path(resume: str | None, checkpoints: CheckpointManager) -> Path | None:
-    if resume == "auto":
-        return checkpoints.latest()
-    if resume is not None:
-        return Path(resume)
-    if checkpoints.latest() is not None:
-        raise TrainingError(
-            f"run folder {checkpoints.folder.parent} already holds checkpoints; pass "
-            "--resume auto to continue it, or choose another --set logging.run_name=..."
-        )
-    return None
-
-
-def _restore(path, meta, strategy, criterion, sampler, rank, world, device, log):
-    state = load_checkpoint(path)
-    if state["model_meta"] != meta:
-        diff = {
-            k: (state["model_meta"].get(k), meta.get(k))
-            for k in [*meta, *(k for k in state["model_meta"] if k not in meta)]
-            if state["model_meta"].get(k) != meta.get(k)
-        }
-        details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"checkpoint {path} is from another model ({details})")
-    try:
-        sampler.load_state_dict(state["sampler"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot resume this run: {exc}") from None
-    try:
-        strategy.load_state_dict(state["strategy"])
-    except ValueError as exc:  # torch's optimizer refuses another set of parameter groups
-        raise CheckpointError(
-            f"checkpoint {path} cannot resume this run: its optimizer state does not fit this "
-            f"run's ({exc}); what makes the parameter groups (optimizer.decoder_lr gives the "
-            "decoder its own, frozen parameters leave theirs out) must be as it was written "
-            "with, or start another run (logging.run_name)"
-        ) from None
-    criterion.load_state_dict(state["criterion"])
-    if state["world_size"] == world:
-        _set_rng_state(state["rng"][rank], device, log.info)
-    log.info(
-        f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}, "
-        f"world size {state['world_size']} -> {world}"
-    )
-    return state["epoch"], state["step"], state["best"]
-
-
-def without_initial_weights(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` without the files a model's initial weights are read from (ImageNet weights,
-    FGReID's second trunk): a checkpoint holds every weight, so evaluating, extracting or exporting
-    it must not need files that were only read when its training began."""
-    fgreid = cfg.fgreid.model_copy(update={"second_init_from": None})
-    return cfg.model_copy(update={"pretrained": None, "fgreid": fgreid})
-
-
-@contextlib.contextmanager
-def saved_model(path: str | Path, config: Config | None = None):
-    """The model saved at ``path`` with its data set, on every launched rank:
-    ``(config, env, device, dataset, model)``, distributed set up for the ``with`` block.
-
-    ``config`` defaults to the resolved config stored in the checkpoint; a checkpoint of another
-    model than ``config`` builds is refused. The classifier is built with the checkpoint's number
-    of classes, not the data set's: the weights are the checkpoint's, and a model trained on one
-    set runs on another's images (cross-domain evaluation; SAN-PG's textures for a real set).
-    """
-    state = load_checkpoint(path)
-    config = config or Config.model_validate(state["config"])
-    env = detect_env()
-    device = select_device(config.engine.device, env.local_rank)
-    init_distributed(
-        env, choose_backend(config.distributed.backend, device), config.distributed.timeout_s
-    )
-    try:
-        dataset = dataset_on_ranks(config.data, env.rank == 0)
-        classes = state["model_meta"].get("num_classes", dataset.num_train_pids)
-        model = build_model(without_initial_weights(config.model), classes)
-        model = model.to(device)
-        meta = model_meta(config, classes, model)
-        if state["model_meta"] != meta:
-            raise CheckpointError(
-                f"checkpoint {path} holds {state['model_meta']}, the config builds {meta}"
-            )
-        model.load_state_dict(state["strategy"]["model"])
-        yield config, env, device, dataset, model
-    finally:
-        cleanup()
-
-
-def evaluate_checkpoint(
-    path: str | Path,
-    config: Config | None = None,
-    out_dir: str | Path | None = None,
-    cache: FeatureCache | None = None,
-) -> dict[str, Any]:
-    """Evaluate a saved model on its data set's test split (sharded over ranks if launched so).
-
-    ``config`` defaults to the resolved config stored in the checkpoint; results and plots go to
-    ``out_dir`` (default: ``eval/`` beside the checkpoint's run folder). ``cache`` keeps the test
-    rows for the next evaluation of the same checkpoint (``eval --draws``).
-    """
-    with saved_model(path, config) as (config, env, device, dataset, model):
-        out = Path(out_dir) if out_dir else Path(path).resolve().parent.parent / "eval"
-        summary = evaluate_model(model, dataset, config, device, out_dir=out, cache=cache)
-        if env.rank == 0:
-            print(f"{path}: " + _fmt(summary))
-            print(
-                f"results: {out / 'results.json'}; plots: {out / 'cmc.png'}, {out / 'ranked.png'}"
-            )
-        return summary

@@ -72,7 +72,8 @@ def evaluate_draws(checkpoint: str | Path, config: Config, draws: int, out: str 
     """Every draw of ``checkpoint`` evaluated into ``out/draw_S``; the summary into
     ``out/results.json`` (rank 0), also returned."""
     from hpc_reid.engine.evaluate import FeatureCache
-    from hpc_reid.engine.trainer import evaluate_checkpoint, select_device
+    from hpc_reid.engine.saved import evaluate_checkpoint
+    from hpc_reid.engine.trainer import select_device
 
     out, cache = Path(out), FeatureCache()  # every draw ranks the same images: extracted once
     env = detect_env()

@@ -24,7 +24,7 @@ from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.deepspeed_strategy import check_precision_supported, merged_deepspeed_config
 from hpc_reid.engine.errors import TrainingError
 from hpc_reid.engine.optim import build_scheduler, scaled_lr
-from hpc_reid.engine.trainer import evaluate_checkpoint
+from hpc_reid.engine.saved import evaluate_checkpoint
 from tests.engine.test_trainer import REPO, TINY, _torchrun, tiny_config
 from tests.ports import free_port
 

@@ -13,7 +13,8 @@ import torch
 from hpc_reid.data.datasets.base import ImageRecord
 from hpc_reid.engine import evaluate
 from hpc_reid.engine.checkpoint import CheckpointManager
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation.ranking import QueryRanks, combine
 from tests.engine.test_trainer import _torchrun, tiny_config
 

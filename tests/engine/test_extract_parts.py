@@ -13,7 +13,8 @@ import pytest
 from hpc_reid.cli import main
 from hpc_reid.config import load_config
 from hpc_reid.engine.checkpoint import CheckpointManager
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation import RowLayout
 from hpc_reid.evaluation.feature_files import evaluate_feature_files
 from tests.engine.test_trainer import REPO, TINY, _torchrun

@@ -16,10 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpc_reid.config import load_config
-from hpc_reid.engine import trainer
+from hpc_reid.engine import resume, trainer
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError, TrainingError
-from hpc_reid.engine.trainer import evaluate_checkpoint, select_device, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import select_device, train
 from tests import tiny as tests_tiny
 from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE
@@ -283,22 +284,22 @@ def test_select_device_takes_the_visible_gpu_under_per_task_binding(
 
 
 def test_rng_state_holds_and_restores_only_this_ranks_cuda_generator(fake_cuda):
-    state = trainer._rng_state(torch.device("cuda", 1))
+    state = resume.rng_state(torch.device("cuda", 1))
     assert torch.equal(state["cuda"], torch.full((4,), 1, dtype=torch.uint8))
-    assert "cuda" not in trainer._rng_state(torch.device("cpu"))
+    assert "cuda" not in resume.rng_state(torch.device("cpu"))
     lines: list[str] = []
-    trainer._set_rng_state(state, torch.device("cuda", 0), lines.append)  # another visible index
+    resume.set_rng_state(state, torch.device("cuda", 0), lines.append)  # another visible index
     ((restored, device),) = fake_cuda["set_rng_state"]
     assert restored is state["cuda"] and device == torch.device("cuda", 0) and lines == []
 
 
 def test_rng_state_of_an_old_checkpoint_restores_this_devices_entry_or_says_it_cannot(fake_cuda):
-    old = {**trainer._rng_state(torch.device("cpu")), "cuda": [torch.zeros(4), torch.ones(4)]}
+    old = {**resume.rng_state(torch.device("cpu")), "cuda": [torch.zeros(4), torch.ones(4)]}
     lines: list[str] = []
-    trainer._set_rng_state(old, torch.device("cuda", 1), lines.append)
+    resume.set_rng_state(old, torch.device("cuda", 1), lines.append)
     ((restored, device),) = fake_cuda["set_rng_state"]
     assert restored is old["cuda"][1] and device == torch.device("cuda", 1)
-    trainer._set_rng_state(old, torch.device("cuda", 2), lines.append)
+    resume.set_rng_state(old, torch.device("cuda", 2), lines.append)
     assert len(fake_cuda["set_rng_state"]) == 1
     assert lines == [
         "checkpoint holds CUDA generator states of 2 devices, none for cuda:2: its CUDA "

@@ -28,7 +28,8 @@ from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.class_means import class_means
 from hpc_reid.engine.extract import extract_checkpoint
 from hpc_reid.engine.optim import scaled_lr
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation import extract_features
 from hpc_reid.evaluation.feature_files import evaluate_feature_files
 from hpc_reid.models import build_model

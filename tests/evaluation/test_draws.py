@@ -12,7 +12,8 @@ from PIL import Image
 
 from hpc_reid.cli import main
 from hpc_reid.engine.checkpoint import CheckpointManager
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation.draws import summarise_draws
 from tests.data.test_vehicle_datasets import make_vehicleid
 from tests.engine.test_trainer import tiny_config

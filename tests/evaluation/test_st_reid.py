@@ -32,7 +32,8 @@ from hpc_reid.data.packed import PackedDataset
 from hpc_reid.data.synthetic import SynthSpec, plan
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.evaluate import spatial_temporal_distance
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.evaluation import RowDistance, evaluate_features, rerank
 from hpc_reid.evaluation.ranking import rank_metrics
 from hpc_reid.evaluation.rerank import rerank_dense

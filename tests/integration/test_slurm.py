@@ -30,7 +30,7 @@ import torch
 
 from hpc_reid.data.synthetic import SynthSpec, generate
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
-from hpc_reid.engine.trainer import evaluate_checkpoint
+from hpc_reid.engine.saved import evaluate_checkpoint
 from hpc_reid.launch.distributed import expand_hostlist
 from tests.ports import free_port
 from tests.tiny import TINY_BATCH, TINY_DATA, TINY_SCHEDULE

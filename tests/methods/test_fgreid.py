@@ -17,7 +17,8 @@ import torch
 from hpc_reid.config import ConfigError, LossConfig, ModelConfig, load_config
 from hpc_reid.engine.checkpoint import CheckpointManager
 from hpc_reid.engine.errors import CheckpointError
-from hpc_reid.engine.trainer import evaluate_checkpoint, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import train
 from hpc_reid.losses import CenterLoss, ReidLoss, batch_hard_triplet_loss
 from hpc_reid.methods.fgreid import FGReIDHead
 from hpc_reid.methods.fgreid.losses import (

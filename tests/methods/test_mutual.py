@@ -18,7 +18,8 @@ import torch
 from hpc_reid.config import ConfigError, LossConfig, load_config
 from hpc_reid.engine.checkpoint import CheckpointManager, load_checkpoint
 from hpc_reid.engine.errors import CheckpointError
-from hpc_reid.engine.trainer import evaluate_checkpoint, model_meta, train
+from hpc_reid.engine.saved import evaluate_checkpoint
+from hpc_reid.engine.trainer import model_meta, train
 from hpc_reid.losses import (
     ReidLoss,
     batch_hard_triplet_loss,

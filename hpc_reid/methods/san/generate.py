@@ -114,7 +114,7 @@ def generate_textures(
     or an ``.h5`` file), on every launched rank; the main process then draws ``preview`` (image,
     texture) pairs beside it. Returns counts and paths (the same on every rank)."""
     from hpc_reid.engine.checkpoint import load_checkpoint
-    from hpc_reid.engine.trainer import saved_model
+    from hpc_reid.engine.saved import saved_model
 
     out = Path(out)
     config = generator_config(load_checkpoint(checkpoint)["config"], data_config)
