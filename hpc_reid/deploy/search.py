@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from hpc_reid.atomic import write_atomic
 from hpc_reid.config import Config
+from hpc_reid.data.datasets.base import IMAGE_SUFFIXES, image_folder
 from hpc_reid.data.packed import image_file
 from hpc_reid.data.transforms import resize_to_tensor
 from hpc_reid.deploy.index import GalleryIndex, GalleryIndexError, open_index
@@ -51,7 +52,6 @@ __all__ = [
     "search_images",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 GALLERY_COLOUR = (150, 150, 150)
 CAPTION = 26  # pixels of text under each cell: rank and distance, then pid and camera
 
@@ -102,14 +102,7 @@ def query_paths(
     if bool(images) == (query_dir is not None):
         raise SearchError("search: give query images with --image, or a folder with --query-dir")
     if query_dir is not None:
-        folder = Path(query_dir)
-        if not folder.is_dir():
-            raise SearchError(f"--query-dir {folder} is not a folder")
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise SearchError(
-                f"--query-dir {folder} holds no image file (suffixes {', '.join(IMAGE_SUFFIXES)})"
-            )
+        paths = image_folder(Path(query_dir), "--query-dir", SearchError)
     else:
         paths = [Path(p) for p in images]
     for p in paths:  # before any model is loaded: a file that is not an image fails fast

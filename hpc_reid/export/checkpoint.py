@@ -21,7 +21,7 @@ from PIL import Image
 import hpc_reid
 from hpc_reid.atomic import temporary_sibling
 from hpc_reid.config import Config, ConfigError
-from hpc_reid.data.datasets.base import are_tracklets
+from hpc_reid.data.datasets.base import are_tracklets, image_folder
 from hpc_reid.data.transforms import resize_to_tensor
 from hpc_reid.engine.checkpoint import resolve_checkpoint
 from hpc_reid.evaluation.parts import RowLayout, retrieval_layout, takes_clips
@@ -40,7 +40,6 @@ from hpc_reid.launch.distributed import detect_env
 DEFAULT_TOLERANCE = 1e-3
 #: The images (clips) the check runs.
 CHECK_COUNT = 16
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -154,7 +153,7 @@ def _check_inputs(
     """(inputs in [0, 1], where they come from): ``count`` images (clips of ``frames``)."""
     height, width = config.data.height, config.data.width
     if folder is not None:
-        files = _image_files(Path(folder))
+        files = image_folder(Path(folder), "--check-images", ConfigError)
         per = frames or 1
         if len(files) < per:
             raise ConfigError(
@@ -167,17 +166,6 @@ def _check_inputs(
             images = images.unflatten(0, (-1, frames))
         return images, f"{folder}"
     return _dataset_inputs(config, dataset, count), f"the first query images of {dataset.name}"
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise ConfigError(f"--check-images {folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(
-            f"--check-images {folder} holds no image file (suffixes {', '.join(IMAGE_SUFFIXES)})"
-        )
-    return files
 
 
 def _pixels(path: Path, height: int, width: int) -> torch.Tensor:

@@ -98,6 +98,22 @@ def list_images(folder: Path, suffixes: Iterable[str] = (".jpg", ".jpeg", ".png"
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in allowed)
 
 
+#: The image files a folder given on the command line may hold (``--query-dir``,
+#: ``--check-images``): whatever PIL opens, by suffix.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def image_folder(folder: Path, option: str, error: type[Exception] = ValueError) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`) directly in ``folder``, sorted by name; ``error``
+    naming the command-line ``option`` and the folder when it is not a folder or holds none."""
+    if not folder.is_dir():
+        raise error(f"{option} {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise error(f"{option} {folder} holds no image file (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 def subset_counts(records: Sequence[Record]) -> tuple[int, int, int]:
     """(identities, images or tracklets, cameras) of a split."""
     return len({r.pid for r in records}), len(records), len({r.camid for r in records})
