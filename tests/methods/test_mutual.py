@@ -258,7 +258,10 @@ def test_each_members_parameters_get_the_gradient_of_its_own_loss_with_detached_
         alone = torch.autograd.grad(_member_by_member_loss(i, others, pids, centers), params)
         assert max(b.abs().max() for b in alone) > 1e-4
         for a, b in zip(joint, alone, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"member {i}")
+            # equal up to float32 reordering, relative to each gradient's scale: the grad-mode and
+            # no_grad forwards may take other kernels (3e-6 of a 2.7 gradient on an Intel Xeon)
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=f"member {i}")
 
 
 # ------------------------------------------------------------------------------- model
