@@ -531,11 +531,10 @@ def _per_split_table(splits: Sequence[int], rows: Mapping[str, dict]) -> list[st
         "|---|" + "---:|" * len(splits),
     ]
     for v, row in rows.items():
-        cells = []
-        for s in splits:
-            got = row["per_split"].get(str(s))
-            values = "–" if got is None else " / ".join(f"{100 * got[m]:.2f}" for m in METRICS)
-            cells.append(values)
+        got = [row["per_split"].get(str(s)) for s in splits]
+        cells = [
+            "–" if g is None else " / ".join(f"{100 * g[m]:.2f}" for m in METRICS) for g in got
+        ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
@@ -543,7 +542,7 @@ def _per_split_table(splits: Sequence[int], rows: Mapping[str, dict]) -> list[st
 def markdown(summary: dict, header: str = "") -> str:
     """A table per data set: each metric's mean ± std over splits, in percent; then the paired
     difference from the reference in rank-1 and mAP, and the splits won out of those paired;
-    below it each split's rank-1 / mAP (:func:`_per_split_table`)."""
+    below it each split's four metrics (:func:`_per_split_table`)."""
     ref = summary["reference"]
     lines = [header] if header else []
     for d, rows in summary["datasets"].items():
