@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import load_config
 from hpc_reid.data.build import dataset_on_ranks
@@ -123,7 +123,7 @@ def measure(config, images: int | None, steps: int, warmup: int) -> dict:
         "epoch_s": round(epoch_s, 4),
         "refresh_per_epoch": round(refresh_s / epoch_s, 3),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
     }
 
 

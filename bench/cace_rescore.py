@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import load_config
 from hpc_reid.data.build import dataset_on_ranks
@@ -87,7 +87,7 @@ def measure(config, ks: list[int], queries: int | None) -> dict:
         "single_image_rank-1": round(plain["rank-1"], 4),
         "rows": rows,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
     }
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import resource
 import sys
 import time
@@ -64,6 +63,7 @@ import torch
 from real_data import stamped  # bench/real_data.py: the RESULTS.md heading of a bench run
 
 from hpc_reid.atomic import write_atomic
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.evaluation.distances import RowDistance, evaluate_features
 from hpc_reid.evaluation.parts import METRIC, RowLayout
 from hpc_reid.evaluation.ranking import rank_metrics
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the reference in huanghoujing's 200-row chunks."
             )
     machine = (
-        f"{os.cpu_count()}-core {platform.machine()} CPU, {args.threads} thread(s) "
+        f"{os.cpu_count()}-core CPU ({cpu_model()}), {args.threads} thread(s) "
         f"(torch, OpenMP and BLAS), torch {torch.__version__}, numpy {np.__version__}"
     )
     if args.device.startswith("cuda"):

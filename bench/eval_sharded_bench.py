@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.evaluation import evaluate_features
 from hpc_reid.evaluation.sharded import evaluate_sharded, shard_range
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         with RESULTS.open("a") as f:
             f.write(
                 f"\n## {today}: sharded exact evaluation ({args.world} gloo ranks)\n\n"
-                f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU. "
+                f"Machine: {os.cpu_count()}-core CPU ({cpu_model()}), no GPU. "
                 f"Command: `{cmd}`\n\n{table}\n"
             )
     return 0 if identical else 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import load_config
 from hpc_reid.engine.saved import without_initial_weights
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     info = {
         "config": config.name,
         "backbone": config.model.backbone,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "rows": rows,

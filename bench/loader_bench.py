@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.config import load_config
 from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.loaders import dali_loader, torch_loader
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else f"{torch.get_num_threads()}-core CPU ({platform.machine()}), no GPU"
+            else f"{torch.get_num_threads()}-core CPU ({cpu_model()}), no GPU"
         )
         command = "python bench/loader_bench.py " + shlex.join(
             sys.argv[1:] if argv is None else argv

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -47,6 +46,7 @@ import numpy as np
 import yaml
 
 from hpc_reid.atomic import write_atomic
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import (
     Config,
@@ -583,17 +583,6 @@ def run_seconds(out: Path, runs: Sequence[Run]) -> dict[str, float]:
     return total
 
 
-def cpu_name() -> str:
-    """The CPU's model name (float kernels, hence the numbers, differ between CPUs)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def stamped(tool: str, argv: Sequence[str], machine: str) -> dict[str, str]:
     """The command, date and machine of a bench run, and the RESULTS.md heading made of them."""
     command = f"python bench/{tool}.py " + shlex.join(argv)
@@ -732,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary["seed"] = args.seed
     summary["seconds"] = run_seconds(out, runs)
-    machine = f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {version('torch')}"
+    machine = f"{os.cpu_count()}-core CPU ({cpu_model()}), torch {version('torch')}"
     stamp = stamped("real_data", sys.argv[1:] if argv is None else argv, machine)
     header = stamp.pop("header")
     summary.update(stamp)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.evaluation import pairwise_distance
 from hpc_reid.evaluation.ranking import combine, query_ranks
 from hpc_reid.evaluation.rerank import rerank, rerank_blocks, rerank_dense
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         f"{torch.cuda.get_device_name(device)}"
         if device.type == "cuda"
-        else f"{os.cpu_count()}-core CPU {platform.machine()}, no GPU used, "
+        else f"{os.cpu_count()}-core CPU ({cpu_model()}), no GPU used, "
         f"{torch.get_num_threads()} torch threads"
     )
     notes = (

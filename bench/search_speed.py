@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.deploy.index import IndexSettings, build_index, prepared, to_distance
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(
             ["python", "bench/search_speed.py", *(sys.argv[1:] if argv is None else argv)]
         )
-        machine = f"{os.cpu_count()}-core CPU {platform.machine()}"
+        machine = f"{os.cpu_count()}-core CPU ({cpu_model()})"
         stamp = datetime.date.today().isoformat()
         with open(RESULTS, "a") as f:
             f.write(f"\n## search_speed, {stamp}, {machine}\n\n`{command}`\n\n{out}\n\n{notes}\n")

@@ -36,13 +36,13 @@ from real_data import (
     _pm,
     _stats,
     add_parallel,
-    cpu_name,
     publish,
     run_logged,
     stamped,
     threads_per_run,
 )
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.cli import add_overrides
 from hpc_reid.config import ConfigError, load_config
 
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(one, todo))
     summary = aggregate(collect(out, args.seeds), args.seeds)
-    machine = f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {version('torch')}"
+    machine = f"{os.cpu_count()}-core CPU ({cpu_model()}), torch {version('torch')}"
     stamp = stamped("seed_spread", sys.argv[1:] if argv is None else argv, machine)
     header = stamp.pop("header")
     summary.update(stamp, parallel=args.parallel)

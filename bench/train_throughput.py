@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shlex
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.config import load_config
 from hpc_reid.data.build import dataset_from_config
 from hpc_reid.data.loaders.torch_loader import build_train_loader
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+        else f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
     )
     table = "\n".join(
         [

@@ -32,7 +32,6 @@ import datetime
 import functools
 import importlib
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 import hpc_reid
+from hpc_reid.bench.machine import cpu_model
 from hpc_reid.config import Config, ConfigError
 from hpc_reid.data.build import dataset_on_ranks
 from hpc_reid.data.fields import batch_fields
@@ -547,21 +547,13 @@ def _peak_memory(device) -> tuple[float, str]:
     return proc_status_gib("VmHWM"), "rss"
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _local_environment(device: torch.device) -> dict[str, Any]:
     host = socket.gethostname()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = f"{props.name}, {props.total_memory / GIB:.0f} GiB"
     else:
-        name = f"CPU {_cpu_model()}, {torch.get_num_threads()} threads"
+        name = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
     return {
         "hostname": host,
         "node": os.environ.get("SLURMD_NODENAME", host),  # several slurmd may share one host
