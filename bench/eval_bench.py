@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_reid.bench.runner import proc_status_gib
+from hpc_reid.bench.machine import proc_status_gib
 from hpc_reid.evaluation.distances import evaluate_features, pairwise_distance
 from hpc_reid.evaluation.ranking import BACKENDS, rank_metrics
 

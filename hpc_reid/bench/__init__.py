@@ -1,5 +1,6 @@
-"""Benchmarks of hpc-reid itself: per-rank throughput and time split (:mod:`.runner`), reports and
-scaling summaries (:mod:`.report`), and the all-reduce time model (:mod:`.comm_model`).
+"""Benchmarks of hpc-reid itself: per-rank throughput and time split (:mod:`.runner`, its timed
+phases in :mod:`.phases`), reports and scaling summaries (:mod:`.report`), the all-reduce time model
+(:mod:`.comm_model`), and the machine a number was measured on (:mod:`.machine`).
 
 ``hpc-reid bench`` runs :func:`run_bench` under any launcher; ``hpc-reid bench summarize`` and
 ``hpc-reid bench model`` wrap :func:`write_scaling` and :func:`predict_step`.
