@@ -35,9 +35,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -615,43 +615,97 @@ def default_shared() -> Path:
     return Path(os.environ.get("HPC_REID_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
-def run_groups(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> list[str]:
-    """Run ``todo``: each (data set, split) in order in one worker (an evaluation needs its
-    source's checkpoint), ``args.parallel`` of them at once, each process with ``threads``
-    OpenMP threads; a group's checkpoints are removed once all its runs have results (unless
-    ``--keep-checkpoints``). Returns one line per failed run."""
-    groups: dict[tuple[str, int], list[Run]] = {}
-    for run in todo:
-        groups.setdefault((run.dataset, run.split), []).append(run)
+ORDERS = ("splits", "variants")
+
+
+def _sources(run: Run) -> set[tuple[str, int, str]]:
+    """The runs ``run`` reads, on its data set and split: an evaluation's trained run, a stage 2's
+    stage 1."""
+    names = (run.variant.eval_of, run.variant.init_from)
+    return {(run.dataset, run.split, name) for name in names if name}
+
+
+def ordered(todo: Sequence[Run], order: str) -> list[Run]:
+    """``splits``: the plan's order (data set, split, then the variants), so a split's
+    checkpoints go early; ``variants``: each variant's row over every data set and split first, so
+    a campaign cut short leaves whole rows, with an evaluation straight after the run it reads."""
+    if order == "splits":
+        return list(todo)
+    first: dict[str, int] = {}
+    for i, run in enumerate(todo):
+        first.setdefault(run.variant.eval_of or run.variant.name, i)
+    return sorted(todo, key=lambda r: first[r.variant.eval_of or r.variant.name])
+
+
+def run_queue(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> list[str]:
+    """Run ``todo`` on ``args.parallel`` workers, each process with ``threads`` OpenMP threads.
+    A worker takes the first run (in ``--order``) whose sources (:func:`_sources`) have finished,
+    so a slot waits only while every remaining run waits on one still running; a run whose source
+    failed is not started and fails too. A (data set, split)'s checkpoints are removed once all
+    its runs have results (unless ``--keep-checkpoints``). Returns one line per failed run."""
+    todo = ordered(todo, args.order)
     numbered = {id(run): i for i, run in enumerate(todo, 1)}
-    failed: list[str] = []
+    keys = {(r.dataset, r.split, r.variant.name) for r in todo}
+    waits = {id(r): _sources(r) & keys for r in todo}  # the others have results already
+    pending, finished, failed = list(todo), {}, []
+    turn = threading.Condition()
 
-    def one(key: tuple[str, int]) -> None:
-        for run in groups[key]:
-            tag = f"[{numbered[id(run)]}/{len(todo)}] {run.dataset} split {run.split} "
-            tag += run.variant.name
-            if (run.folder / "results.json").is_file():  # another campaign finished it since
-                print(f"{tag}: done meanwhile, skipped", flush=True)
-                continue
-            print(f"{tag} ...", flush=True)
+    def take() -> Run | None:
+        with turn:
+            while pending:
+                run = next((r for r in pending if waits[id(r)] <= finished.keys()), None)
+                if run is not None:
+                    pending.remove(run)
+                    return run
+                turn.wait()
+            return None
+
+    def one(run: Run) -> bool:
+        tag = f"[{numbered[id(run)]}/{len(todo)}] {run.dataset} split {run.split} "
+        tag += run.variant.name
+        broken = sorted(k[2] for k in waits[id(run)] if not finished[k])
+        if broken:
+            print(f"{tag}: FAILED, not run: {', '.join(broken)} failed", flush=True)
+            failed.append(f"{tag}: not run, its source {', '.join(broken)} failed")
+            return False
+        if (run.folder / "results.json").is_file():  # another campaign finished it since
+            print(f"{tag}: done meanwhile, skipped", flush=True)
+            return True
+        print(f"{tag} ...", flush=True)
+        try:
+            record = execute(run, args.in_process, threads)
+        except Exception as exc:  # a missing checkpoint, say: reported, and the others go on
+            record = {"returncode": None, "seconds": 0, "error": f"{type(exc).__name__}: {exc}"}
+        ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
+        print(f"{tag}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
+        if not ok:
+            failed.append(f"{tag}: {record.get('error') or run.folder / 'log.txt'}")
+        return ok
+
+    def worker() -> None:
+        while (run := take()) is not None:
+            ok = False
             try:
-                record = execute(run, args.in_process, threads)
-            except FileNotFoundError as exc:
-                record = {"returncode": None, "seconds": 0, "error": str(exc)}
-            ok = record["returncode"] == 0 and (run.folder / "results.json").is_file()
-            print(f"{tag}: {'done' if ok else 'FAILED'} in {record['seconds']} s", flush=True)
-            if not ok:
-                failed.append(f"{tag}: {record.get('error') or run.folder / 'log.txt'}")
-        if not args.keep_checkpoints:
-            drop_checkpoints([r for r in runs if (r.dataset, r.split) == key])
+                ok = one(run)
+            finally:  # whatever happened, the runs waiting on this one are released
+                with turn:
+                    finished[(run.dataset, run.split, run.variant.name)] = ok
+                    turn.notify_all()
+            if not args.keep_checkpoints:
+                drop_checkpoints(
+                    [r for r in runs if (r.dataset, r.split) == (run.dataset, run.split)]
+                )
 
-    if args.parallel == 1 or args.in_process:
-        for key in groups:
-            one(key)
+    if args.parallel == 1 or args.in_process:  # in this thread: the trainer sets signal handlers
+        worker()
     else:
-        with ThreadPoolExecutor(args.parallel) as pool:
-            for f in [pool.submit(one, key) for key in groups]:
-                f.result()
+        pool = [
+            threading.Thread(target=worker, name=f"real_data-{i}") for i in range(args.parallel)
+        ]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
     return sorted(failed)
 
 
@@ -683,7 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(
         p, help="override for every training run, after the variant's (e.g. schedule.epochs=1)"
     )
-    add_parallel(p, "(data set, split) groups at once, each in order; default 1")
+    add_parallel(p, "runs at once (an evaluation after the run it reads); default 1")
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="splits",
+        help="splits: a split's variants together (its checkpoints go early); variants: each "
+        "variant's row over all splits first, so a campaign cut short leaves whole rows",
+    )
     p.add_argument("--only-aggregate", action="store_true", help="no runs: tables from results")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
     p.add_argument("--in-process", action="store_true", help="runs in this process (tests)")
@@ -710,10 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = [r for r in runs if not (r.folder / "results.json").is_file()]
         print(
             f"{len(runs)} runs, {len(runs) - len(todo)} done before, {len(todo)} to run, "
-            f"{args.parallel} (data set, split) at once x {threads} thread(s)",
+            f"{args.parallel} at once x {threads} thread(s), by {args.order}",
             flush=True,
         )
-        failed = run_groups(runs, todo, args, threads)
+        failed = run_queue(runs, todo, args, threads)
     names = [v.name for v in variants]
     starts = {v.name: v.start_of for v in variants if v.start_of}
     summary = aggregate(

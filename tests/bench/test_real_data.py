@@ -332,48 +332,101 @@ def test_campaign_on_viper_runs_resumes_and_reports_a_missing_run(
     assert (out / "summary.md").read_text() in recorded
 
 
-def test_parallel_runs_each_split_in_order_two_splits_at_once_with_their_threads(
+def fake_runs(rd, monkeypatch, fail=(), barrier=None):
+    """``execute`` replaced by one that writes results (and a checkpoint folder) at once, logging
+    (event, data set, split, variant, threads); runs in ``fail`` exit 1 without results; every bot
+    run waits on ``barrier`` (fails unless that many run at once)."""
+    import threading
+
+    events, lock = [], threading.Lock()
+
+    def execute(run, in_process=False, threads=None):
+        key = (run.dataset, run.split, run.variant.name)
+        with lock:
+            events.append(("start", *key, threads))
+        if barrier is not None and run.variant.name == "bot":
+            barrier.wait()
+        if key not in fail:
+            (run.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run.folder / "results.json").write_text(json.dumps({m: 0.5 for m in METRICS}))
+        with lock:
+            events.append(("end", *key, threads))
+        return {"returncode": 1 if key in fail else 0, "seconds": 0.0}
+
+    monkeypatch.setattr(rd, "execute", execute)
+    return events
+
+
+QUEUE_PLAN = """\
+    variants:
+      bot: []
+      no_center: [loss.center.weight=0]
+      flip: {eval_of: bot, set: [evaluation.flip_average=true]}
+    """
+
+
+def test_parallel_runs_two_at_once_each_evaluation_after_the_run_it_reads_with_their_threads(
     rd, tmp_path, monkeypatch
 ):
-    """--parallel 2: two (data set, split) groups overlap in time, each group's runs keep their
-    order (an evaluation after the training it reads), every process gets cores / 2 threads, and a
-    group's checkpoints go once all its runs have results."""
+    """--parallel 2: two runs at once (two trainings of bot meet at a barrier), never more; an
+    evaluation starts only after its source run ended; every process gets cores / 2 threads; a
+    (data set, split)'s checkpoints go once all its runs have results."""
     import threading
 
     shared = require_shared_data("viper/images", directory=True).parent.parent
-    plan = small_plan(
-        tmp_path,
-        """\
-        variants:
-          bot: []
-          no_center: [loss.center.weight=0]
-          flip: {eval_of: bot, set: [evaluation.flip_average=true]}
-        """,
-    )
-    both_running = threading.Barrier(2, timeout=30)  # fails unless two groups run at once
-    calls, lock = [], threading.Lock()
-
-    def execute(run, in_process=False, threads=None):
-        if run.variant.name == "bot":
-            both_running.wait()
-        with lock:
-            calls.append((run.dataset, run.split, run.variant.name, threads))
-        (run.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-        result = {m: 0.5 for m in METRICS}
-        (run.folder / "results.json").write_text(json.dumps(result))
-        return {"returncode": 0, "seconds": 0.0}
-
-    monkeypatch.setattr(rd, "execute", execute)
+    plan = small_plan(tmp_path, QUEUE_PLAN)
+    events = fake_runs(rd, monkeypatch, barrier=threading.Barrier(2, timeout=30))
     monkeypatch.setattr(rd.os, "cpu_count", lambda: 4)
     out = tmp_path / "out"
     argv = ["--plan", str(plan), "--out", str(out), "--splits", "2", "--datasets", "viper,ilids"]
     assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "2"]) == 0
-    assert len(calls) == 12 and {c[3] for c in calls} == {2}
+    assert len(events) == 24 and {e[4] for e in events} == {2}
+    running, most = 0, 0
+    for e in events:
+        running += 1 if e[0] == "start" else -1
+        most = max(most, running)
+    assert most == 2
     for d in ("viper", "ilids"):
         for s in (0, 1):
-            assert [c[2] for c in calls if c[:2] == (d, s)] == ["bot", "no_center", "flip"]
+            bot_end = events.index(("end", d, s, "bot", 2))
+            assert events.index(("start", d, s, "flip", 2)) > bot_end
             assert not list((out / f"runs/{d}/split_{s}").glob("*/checkpoints"))
     assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "0"]) == 2
+
+
+def test_order_variants_runs_each_variants_row_first_with_its_evaluations_beside(
+    rd, tmp_path, monkeypatch
+):
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = small_plan(tmp_path, QUEUE_PLAN)
+    events = fake_runs(rd, monkeypatch)
+    argv = ["--plan", str(plan), "--out", str(tmp_path / "o"), "--splits", "2"]
+    argv += ["--datasets", "viper,ilids", "--shared-data", str(shared), "--order", "variants"]
+    assert rd.main(argv) == 0
+    started = [e[1:4] for e in events if e[0] == "start"]
+    rows = [(d, s, v) for d in ("viper", "ilids") for s in (0, 1) for v in ("bot", "flip")]
+    assert started == rows + [(d, s, "no_center") for d in ("viper", "ilids") for s in (0, 1)]
+
+
+def test_a_failed_run_fails_the_evaluation_that_reads_it_and_the_others_go_on(
+    rd, tmp_path, monkeypatch, capsys
+):
+    shared = require_shared_data("viper/images", directory=True).parent.parent
+    plan = small_plan(tmp_path, QUEUE_PLAN)
+    events = fake_runs(rd, monkeypatch, fail={("viper", 1, "bot")})
+    out = tmp_path / "o"
+    argv = ["--plan", str(plan), "--out", str(out), "--splits", "2", "--datasets", "viper"]
+    assert rd.main([*argv, "--shared-data", str(shared), "--parallel", "2"]) == 1
+    started = {e[1:4] for e in events if e[0] == "start"}
+    assert started == {("viper", s, v) for s in (0, 1) for v in ("bot", "no_center", "flip")} - {
+        ("viper", 1, "flip")
+    }
+    err = capsys.readouterr().err
+    assert (
+        "viper split 1 bot: " in err and "viper split 1 flip: not run, its source bot failed" in err
+    )
+    assert list((out / "runs/viper/split_1").glob("*/checkpoints"))  # kept: split 1 is unfinished
+    assert not list((out / "runs/viper/split_0").glob("*/checkpoints"))
 
 
 @pytest.mark.parametrize(
