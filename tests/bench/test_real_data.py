@@ -175,6 +175,11 @@ def test_shipped_plan_maps_every_variant_to_valid_config_keys(rd, tmp_path):
     assert by_name["soft_margin"].loss.triplet.margin is None
     assert by_name["flip_average"].evaluation.flip_average is True
     assert by_name["bot"].evaluation.flip_average is False  # the table's plain protocol, pinned
+    # and BoT's margin, as the table was measured, though the recipe's default is the soft margin
+    assert (
+        by_name["bot"].loss.triplet.margin == 0.3
+        and by_name["no_center"].loss.triplet.margin == 0.3
+    )
     assert by_name["euclidean"].evaluation.metric == "euclidean"
     assert by_name["global_feature"].model.retrieval_feature == "global"
     assert by_name["global_euclidean"].evaluation.metric == "euclidean"
@@ -198,6 +203,9 @@ def test_shipped_method_plan_runs_each_method_and_its_test_distances_beside_the_
     assert "untrained" not in by_name  # read from the baseline's evaluation at start
     base = by_name["baseline"].config
     assert not any(r.config.evaluation.flip_average for r in runs)  # the plain protocol, pinned
+    # BoT's triplet margin as the table was measured, unless a method's recipe sets its own
+    assert base.loss.triplet.margin == by_name["alignedreid"].config.loss.triplet.margin == 0.3
+    assert by_name["cace"].config.loss.triplet.margin == 0.5
     assert base.evaluation.at_start and not by_name["alignedreid"].config.evaluation.at_start
     aligned = by_name["alignedreid"].config
     assert aligned.model.head == "aligned" and aligned.loss.local_triplet.weight == 1.0
