@@ -618,7 +618,14 @@ def default_shared() -> Path:
 ORDERS = ("splits", "variants")
 
 
-def _sources(run: Run) -> set[tuple[str, int, str]]:
+RunKey = tuple[str, int, str]  # (data set, split, variant)
+
+
+def _key(run: Run) -> RunKey:
+    return (run.dataset, run.split, run.variant.name)
+
+
+def _sources(run: Run) -> set[RunKey]:
     """The runs ``run`` reads, on its data set and split: an evaluation's trained run, a stage 2's
     stage 1."""
     names = (run.variant.eval_of, run.variant.init_from)
@@ -631,10 +638,14 @@ def ordered(todo: Sequence[Run], order: str) -> list[Run]:
     a campaign cut short leaves whole rows, with an evaluation straight after the run it reads."""
     if order == "splits":
         return list(todo)
+
+    def root(run: Run) -> str:  # the training variant a run belongs to
+        return run.variant.eval_of or run.variant.name
+
     first: dict[str, int] = {}
     for i, run in enumerate(todo):
-        first.setdefault(run.variant.eval_of or run.variant.name, i)
-    return sorted(todo, key=lambda r: first[r.variant.eval_of or r.variant.name])
+        first.setdefault(root(run), i)
+    return sorted(todo, key=lambda r: first[root(r)])
 
 
 def run_queue(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> list[str]:
@@ -645,7 +656,7 @@ def run_queue(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> l
     its runs have results (unless ``--keep-checkpoints``). Returns one line per failed run."""
     todo = ordered(todo, args.order)
     numbered = {id(run): i for i, run in enumerate(todo, 1)}
-    keys = {(r.dataset, r.split, r.variant.name) for r in todo}
+    keys = {_key(r) for r in todo}
     waits = {id(r): _sources(r) & keys for r in todo}  # the others have results already
     pending, finished, failed = list(todo), {}, []
     turn = threading.Condition()
@@ -689,7 +700,7 @@ def run_queue(runs: Sequence[Run], todo: Sequence[Run], args, threads: int) -> l
                 ok = one(run)
             finally:  # whatever happened, the runs waiting on this one are released
                 with turn:
-                    finished[(run.dataset, run.split, run.variant.name)] = ok
+                    finished[_key(run)] = ok
                     turn.notify_all()
             if not args.keep_checkpoints:
                 drop_checkpoints(

@@ -14,7 +14,7 @@ finds absent). In order, with the model, loss, optimizer and strategy of the tra
 3. **compute-only**: training steps on synthetic tensors already on the device; each step is
    split into forward (+ loss), backward (DDP's all-reduce runs inside it, overlapped with the
    gradient computation) and optimizer (timed by the optimizers' step hooks); steps under DDP's
-   ``nosync()``, alternating with them, give the step without gradient communication, so the
+   ``no_sync()``, alternating with them, give the step without gradient communication, so the
    difference is the *exposed* communication time, the part the overlap does not hide;
 4. per loader backend: **loader-only** (batches delivered on the device, no compute) and
    **end-to-end** (loader + step), with the time blocked on the loader as data wait.
